@@ -1,0 +1,22 @@
+"""Adapters: one module per model family. ``find_adapter(model)`` picks the one for a model instance."""
+from __future__ import annotations
+
+from vltok.errors import UnsupportedModelError
+
+from .llava import LlavaAdapter, LlavaNextAdapter
+
+SUPPORTED = {
+    "LlavaForConditionalGeneration": LlavaAdapter,
+    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+}
+
+
+def find_adapter(model):
+    name = type(model).__name__
+    # exact class names: subclasses (e.g. video variants) have other placeholder rules and are not covered
+    if name in SUPPORTED:
+        return SUPPORTED[name]
+    raise UnsupportedModelError(
+        f"vltok does not support {name} yet; supported model classes: {', '.join(SUPPORTED)}. "
+        "Pass the ...ForConditionalGeneration model itself (not its inner .model or its language model)"
+    )

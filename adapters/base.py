@@ -1,0 +1,162 @@
+"""Shared machinery for adapters of families that splice visual features into placeholder tokens.
+
+An adapter wraps the model's ``forward`` and ``generate`` on the instance: when the inputs carry the processor's
+native placeholder runs, it shrinks them to the counts the method will produce (vltok.rewrite), then calls the
+original. Family subclasses say where grids live (``image_counts``) and install the feature reduction
+(``install``); they never know which method runs.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+
+import torch
+
+from vltok.errors import IncompatibleError
+from vltok.rewrite import padding_side, restore_prompt, shrink_placeholders
+
+PER_TOKEN = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+
+
+def set_instance_attr(obj, name: str, value, undo: list) -> None:
+    """Set ``obj.name`` on the instance only, and remember how to restore it exactly."""
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+
+    def restore():
+        if had:
+            obj.__dict__[name] = old
+        else:
+            obj.__dict__.pop(name, None)
+
+    obj.__dict__[name] = value
+    undo.append(restore)
+
+
+def _bind(sig: inspect.Signature, args, kwargs) -> dict:
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    out = {}
+    for name, value in bound.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+class PlaceholderAdapter:
+    family = "?"
+    stages: tuple[str, ...] = ("pre_llm",)
+    pixel_key = "pixel_values"
+
+    def __init__(self, model, method, handle):
+        self.model, self.method, self.handle = model, method, handle
+        self._in_generate = False
+
+    # -- family-specific -------------------------------------------------------------------------------------
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def image_counts(self, call: dict) -> tuple[list[int], list[int]]:
+        """Per image: (native placeholder count, count after the method)."""
+        raise NotImplementedError
+
+    def install(self, undo: list) -> None:
+        """Install the feature reduction (hooks / instance wrappers); append restore callables to undo."""
+        raise NotImplementedError
+
+    def pad_token_id(self) -> int:
+        for cfg in (getattr(self.model, "generation_config", None), self.model.config,
+                    getattr(self.model.config, "text_config", None)):
+            pid = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+            if isinstance(pid, int):
+                return pid
+        return 0
+
+    # -- shared ----------------------------------------------------------------------------------------------
+    def attach(self, undo: list) -> None:
+        self.install(undo)
+        model = self.model
+        fwd, gen = model.forward, model.generate
+        fsig, gsig = inspect.signature(fwd), inspect.signature(gen)
+
+        @functools.wraps(fwd)
+        def forward(*args, **kwargs):
+            call = _bind(fsig, args, kwargs)
+            call, _ = self.prepare(call, default_side="right")
+            return fwd(**call)
+
+        @functools.wraps(gen)
+        def generate(*args, **kwargs):
+            call = _bind(gsig, args, kwargs)
+            if call.get("input_ids") is None and isinstance(call.get("inputs"), torch.Tensor):
+                call["input_ids"] = call.pop("inputs")
+            original_ids = call.get("input_ids")
+            call, rw = self.prepare(call, default_side="left")
+            if rw is not None:
+                self._shift_lengths(call, rw.orig_len - rw.new_len)
+            self._in_generate = True
+            try:
+                out = gen(**call)
+            finally:
+                self._in_generate = False
+            if rw is None:
+                return out
+            if isinstance(out, torch.Tensor):
+                return restore_prompt(out, original_ids, rw.new_len)
+            out.sequences = restore_prompt(out.sequences, original_ids, rw.new_len)
+            return out
+
+        set_instance_attr(model, "forward", forward, undo)
+        set_instance_attr(model, "generate", generate, undo)
+
+    def _shift_lengths(self, call: dict, shrink: int) -> None:
+        """Keep max_length / min_length meaning 'prompt + new tokens' for the caller's (longer) prompt."""
+        gc = call.get("generation_config") or getattr(self.model, "generation_config", None)
+        if call.get("max_new_tokens") is None and getattr(gc, "max_new_tokens", None) is None:
+            max_len = call.get("max_length", getattr(gc, "max_length", None))
+            if max_len is not None:
+                call["max_length"] = max_len - shrink
+        if call.get("min_new_tokens") is None and getattr(gc, "min_new_tokens", None) is None:
+            min_len = call.get("min_length", getattr(gc, "min_length", 0)) or 0
+            if min_len > 0:
+                call["min_length"] = max(min_len - shrink, 0)
+
+    def prepare(self, call: dict, default_side: str):
+        if call.get(self.pixel_key) is None:
+            return call, None
+        ids = call.get("input_ids")
+        if ids is None:
+            raise IncompatibleError(
+                f"vltok ({self.method.name}) needs input_ids to find and shrink the image placeholders, but got "
+                "inputs_embeds; pass the processor's input_ids instead (or vltok.unpatch(model) first)"
+            )
+        if call.get("attention_mask") is not None and call["attention_mask"].dim() != 2:
+            raise IncompatibleError("vltok supports 2-D attention_mask only (the processor's); got a "
+                                    f"{call['attention_mask'].dim()}-D mask")
+        if not self._in_generate:
+            self.handle._start_call()
+        t0 = time.perf_counter()
+        native, new = self.image_counts(call)
+        side = padding_side(call.get("attention_mask"), default_side)
+        tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
+        if "attention_mask" not in tensors and ids.shape[0] > 1:
+            tensors["attention_mask"] = torch.ones_like(ids)
+        rw = shrink_placeholders(ids, self.image_token_id(), native, new, tensors, self.pad_token_id(), side)
+        if rw is not None:
+            call = dict(call)
+            call.update(rw.tensors)
+            if call.get("position_ids") is not None:
+                am = call.get("attention_mask", torch.ones_like(call["input_ids"]))
+                call["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
+            self.handle._record_rewrite(rw)
+        self.handle._add_seconds(time.perf_counter() - t0)
+        return call, rw
+
+
+def infer_grid(n_tokens: int, prefix: int) -> tuple[int, int]:
+    side = int(round((n_tokens - prefix) ** 0.5))
+    if side * side != n_tokens - prefix:
+        raise IncompatibleError(f"cannot lay {n_tokens - prefix} visual tokens out as a square grid")
+    return side, side

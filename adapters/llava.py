@@ -1,0 +1,180 @@
+"""LLaVA-1.5 (LlavaForConditionalGeneration) and LLaVA-NeXT (LlavaNextForConditionalGeneration).
+
+Where the grids are:
+* LLaVA-1.5: the projector's input, [n_images, prefix + h*w, C_vision], h = H/patch, w = W/patch. The reduction
+  runs in a forward pre-hook on ``multi_modal_projector`` (before the projector, as Fourier-VLM does), so the
+  projector also runs on fewer tokens.
+* LLaVA-NeXT: after ``pack_image_features``: per image, the 24x24 base tile followed by the unpadded high-res
+  map of h_u rows x (w_u + 1) columns, the last column being ``image_newline``. The base tile and the map (without
+  its newline column) are reduced as two grids; one newline is re-appended per output row (selection methods keep
+  every row's newline). This acts after the projector, on one global grid per image.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vltok.errors import IncompatibleError
+from vltok.stages import selected_indices
+
+from .base import PlaceholderAdapter, infer_grid, set_instance_attr
+
+
+def _n_special_tokens(vision_config) -> int:
+    """Non-patch tokens the vision tower emits first: CLS (CLIP, DINOv2) and registers; SigLIP has none."""
+    mt = getattr(vision_config, "model_type", "")
+    cls = 0 if "siglip" in mt else 1
+    return cls + int(getattr(vision_config, "num_register_tokens", 0) or 0)
+
+
+def _prefix(model) -> int:
+    strategy = model.config.vision_feature_select_strategy
+    return _n_special_tokens(model.config.vision_config) - (1 if strategy == "default" else 0)
+
+
+class LlavaAdapter(PlaceholderAdapter):
+    family = "llava"
+
+    def image_token_id(self):
+        return self.model.config.image_token_id
+
+    def _patch(self):
+        vc = self.model.config.vision_config
+        return vc.patch_size
+
+    def image_counts(self, call):
+        if call.get("image_sizes") is not None:
+            raise IncompatibleError(
+                "this LLaVA checkpoint takes image_sizes (a Pixtral-style vision tower with variable grids); vltok "
+                "supports LLaVA-1.5-style fixed grids and LLaVA-NeXT"
+            )
+        pv = call["pixel_values"]
+        p = self._patch()
+        h, w = pv.shape[-2] // p, pv.shape[-1] // p
+        self._grid = (h, w)
+        plan = self.method.pre_llm.plan(h, w)
+        pre = _prefix(self.model)
+        n = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]
+        return [pre + h * w] * n, [pre + plan.count] * n
+
+    def install(self, undo):
+        reducer = self.method.pre_llm
+        prefix = _prefix(self.model)
+
+        def pre_hook(module, args, kwargs):
+            x = args[0] if args else kwargs["image_features"]
+            n_tok = x.shape[1]
+            grid = getattr(self, "_grid", None)
+            h, w = grid if grid and grid[0] * grid[1] == n_tok - prefix else infer_grid(n_tok, prefix)
+            plan = reducer.plan(h, w)
+            if plan.identity:
+                for _ in range(x.shape[0]):
+                    self.handle._record_image(n_tok, n_tok, [(h, w)], [(h, w)])
+                return None
+            t0 = time.perf_counter()
+            y = reducer.reduce(x[:, prefix:], plan)
+            if prefix:
+                y = torch.cat([x[:, :prefix], y], dim=1)
+            self.handle._add_seconds(time.perf_counter() - t0)
+            for _ in range(x.shape[0]):
+                self.handle._record_image(n_tok, y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
+            if args:
+                return (y, *args[1:]), kwargs
+            return args, {**kwargs, "image_features": y}
+
+        h = self.model.model.multi_modal_projector.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        undo.append(h.remove)
+
+
+class LlavaNextAdapter(PlaceholderAdapter):
+    family = "llava_next"
+
+    def image_token_id(self):
+        return self.model.config.image_token_id
+
+    def _tile(self) -> int:
+        vc = self.model.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def _unpadded(self, image_size) -> tuple[int, int]:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        t = self._tile()
+        vc = self.model.config.vision_config
+        nph, npw = get_anyres_image_grid_shape(image_size, self.model.config.image_grid_pinpoints, vc.image_size)
+        shape = unpad_image(torch.empty(1, nph * t, npw * t), image_size).shape
+        return int(shape[1]), int(shape[2])
+
+    def _map_count(self, plan) -> int:
+        return plan.grid[0] * (plan.grid[1] + 1) if plan.grid is not None else plan.count + plan.h
+
+    def image_counts(self, call):
+        sizes = call.get("image_sizes")
+        if sizes is None:
+            raise IncompatibleError("LLaVA-NeXT needs image_sizes with pixel_values (the processor provides it)")
+        t, pre = self._tile(), _prefix(self.model)
+        if pre:
+            raise IncompatibleError("LLaVA-NeXT with CLS tokens in the tile features is not supported by vltok")
+        reducer = self.method.pre_llm
+        base = reducer.plan(t, t)
+        native, new = [], []
+        for size in sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes:
+            h_u, w_u = self._unpadded(size)
+            native.append(t * t + h_u * (w_u + 1))
+            new.append(base.count + self._map_count(reducer.plan(h_u, w_u)))
+        return native, new
+
+    def install(self, undo):
+        inner = self.model.model
+        orig_pack = inner.pack_image_features
+        reducer = self.method.pre_llm
+        t = self._tile()
+
+        def reduce_map(m, h_u, w_u):
+            """m [h_u*(w_u+1), D] with a newline column -> reduced map with one newline per row."""
+            d = m.shape[-1]
+            grid = m.view(h_u, w_u + 1, d)
+            newline = grid[0, -1]
+            x = grid[:, :w_u].reshape(1, h_u * w_u, d)
+            plan = reducer.plan(h_u, w_u)
+            if plan.identity:
+                return m, plan
+            if plan.grid is not None:
+                r_h, r_w = plan.grid
+                y = reducer.reduce(x, plan).view(r_h, r_w, d)
+                nl = newline.expand(r_h, 1, d)
+                return torch.cat([y, nl], dim=1).reshape(-1, d), plan
+            idx = selected_indices(reducer, x, plan)[0]
+            tokens = x[0].index_select(0, idx)
+            keys = torch.cat([(idx // w_u) * (w_u + 1) + idx % w_u,
+                              torch.arange(h_u, device=idx.device) * (w_u + 1) + w_u])
+            seq = torch.cat([tokens, newline.expand(h_u, d)])
+            return seq.index_select(0, keys.argsort(stable=True)), plan
+
+        def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            feats, lens = orig_pack(image_features, image_sizes, vision_feature_select_strategy,
+                                    image_newline=image_newline)
+            if image_newline is None:
+                raise IncompatibleError("vltok's LLaVA-NeXT adapter expects image_newline tokens (spatial_unpad)")
+            t0 = time.perf_counter()
+            out = []
+            base_plan = reducer.plan(t, t)
+            for f, size in zip(feats, image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes):
+                h_u, w_u = self._unpadded(size)
+                if f.shape[0] != t * t + h_u * (w_u + 1):
+                    raise IncompatibleError(
+                        f"packed LLaVA-NeXT features have {f.shape[0]} tokens, expected {t * t + h_u * (w_u + 1)} "
+                        f"(base {t}x{t} + {h_u}x({w_u}+1)); this checkpoint's packing is not supported")
+                base = f[: t * t]
+                if not base_plan.identity:
+                    base = reducer.reduce(base[None], base_plan)[0]
+                m, map_plan = reduce_map(f[t * t:], h_u, w_u)
+                y = torch.cat([base, m])
+                out.append(y)
+                self.handle._record_image(f.shape[0], y.shape[0], [(t, t), (h_u, w_u)],
+                                          [base_plan.grid or (base_plan.count,), map_plan.grid or (map_plan.count,)])
+            self.handle._add_seconds(time.perf_counter() - t0)
+            return out, torch.tensor([o.shape[0] for o in out], dtype=lens.dtype, device=lens.device)
+
+        set_instance_attr(inner, "pack_image_features", pack_image_features, undo)

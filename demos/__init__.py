@@ -1,0 +1,1 @@
+"""vltok.demos: demo apps."""

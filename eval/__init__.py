@@ -1,0 +1,1 @@
+"""vltok.eval: the shapes benchmark, the eval runner and benchmarks."""

@@ -1,0 +1,106 @@
+"""Tiny random configs of the real transformers classes (../shared/specs/models.md §8)."""
+from __future__ import annotations
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+IMG = 100
+LLAMA = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0)
+CLIPV = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, image_size=64, patch_size=8, projection_dim=32)
+PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
+
+
+def tiny_llava(attn="sdpa", seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=CLIPV, text_config=LLAMA, image_token_index=IMG, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", image_seq_length=64, **overrides)
+    m = LlavaForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    return m
+
+
+def tiny_llava_next(attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(vision_config=CLIPV, text_config=LLAMA, image_token_index=IMG, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)
+    m = LlavaNextForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    return m
+
+
+def llava_inputs(model, prompts: list[list[int]], n_images: list[int], seed=0, padding="left"):
+    """Processor-like batch: each prompt is a token list with -1 marking where an image goes.
+
+    Returns input_ids, attention_mask and pixel_values with the native placeholder count per image.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    n_ph = (vc.image_size // vc.patch_size) ** 2
+    rows, n_img = [], 0
+    for p in prompts:
+        row = []
+        for t in p:
+            if t == -1:
+                row += [IMG] * n_ph
+                n_img += 1
+            else:
+                row.append(t)
+        rows.append(row)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if padding == "left":
+            ids[i, L - len(r):], am[i, L - len(r):] = torch.tensor(r), 1
+        else:
+            ids[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+    pv = torch.randn(n_img, 3, vc.image_size, vc.image_size, generator=g)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=pv)
+
+
+def next_counts(model, image_sizes):
+    """Native packed token count per image, from the model's own pack step (the processor's rule)."""
+    from vltok.adapters.llava import LlavaNextAdapter
+
+    ad = LlavaNextAdapter.__new__(LlavaNextAdapter)
+    ad.model = model
+    t = ad._tile()
+    out = []
+    for s in image_sizes:
+        h_u, w_u = ad._unpadded(s)
+        out.append(t * t + h_u * (w_u + 1))
+    return out
+
+
+def llava_next_inputs(model, prompts, image_sizes, seed=0, padding="left"):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    counts = next_counts(model, image_sizes)
+    tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in image_sizes]
+    rows, j = [], 0
+    for p in prompts:
+        row = []
+        for t in p:
+            if t == -1:
+                row += [IMG] * counts[j]
+                j += 1
+            else:
+                row.append(t)
+        rows.append(row)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if padding == "left":
+            ids[i, L - len(r):], am[i, L - len(r):] = torch.tensor(r), 1
+        else:
+            ids[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+    pv = torch.randn(len(image_sizes), max(tiles), 3, vc.image_size, vc.image_size, generator=g)
+    for i, t in enumerate(tiles):
+        pv[i, t:] = 0
+    return dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_sizes=torch.tensor(image_sizes))

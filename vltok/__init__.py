@@ -1,0 +1,15 @@
+"""vltok: visual-token reduction for Hugging Face vision-language models.
+
+    handle = vltok.patch(model, "fourier", keep=0.16)
+    ...
+    vltok.unpatch(model)
+"""
+from . import methods as _methods  # noqa: F401  (registers the methods)
+from .api import PatchHandle, get_handle, patch, patched, unpatch
+from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, UnknownMethodError,
+                     UnsupportedModelError, VltokError)
+from .registry import methods
+
+__version__ = "0.1.0"
+__all__ = ["patch", "unpatch", "patched", "methods", "get_handle", "PatchHandle", "VltokError", "UnknownMethodError",
+           "InvalidKeepError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError"]

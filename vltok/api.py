@@ -1,0 +1,152 @@
+"""Public API: patch / unpatch / patched and the patch handle with its stats."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import numbers
+
+from . import registry
+from .errors import AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, VltokError
+
+_ATTR = "_vltok_handle"
+
+
+class PatchHandle:
+    """Returned by :func:`patch`. ``stats`` describes the last call that carried images."""
+
+    def __init__(self, model, method, adapter_cls):
+        self.model = model
+        self.method = method
+        self.family = adapter_cls.family
+        self._undo: list = []
+        self.stats: dict = {}
+        self._n_layers = _llm_layers(model)
+
+    # -- stats (called by adapters) ----------------------------------------------------------------------------
+    def _start_call(self):
+        self.stats = {"method": self.method.name, "keep": self.method.keep, "images": [], "tokens_in": 0,
+                      "tokens_out": 0, "keep_achieved": 1.0, "flops_keep": 1.0, "llm_input_tokens": 0,
+                      "seconds": 0.0}
+
+    def _record_image(self, tokens_in, tokens_out, grids_in, grids_out):
+        s = self.stats or (self._start_call() or self.stats)
+        s["images"].append({"tokens_in": int(tokens_in), "tokens_out": int(tokens_out),
+                            "grids_in": [list(g) for g in grids_in], "grids_out": [list(g) for g in grids_out]})
+        s["tokens_in"] += int(tokens_in)
+        s["tokens_out"] += int(tokens_out)
+        s["llm_input_tokens"] = s["tokens_out"]
+        s["keep_achieved"] = s["tokens_out"] / max(s["tokens_in"], 1)
+        # pre-LLM stages: every LLM layer sees the reduced count, so the FLOPs-equivalent keep is the kept share
+        s["flops_keep"] = s["keep_achieved"]
+
+    def _record_rewrite(self, rw):
+        self.stats["seq_len_in"], self.stats["seq_len_out"] = rw.orig_len, rw.new_len
+        self.kept_positions = rw.kept_positions
+
+    def _add_seconds(self, dt):
+        if self.stats:
+            self.stats["seconds"] += dt
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def remove(self):
+        if getattr(self.model, "__dict__", {}).get(_ATTR) is not self:
+            return
+        while self._undo:
+            self._undo.pop()()
+        self.model.__dict__.pop(_ATTR, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        return f"PatchHandle({self.method.name!r}, keep={self.method.keep}, family={self.family!r})"
+
+
+def _llm_layers(model) -> int | None:
+    cfg = getattr(model.config, "text_config", model.config)
+    return getattr(cfg, "num_hidden_layers", None)
+
+
+def _check_keep(keep) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or math.isnan(float(keep)):
+        raise InvalidKeepError(f"keep must be a number in (0, 1], the share of visual tokens to keep; got {keep!r}")
+    keep = float(keep)
+    if not 0.0 < keep <= 1.0:
+        raise InvalidKeepError(
+            f"keep={keep} is outside (0, 1]: it is the share of the model's native visual tokens to keep "
+            "(e.g. keep=0.25 keeps a quarter; keep=1.0 changes nothing)"
+        )
+    return keep
+
+
+def build_method(name: str, keep: float, **kwargs):
+    info = registry.get(name)
+    keep = _check_keep(keep)
+    sig = inspect.signature(info.factory)
+    unknown = [k for k in kwargs if k not in sig.parameters]
+    if unknown:
+        valid = [p for p in sig.parameters if p != "keep"]
+        raise VltokError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
+                         f"{', '.join(valid) or '(none)'}")
+    return info.factory(keep, **kwargs)
+
+
+def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
+    """Patch ``model`` in place so it carries only ``keep`` of its visual tokens; returns the handle.
+
+    ``model(...)`` and ``model.generate(...)`` keep working on the processor's unmodified output.
+    Undo with ``vltok.unpatch(model)`` or ``handle.remove()``.
+    """
+    from vltok.adapters import find_adapter  # adapters import vltok, so import late
+
+    existing = getattr(model, "__dict__", {}).get(_ATTR)
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"this model is already patched ({existing.method.name}, keep={existing.method.keep}); call "
+            "vltok.unpatch(model) (or handle.remove()) before patching it again"
+        )
+    adapter_cls = find_adapter(model)
+    m = build_method(method, keep, **kwargs)
+    missing = [s for s in m.stages if s not in adapter_cls.stages]
+    if missing:
+        raise IncompatibleError(
+            f"method {method!r} works in stage(s) {', '.join(missing)}, which vltok's {adapter_cls.family} adapter "
+            f"does not provide (it provides: {', '.join(adapter_cls.stages)}); pick a method from vltok.methods() "
+            "that uses those stages"
+        )
+    handle = PatchHandle(model, m, adapter_cls)
+    adapter = adapter_cls(model, m, handle)
+    try:
+        adapter.attach(handle._undo)
+    except BaseException:
+        while handle._undo:
+            handle._undo.pop()()
+        raise
+    model.__dict__[_ATTR] = handle
+    handle.adapter = adapter
+    return handle
+
+
+def unpatch(model) -> None:
+    handle = getattr(model, "__dict__", {}).get(_ATTR)
+    if handle is None:
+        raise NotPatchedError("this model is not patched by vltok; nothing to unpatch")
+    handle.remove()
+
+
+def get_handle(model) -> PatchHandle | None:
+    return getattr(model, "__dict__", {}).get(_ATTR)
+
+
+@contextlib.contextmanager
+def patched(model, method: str, keep: float = 0.16, **kwargs):
+    """``with vltok.patched(model, "pool", keep=0.25) as handle: ...`` -- unpatched again on exit."""
+    handle = patch(model, method, keep, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.remove()

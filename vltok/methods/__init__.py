@@ -1,0 +1,2 @@
+"""Methods: pure tensor functions registered by name. Importing this package registers them all."""
+from . import baselines, fourier  # noqa: F401

@@ -1,0 +1,76 @@
+"""Baselines: adaptive average pooling and a seeded random subset (pre-LLM stage)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from ..stages import GridPlan, Method
+from ._grid import ROUNDINGS, grid_for_keep
+
+
+def pool_grid(x: torch.Tensor, h: int, w: int, r_h: int, r_w: int) -> torch.Tensor:
+    """x [B, h*w, C] -> [B, r_h*r_w, C] by adaptive average pooling (PyTorch's bins, any sizes)."""
+    if (r_h, r_w) == (h, w):
+        return x
+    g = x.unflatten(1, (h, w)).permute(0, 3, 1, 2)       # [B, C, h, w]
+    y = F.adaptive_avg_pool2d(g.float() if g.dtype == torch.float16 and g.device.type == "cpu" else g, (r_h, r_w))
+    return y.to(x.dtype).flatten(2).transpose(1, 2)
+
+
+@lru_cache(maxsize=64)
+def random_indices(n: int, k: int, seed: int) -> torch.Tensor:
+    """k of n indices, sorted ascending, from a generator seeded with ``seed`` (CPU, reproducible everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def select_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, n, C], idx [k] ascending -> [B, k, C] (raster order kept)."""
+    return x.index_select(1, idx.to(x.device))
+
+
+class PoolReducer:
+    def __init__(self, keep: float, rounding: str):
+        self.keep, self.rounding = keep, rounding
+
+    def plan(self, h, w):
+        r_h, r_w = grid_for_keep(h, w, self.keep, self.rounding)
+        return GridPlan(h, w, r_h * r_w, (r_h, r_w))
+
+    def reduce(self, x, plan):
+        return pool_grid(x, plan.h, plan.w, *plan.grid)
+
+
+class RandomReducer:
+    def __init__(self, keep: float, seed: int):
+        self.keep, self.seed = keep, seed
+
+    def plan(self, h, w):
+        n = h * w
+        return GridPlan(h, w, max(1, min(n, round(self.keep * n))), None)
+
+    def indices(self, x, plan):
+        idx = random_indices(plan.h * plan.w, plan.count, self.seed).to(x.device)
+        return idx.expand(x.shape[0], -1)
+
+    def reduce(self, x, plan):
+        if plan.count == plan.h * plan.w:
+            return x
+        return select_tokens(x, random_indices(plan.h * plan.w, plan.count, self.seed))
+
+
+@register("pool", "Adaptive average pooling of each image grid to r_h x r_w (sqrt(keep) per axis); baseline",
+          ("pre_llm",))
+def make_pool(keep: float, rounding: str = "nearest") -> Method:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"pool: rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return Method("pool", keep, dict(rounding=rounding), pre_llm=PoolReducer(keep, rounding))
+
+
+@register("random", "Seeded random subset of round(keep*N) tokens per grid, raster order kept; baseline",
+          ("pre_llm",))
+def make_random(keep: float, seed: int = 0) -> Method:
+    return Method("random", keep, dict(seed=seed), pre_llm=RandomReducer(keep, int(seed)))

@@ -1,0 +1,123 @@
+"""Fourier-VLM: 2-D DCT low-pass resampling of a visual-token grid (pre-LLM stage).
+
+Y = (B_{h->r_h} (x) B_{w->r_w}) X, with B_{N->r} = C_r^T [I_r 0] C_N and C_N the orthonormal DCT-II matrix:
+a DCT, a crop to the lowest r_h x r_w frequencies, and an inverse DCT of size r. It is one fixed linear map on
+the token axis, applied as one GEMM with a cached basis (dense) or as two small GEMMs (separable, big grids).
+
+``gain="resize"`` (default, training-free) scales by sqrt(r_h r_w / (h w)) so a constant grid stays constant;
+``gain="paper"`` keeps the official op's amplification sqrt(h w / (r_h r_w)) for the authors' fine-tuned checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from ..registry import register
+from ..stages import GridPlan, Method
+from ._grid import ROUNDINGS, grid_for_keep
+
+GAINS = ("resize", "paper")
+IMPLS = ("auto", "dense", "separable")
+DENSE_MAX_TOKENS = 4096
+
+
+def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
+    """Orthonormal DCT-II matrix C[k, m] = a_k cos(pi (2m+1) k / 2n)."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    m = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * m + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c.to(dtype)
+
+
+def band_resample_matrix(n: int, r: int, dtype=torch.float64) -> torch.Tensor:
+    """B_{n->r} = C_r^T [I_r 0] C_n, shape [r, n]: DCT, keep r lowest frequencies, inverse DCT of size r."""
+    if r == n:
+        return torch.eye(n, dtype=dtype)
+    return (dct_matrix(r).T @ dct_matrix(n)[:r]).to(dtype)
+
+
+def _gain(h: int, w: int, r_h: int, r_w: int, gain: str) -> float:
+    if gain == "resize":
+        return math.sqrt((r_h * r_w) / (h * w))
+    if gain == "paper":
+        return 1.0
+    raise ValueError(f"gain must be one of {GAINS}, got {gain!r}")
+
+
+@lru_cache(maxsize=64)
+def _dense_basis(h, w, r_h, r_w, gain, dtype, device) -> torch.Tensor:
+    m = torch.kron(band_resample_matrix(h, r_h), band_resample_matrix(w, r_w)) * _gain(h, w, r_h, r_w, gain)
+    return m.to(dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=64)
+def _separable_basis(h, w, r_h, r_w, gain, dtype, device):
+    g = _gain(h, w, r_h, r_w, gain)
+    bh = band_resample_matrix(h, r_h) * g
+    bw = band_resample_matrix(w, r_w)
+    return bh.to(dtype=dtype, device=device), bw.to(dtype=dtype, device=device)
+
+
+def dct_lowpass(x: torch.Tensor, h: int, w: int, r_h: int, r_w: int, gain: str = "resize",
+                impl: str = "auto", precise: bool = False) -> torch.Tensor:
+    """x [B, h*w, C] (raster) -> [B, r_h*r_w, C]. Pure function; x is not modified.
+
+    The basis is cached per (h, w, r_h, r_w, gain, dtype, device). Low-precision inputs use a basis in the
+    input dtype (GEMMs accumulate in fp32); ``precise=True`` computes in fp32 and casts back.
+    """
+    if x.dim() != 3 or x.shape[1] != h * w:
+        raise ValueError(f"dct_lowpass expects x of shape [B, {h}*{w}, C], got {tuple(x.shape)}")
+    if not (1 <= r_h <= h and 1 <= r_w <= w):
+        raise ValueError(f"output grid ({r_h}, {r_w}) must lie within 1..({h}, {w})")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if (r_h, r_w) == (h, w) and gain == "resize":
+        return x
+    out_dtype = x.dtype
+    work = torch.float32 if (precise or x.dtype not in (torch.float16, torch.bfloat16)) else x.dtype
+    if x.dtype == torch.float64:
+        work = torch.float64
+    xw = x.to(work)
+    if impl == "dense" or (impl == "auto" and h * w <= DENSE_MAX_TOKENS):
+        y = torch.matmul(_dense_basis(h, w, r_h, r_w, gain, work, x.device), xw)
+    else:
+        bh, bw = _separable_basis(h, w, r_h, r_w, gain, work, x.device)
+        g = xw.unflatten(1, (h, w))                       # [B, h, w, C]
+        g = torch.einsum("ph,bhwc->bpwc", bh, g)          # [B, r_h, w, C]
+        g = torch.einsum("qw,bpwc->bpqc", bw, g)          # [B, r_h, r_w, C]
+        y = g.flatten(1, 2)
+    return y.to(out_dtype)
+
+
+class FourierReducer:
+    def __init__(self, keep: float, r: int | tuple[int, int] | None, gain: str, rounding: str, impl: str,
+                 precise: bool):
+        self.keep, self.r, self.gain, self.rounding, self.impl, self.precise = keep, r, gain, rounding, impl, precise
+
+    def plan(self, h: int, w: int) -> GridPlan:
+        if self.r is not None:
+            r_h, r_w = (self.r, self.r) if isinstance(self.r, int) else tuple(self.r)
+            r_h, r_w = min(r_h, h), min(r_w, w)
+        else:
+            r_h, r_w = grid_for_keep(h, w, self.keep, self.rounding)
+        return GridPlan(h, w, r_h * r_w, (r_h, r_w))
+
+    def reduce(self, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
+        return dct_lowpass(x, plan.h, plan.w, *plan.grid, gain=self.gain, impl=self.impl, precise=self.precise)
+
+
+@register("fourier", "Fourier-VLM: 2-D DCT low-pass resampling of each image grid to r_h x r_w (sqrt(keep) per axis)",
+          ("pre_llm",))
+def make_fourier(keep: float, r=None, gain: str = "resize", rounding: str = "nearest", impl: str = "auto",
+                 precise: bool = False) -> Method:
+    if gain not in GAINS:
+        raise ValueError(f"fourier: gain must be one of {GAINS}, got {gain!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"fourier: rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"fourier: impl must be one of {IMPLS}, got {impl!r}")
+    params = dict(r=r, gain=gain, rounding=rounding, impl=impl, precise=precise)
+    return Method("fourier", keep, params, pre_llm=FourierReducer(keep, r, gain, rounding, impl, precise))

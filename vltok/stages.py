@@ -1,0 +1,73 @@
+"""The stage protocol that joins methods (pure tensor functions) and adapters (model families).
+
+A method declares which stages it uses and provides one object per stage:
+
+* ``pre_llm``  -- a :class:`GridReducer`: maps one image's visual-token grid ``x [B, h*w, C]`` (raster order)
+  to ``[B, k, C]``. The output count ``k`` must be known from ``(h, w)`` alone (``plan``), so an adapter can
+  shrink placeholder runs before the model runs.
+* ``vision``   -- reduces tokens between encoder layers (not in this release's methods).
+* ``in_llm``   -- prunes hidden states before decoder layer k during prefill (not in this release's methods).
+* ``decode``   -- rewrites the KV cache after prefill (not in this release's methods).
+
+An adapter knows where a family keeps its grids and applies the stage results; it never knows a method.
+See docs/architecture.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+STAGES = ("vision", "pre_llm", "in_llm", "decode")
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """What a pre-LLM reducer will make of one (h, w) grid.
+
+    ``count`` tokens come out. ``grid`` is ``(r_h, r_w)`` when the output is itself a raster grid (resampling
+    methods); ``None`` when it is a subset of the input in raster order (selection methods).
+    """
+
+    h: int
+    w: int
+    count: int
+    grid: tuple[int, int] | None
+
+    @property
+    def identity(self) -> bool:
+        return self.count == self.h * self.w and (self.grid is None or self.grid == (self.h, self.w))
+
+
+class GridReducer(Protocol):
+    def plan(self, h: int, w: int) -> GridPlan: ...
+
+    def reduce(self, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
+        """x: [B, h*w, C] in raster order -> [B, plan.count, C]. Must not modify x."""
+        ...
+
+
+@dataclass
+class Method:
+    """A configured method: the per-stage objects an adapter will call."""
+
+    name: str
+    keep: float
+    params: dict
+    pre_llm: GridReducer | None = None
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(s for s in STAGES if getattr(self, s, None) is not None)
+
+    @property
+    def identity(self) -> bool:
+        return self.keep >= 1.0
+
+
+def selected_indices(reducer, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
+    """For selection reducers (``plan.grid is None``): the kept raster indices, [B, k] ascending."""
+    if not hasattr(reducer, "indices"):
+        raise TypeError(f"{type(reducer).__name__} selects tokens but has no indices(x, plan) method")
+    return reducer.indices(x, plan)
