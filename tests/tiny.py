@@ -31,14 +31,14 @@ def tiny_llava_next(attn="sdpa", seed=0):
     return m
 
 
-def llava_inputs(model, prompts: list[list[int]], n_images: list[int], seed=0, padding="left"):
+def llava_inputs(model, prompts: list[list[int]], seed=0, padding="left", n_ph=None):
     """Processor-like batch: each prompt is a token list with -1 marking where an image goes.
 
     Returns input_ids, attention_mask and pixel_values with the native placeholder count per image.
     """
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
-    n_ph = (vc.image_size // vc.patch_size) ** 2
+    n_ph = n_ph or (vc.image_size // vc.patch_size) ** 2
     rows, n_img = [], 0
     for p in prompts:
         row = []
@@ -75,12 +75,12 @@ def next_counts(model, image_sizes):
     return out
 
 
-def llava_next_inputs(model, prompts, image_sizes, seed=0, padding="left"):
+def llava_next_inputs(model, prompts, image_sizes, seed=0, padding="left", counts=None):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
-    counts = next_counts(model, image_sizes)
+    counts = counts or next_counts(model, image_sizes)
     tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in image_sizes]
     rows, j = [], 0
     for p in prompts:

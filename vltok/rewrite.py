@@ -75,11 +75,23 @@ def shrink_placeholders(input_ids: torch.Tensor, token_id: int, native: list[int
             drop[b, run[new[j]:]] = True
             used += native[j]
             j += 1
-    n_keep = (~drop).sum(1)
-    new_len = int(n_keep.max())
-    cols = torch.full((B, new_len), -1, dtype=torch.long)
+    # per row: the kept columns, minus the caller's padding on the padding side (re-padded below to the new
+    # batch maximum, so a row that shrank less does not leave the others with surplus padding)
+    am = tensors.get("attention_mask")
+    pad = (am == 0).cpu() if am is not None else torch.zeros(B, L, dtype=torch.bool)
+    rows = []
     for b in range(B):
         kept = (~drop[b]).nonzero().flatten()
+        real = (~pad[b][kept]).nonzero().flatten()
+        if real.numel() == 0:
+            rows.append(kept[:0])
+        elif side == "left":
+            rows.append(kept[int(real[0]):])
+        else:
+            rows.append(kept[: int(real[-1]) + 1])
+    new_len = max(r.numel() for r in rows)
+    cols = torch.full((B, new_len), -1, dtype=torch.long)
+    for b, kept in enumerate(rows):
         if side == "left":
             cols[b, new_len - kept.numel():] = kept
         else:
