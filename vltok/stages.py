@@ -5,9 +5,9 @@ A method declares which stages it uses and provides one object per stage:
 * ``pre_llm``  -- a :class:`GridReducer`: maps one image's visual-token grid ``x [B, h*w, C]`` (raster order)
   to ``[B, k, C]``. The output count ``k`` must be known from ``(h, w)`` alone (``plan``), so an adapter can
   shrink placeholder runs before the model runs.
-* ``vision``   -- reduces tokens between encoder layers (not in this release's methods).
-* ``in_llm``   -- prunes hidden states before decoder layer k during prefill (not in this release's methods).
-* ``decode``   -- rewrites the KV cache after prefill (not in this release's methods).
+* ``vision``   -- reduces tokens between encoder layers.
+* ``in_llm``   -- prunes hidden states before decoder layer k during prefill.
+* ``decode``   -- rewrites the KV cache after prefill.
 
 An adapter knows where a family keeps its grids and applies the stage results; it never knows a method.
 See docs/architecture.md.
@@ -50,12 +50,20 @@ class GridReducer(Protocol):
 
 @dataclass
 class Method:
-    """A configured method: the per-stage objects an adapter will call."""
+    """A configured method: the per-stage objects an adapter will call (None = stage unused).
+
+    ``vision``: merges tokens between vision-encoder layers; ``pre_llm``: a GridReducer; ``in_llm``: prunes
+    hidden states before chosen decoder layers at prefill; ``decode``: a KV-cache policy after prefill.
+    The protocols of the last three live next to their engines (docs/architecture.md).
+    """
 
     name: str
     keep: float
     params: dict
+    vision: object | None = None
     pre_llm: GridReducer | None = None
+    in_llm: object | None = None
+    decode: object | None = None
 
     @property
     def stages(self) -> tuple[str, ...]:

@@ -1,0 +1,25 @@
+# Set-up and the two main commands. Everything installs into .venv (CPU torch is enough for the tests).
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/python -c "import vltok; print(vltok.methods())"
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -m slow
+
+demo: setup
+	$(VENV)/bin/python -m vltok.demos.example
+
+.PHONY: setup test test-slow demo
