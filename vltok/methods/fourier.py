@@ -18,8 +18,20 @@ from ..registry import register
 from ..stages import GridPlan, Method
 from ._grid import ROUNDINGS, grid_for_keep
 
+
+def triton_usable(x):
+    from vltok.kernels._triton import usable
+
+    return x.is_cuda and usable(x)
+
+
+def triton_dct_lowpass(*args, **kwargs):
+    from vltok.kernels.dct import dct_lowpass as kernel
+
+    return kernel(*args, **kwargs)
+
 GAINS = ("resize", "paper")
-IMPLS = ("auto", "dense", "separable")
+IMPLS = ("auto", "dense", "separable", "triton")
 DENSE_MAX_TOKENS = 4096
 
 
@@ -61,21 +73,30 @@ def _separable_basis(h, w, r_h, r_w, gain, dtype, device):
     return bh.to(dtype=dtype, device=device), bw.to(dtype=dtype, device=device)
 
 
-def dct_lowpass(x: torch.Tensor, h: int, w: int, r_h: int, r_w: int, gain: str = "resize",
-                impl: str = "auto", precise: bool = False) -> torch.Tensor:
-    """x [B, h*w, C] (raster) -> [B, r_h*r_w, C]. Pure function; x is not modified.
-
-    The basis is cached per (h, w, r_h, r_w, gain, dtype, device). Low-precision inputs use a basis in the
-    input dtype (GEMMs accumulate in fp32); ``precise=True`` computes in fp32 and casts back.
-    """
+def _check(x, h, w, r_h, r_w, impl):
     if x.dim() != 3 or x.shape[1] != h * w:
         raise ValueError(f"dct_lowpass expects x of shape [B, {h}*{w}, C], got {tuple(x.shape)}")
     if not (1 <= r_h <= h and 1 <= r_w <= w):
         raise ValueError(f"output grid ({r_h}, {r_w}) must lie within 1..({h}, {w})")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def dct_lowpass(x: torch.Tensor, h: int, w: int, r_h: int, r_w: int, gain: str = "resize",
+                impl: str = "auto", precise: bool = False) -> torch.Tensor:
+    """x [B, h*w, C] (raster) -> [B, r_h*r_w, C]. Pure function; x is not modified.
+
+    The basis is cached per (h, w, r_h, r_w, gain, dtype, device). Low-precision inputs use a basis in the
+    input dtype (GEMMs accumulate in fp32); ``precise=True`` computes in fp32 and casts back. ``impl``:
+    ``dense`` (one torch GEMM), ``separable`` (two small GEMMs, for big grids), ``triton`` (vltok.kernels.dct),
+    ``auto`` (Triton on CUDA for grids up to 4096 tokens when Triton is installed, else dense/separable by size).
+    """
+    _check(x, h, w, r_h, r_w, impl)
     if (r_h, r_w) == (h, w) and gain == "resize":
         return x
+    if impl == "triton" or (impl == "auto" and h * w <= DENSE_MAX_TOKENS and x.dtype != torch.float64
+                            and triton_usable(x)):
+        return triton_dct_lowpass(x, h, w, r_h, r_w, gain=gain, precise=precise)
     out_dtype = x.dtype
     work = torch.float32 if (precise or x.dtype not in (torch.float16, torch.bfloat16)) else x.dtype
     if x.dtype == torch.float64:
