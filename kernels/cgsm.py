@@ -1,0 +1,158 @@
+"""Complete-graph soft matching (CrossGET's CGSM), rank-compare formulation, and the size-weighted merge.
+
+Matching, for a metric m [B, N, d] (rows L2-normalised), importance imp [B, N], r merges, protected [B, N]:
+  S = m m^T with the diagonal and protected rows/columns at -inf;
+  rank = position of each token when sorted by its row max, descending (stable);
+  masked_i = max_{j: rank_j > rank_i} S_ij;  score = imp - masked;  the r smallest scores are sources;
+  dst(src) = argmax_j S[src, j] over tokens that are neither sources nor protected.
+No N x N index scatters. The torch path materialises S; the Triton path never stores it: one tiled kernel
+computes a running row max / argmax of m_i . m_j over allowed columns, run three times (row max; rank-masked row
+max; argmax for the r source rows). The sort between the first two passes stays in torch.
+
+Merge (size space): u = x * size; each source adds w0*u_src + (w1 - 1)*u_dst to its destination, with
+w = 2*softmax([imp_src, imp_dst]); sizes add unweighted; x = u / size; sources are removed, order kept.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAVE_TRITON, usable
+
+NEG = float("-inf")
+
+
+def _ranks(rowmax: torch.Tensor, rowarg: torch.Tensor) -> torch.Tensor:
+    """Rank by row max, descending; ties by index. Mutual nearest neighbours have equal row maxima in exact
+    arithmetic (S is symmetric), but S_ij and S_ji may round differently: give both the same value first, so the
+    index decides between them on every path."""
+    partner_arg = rowarg.gather(-1, rowarg)
+    mutual = partner_arg == torch.arange(rowarg.shape[-1], device=rowarg.device)
+    rowmax = torch.where(mutual, torch.maximum(rowmax, rowmax.gather(-1, rowarg)), rowmax)
+    order = torch.sort(rowmax, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return rank
+
+
+def _select_sources(imp, masked, protected, r):
+    score = (imp.to(masked.dtype) - masked).masked_fill(protected, float("inf"))
+    src = torch.sort(score, dim=-1, stable=True).indices[:, :r]
+    is_src = torch.zeros_like(protected).scatter_(-1, src, True)
+    return src, is_src
+
+
+def cgsm_match_torch(metric: torch.Tensor, imp: torch.Tensor, r: int, protected: torch.Tensor | None = None):
+    """Reference: returns (src [B, r], dst [B, r], rank [B, N])."""
+    B, N, _ = metric.shape
+    protected = torch.zeros(B, N, dtype=torch.bool, device=metric.device) if protected is None else protected
+    work = torch.promote_types(metric.dtype, torch.float32)
+    s = metric.to(work) @ metric.to(work).transpose(1, 2)
+    eye = torch.eye(N, dtype=torch.bool, device=metric.device)
+    s = s.masked_fill(eye | protected[:, :, None] | protected[:, None, :], NEG)
+    rowmax, rowarg = s.max(-1)
+    rank = _ranks(rowmax, rowarg)
+    masked = s.masked_fill(rank[:, None, :] <= rank[:, :, None], NEG).amax(-1)
+    src, is_src = _select_sources(imp, masked, protected, r)
+    rows = s.gather(1, src[:, :, None].expand(B, r, N))
+    dst = rows.masked_fill((is_src | protected)[:, None, :], NEG).argmax(-1)
+    return src, dst, rank
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _row_best_kernel(m_ptr, rows_ptr, colok_ptr, rank_ptr, outv_ptr, outi_ptr, N, R, smb, smn, N_PAD: tl.constexpr,
+                         D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         USE_RANK: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        slot = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        valid_r = slot < R
+        row = tl.load(rows_ptr + b * R + slot, mask=valid_r, other=0)
+        if USE_RANK:
+            rank_row = tl.load(rank_ptr + b * N + row, mask=valid_r, other=0)
+        best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        besti = tl.zeros((BLOCK_R,), tl.int32)
+        dd = tl.arange(0, BLOCK_D)
+        for n0 in range(0, N_PAD, BLOCK_N):   # N_PAD: N rounded up to BLOCK_N; constexpr (few distinct values)
+            cj = n0 + tl.arange(0, BLOCK_N)
+            valid_c = cj < N
+            acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                a = tl.load(m_ptr + b * smb + row[:, None] * smn + (d0 + dd)[None, :],
+                            mask=valid_r[:, None] & ((d0 + dd)[None, :] < D), other=0.0)
+                c = tl.load(m_ptr + b * smb + cj[None, :] * smn + (d0 + dd)[:, None],
+                            mask=valid_c[None, :] & ((d0 + dd)[:, None] < D), other=0.0)
+                if IEEE:
+                    acc += tl.dot(a, c, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, c)
+            ok = tl.load(colok_ptr + b * N + cj, mask=valid_c, other=0) != 0
+            allowed = ok[None, :] & valid_c[None, :] & (cj[None, :] != row[:, None])
+            if USE_RANK:
+                rank_c = tl.load(rank_ptr + b * N + cj, mask=valid_c, other=0)
+                allowed = allowed & (rank_c[None, :] > rank_row[:, None])
+            acc = tl.where(allowed, acc, float("-inf"))
+            tmax = tl.max(acc, axis=1)
+            targ = tl.argmax(acc, axis=1).to(tl.int32) + n0
+            upd = tmax > best
+            best = tl.where(upd, tmax, best)
+            besti = tl.where(upd, targ, besti)
+        tl.store(outv_ptr + b * R + slot, best, mask=valid_r)
+        tl.store(outi_ptr + b * R + slot, besti, mask=valid_r)
+
+
+def _row_best(m, rows, colok, rank=None):
+    """For each listed row i: max and argmax of m_i . m_j over columns j != i with colok[j] (and rank_j > rank_i)."""
+    B, N, D = m.shape
+    R = rows.shape[1]
+    outv = torch.empty(B, R, dtype=torch.float32, device=m.device)
+    outi = torch.empty(B, R, dtype=torch.int32, device=m.device)
+    block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    grid = (B, triton.cdiv(R, 64))
+    _row_best_kernel[grid](m, rows.int().contiguous(), colok.to(torch.int8).contiguous(),
+                           (rank if rank is not None else rows).int().contiguous(), outv, outi, N,
+                           R,
+                           m.stride(0), m.stride(1), N_PAD=triton.cdiv(N, 64) * 64, D=D, BLOCK_R=64, BLOCK_N=64, BLOCK_D=block_d,
+                           USE_RANK=rank is not None, IEEE=m.dtype == torch.float32, num_warps=4, num_stages=2)
+    return outv, outi.long()
+
+
+def cgsm_match_triton(metric: torch.Tensor, imp: torch.Tensor, r: int, protected: torch.Tensor | None = None):
+    """Same result as cgsm_match_torch (up to fp rounding of the similarities), without storing S."""
+    B, N, _ = metric.shape
+    m = metric.contiguous()
+    protected = torch.zeros(B, N, dtype=torch.bool, device=m.device) if protected is None else protected
+    rows = torch.arange(N, device=m.device).expand(B, N)
+    rowmax, rowarg = _row_best(m, rows, ~protected)
+    rowmax = rowmax.masked_fill(protected, NEG)
+    rank = _ranks(rowmax, rowarg)
+    masked, _ = _row_best(m, rows, ~protected, rank)
+    masked = masked.masked_fill(protected, NEG)
+    src, is_src = _select_sources(imp, masked, protected, r)
+    _, dst = _row_best(m, src, ~(is_src | protected))
+    return src, dst, rank
+
+
+def cgsm_match(metric, imp, r, protected=None, impl: str = "auto"):
+    """Dispatch: Triton on CUDA (when installed), else the torch reference."""
+    if impl == "triton" or (impl == "auto" and metric.is_cuda and usable(metric)):
+        return cgsm_match_triton(metric, imp, r, protected)
+    return cgsm_match_torch(metric, imp, r, protected)
+
+
+def merge_weighted(x: torch.Tensor, size: torch.Tensor, imp: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+    """Size-space weighted merge of each src into its dst; returns (x [B, N-r, C], size [B, N-r, 1]), order kept."""
+    B, N, C = x.shape
+    w = 2 * torch.softmax(torch.stack([imp.gather(1, src), imp.gather(1, dst)], -1).float(), -1)   # [B, r, 2]
+    u = x.float() * size.float()
+    u_src = u.gather(1, src[..., None].expand(-1, -1, C))
+    u_dst = u.gather(1, dst[..., None].expand(-1, -1, C))
+    add = w[..., :1] * u_src + (w[..., 1:] - 1) * u_dst
+    u = u.scatter_add(1, dst[..., None].expand(-1, -1, C), add)
+    sz = size.float().scatter_add(1, dst[..., None], size.float().gather(1, src[..., None]))
+    keep = torch.ones(B, N, dtype=torch.bool, device=x.device).scatter_(1, src, False)
+    u = u[keep].view(B, N - src.shape[1], C)
+    sz = sz[keep].view(B, N - src.shape[1], 1)
+    return (u / sz).to(x.dtype), sz.to(size.dtype)
