@@ -1,0 +1,45 @@
+"""The prefill fast path computes the same first-token logits as the patched model's forward."""
+import pytest
+import torch
+
+import vltok
+from tiny import llava_inputs, tiny_llava, tiny_llava_next
+from vltok.fast import PrefillGraph
+
+
+@pytest.mark.parametrize("method,keep", [(None, None), ("fourier", 0.16), ("pool", 0.25), ("random", 0.5)])
+def test_fast_path_matches_forward(method, keep):
+    m = tiny_llava()
+    inp = llava_inputs(m, [[1, 5, -1, 7, 8]])
+    fast = PrefillGraph(m)
+    if method is None:
+        ref = m(**inp).logits[:, -1]
+        out = fast(**inp)
+    else:
+        with vltok.patched(m, method, keep=keep) as h:
+            ref = m(**inp).logits[:, -1]
+            out = fast(**inp)
+            assert h.stats["tokens_out"] == round(64 * keep) if method == "random" else True
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_fast_path_refuses_batches_and_other_families():
+    m = tiny_llava()
+    with pytest.raises(vltok.IncompatibleError, match="batch 1"):
+        PrefillGraph(m)(**llava_inputs(m, [[1, -1], [1, 2, 3, -1]]))
+    with pytest.raises(vltok.IncompatibleError, match="LlavaForConditionalGeneration"):
+        PrefillGraph(tiny_llava_next())
+
+
+@pytest.mark.gpu
+def test_graph_replay_matches_eager_on_gpu():
+    m = tiny_llava().cuda()
+    inp = {k: v.cuda() for k, v in llava_inputs(m, [[1, 5, -1, 7, 8]]).items()}
+    with vltok.patched(m, "fourier", keep=0.25):
+        ref = m(**inp).logits[:, -1]
+        fast = PrefillGraph(m)
+        a = fast(**inp)
+        inp2 = dict(inp, pixel_values=torch.randn_like(inp["pixel_values"]))
+        b = fast(**inp2)          # replay with new pixels
+        ref2 = m(**inp2).logits[:, -1]
+    assert torch.allclose(a, ref, atol=1e-4) and torch.allclose(b, ref2, atol=1e-4)
