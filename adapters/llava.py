@@ -33,6 +33,17 @@ def _prefix(model) -> int:
     return _n_special_tokens(model.config.vision_config) - (1 if strategy == "default" else 0)
 
 
+def llava_next_unpadded(config, image_size) -> tuple[int, int]:
+    """(rows, cols) of LLaVA-NeXT's unpadded high-resolution feature map for an image of size (H, W)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    vc = config.vision_config
+    t = vc.image_size // vc.patch_size
+    nph, npw = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, vc.image_size)
+    shape = unpad_image(torch.empty(1, nph * t, npw * t), image_size).shape
+    return int(shape[1]), int(shape[2])
+
+
 class LlavaAdapter(PlaceholderAdapter):
     family = "llava"
 
@@ -98,13 +109,7 @@ class LlavaNextAdapter(PlaceholderAdapter):
         return vc.image_size // vc.patch_size
 
     def _unpadded(self, image_size) -> tuple[int, int]:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-        t = self._tile()
-        vc = self.model.config.vision_config
-        nph, npw = get_anyres_image_grid_shape(image_size, self.model.config.image_grid_pinpoints, vc.image_size)
-        shape = unpad_image(torch.empty(1, nph * t, npw * t), image_size).shape
-        return int(shape[1]), int(shape[2])
+        return llava_next_unpadded(self.model.config, image_size)
 
     def _map_count(self, plan) -> int:
         return plan.grid[0] * (plan.grid[1] + 1) if plan.grid is not None else plan.count + plan.h

@@ -63,14 +63,13 @@ def llava_inputs(model, prompts: list[list[int]], seed=0, padding="left", n_ph=N
 
 def next_counts(model, image_sizes):
     """Native packed token count per image, from the model's own pack step (the processor's rule)."""
-    from vltok.adapters.llava import LlavaNextAdapter
+    from vltok.adapters.llava import llava_next_unpadded
 
-    ad = LlavaNextAdapter.__new__(LlavaNextAdapter)
-    ad.model = model
-    t = ad._tile()
+    vc = model.config.vision_config
+    t = vc.image_size // vc.patch_size
     out = []
     for s in image_sizes:
-        h_u, w_u = ad._unpadded(s)
+        h_u, w_u = llava_next_unpadded(model.config, s)
         out.append(t * t + h_u * (w_u + 1))
     return out
 
