@@ -4,10 +4,13 @@ from __future__ import annotations
 from vltok.errors import UnsupportedModelError
 
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 SUPPORTED = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter,
 }
 
 

@@ -66,6 +66,12 @@ class PlaceholderAdapter:
         """Install the feature reduction (hooks / instance wrappers); append restore callables to undo."""
         raise NotImplementedError
 
+    def placeholder_runs(self, call: dict) -> list[tuple[int, list[int], list[int]]]:
+        """Per placeholder kind (image, video, ...): (token id, native counts, reduced counts), one count per item.
+
+        Families with one kind keep the default; families with videos (Qwen2-VL, OneVision) list both."""
+        return [(self.image_token_id(), *self.image_counts(call))]
+
     def pad_token_id(self) -> int:
         for cfg in (getattr(self.model, "generation_config", None), self.model.config,
                     getattr(self.model.config, "text_config", None)):
@@ -124,7 +130,7 @@ class PlaceholderAdapter:
                 call["min_length"] = max(min_len - shrink, 0)
 
     def prepare(self, call: dict, default_side: str):
-        if call.get(self.pixel_key) is None:
+        if all(call.get(k) is None for k in getattr(self, "pixel_keys", (self.pixel_key,))):
             return call, None
         ids = call.get("input_ids")
         if ids is None:
@@ -138,12 +144,22 @@ class PlaceholderAdapter:
         if not self._in_generate:
             self.handle._start_call()
         t0 = time.perf_counter()
-        native, new = self.image_counts(call)
         side = padding_side(call.get("attention_mask"), default_side)
         tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
         if "attention_mask" not in tensors and ids.shape[0] > 1:
             tensors["attention_mask"] = torch.ones_like(ids)
-        rw = shrink_placeholders(ids, self.image_token_id(), native, new, tensors, self.pad_token_id(), side)
+        rw = None
+        for token_id, native, new in self.placeholder_runs(call):
+            step = shrink_placeholders(ids, token_id, native, new, tensors, self.pad_token_id(), side)
+            if step is None:
+                continue
+            if rw is not None:   # compose: columns of this step's input are columns of the previous output
+                prev = rw.kept_positions.gather(1, step.kept_positions.clamp(min=0))
+                step.kept_positions = prev.masked_fill(step.kept_positions < 0, -1)
+                step.orig_len = rw.orig_len
+            rw = step
+            ids = rw.tensors["input_ids"]
+            tensors = {k: v for k, v in rw.tensors.items() if k != "input_ids"}
         if rw is not None:
             call = dict(call)
             call.update(rw.tensors)

@@ -1,0 +1,235 @@
+"""Qwen2-VL (Qwen2VLForConditionalGeneration) and Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), images and videos.
+
+Where the grids are: ``get_image_features`` / ``get_video_features`` of the inner model return one tensor per
+image / video of t * (h/m) * (w/m) tokens (m = spatial_merge_size = 2), after the PatchMerger. Each temporal slice
+is an (h/m) x (w/m) raster grid (Qwen2.5-VL's window attention permutes tokens inside the ViT and restores raster
+order after the merger, so the features we see are raster-ordered for both). The reduction wraps those two
+methods on the instance and reduces every temporal slice (frame) separately: ``keep`` applies per frame.
+
+M-RoPE: ``get_rope_index`` is wrapped on the instance (the caller's ``image_grid_thw`` is never modified):
+* resampling methods (plan.grid = (r_h, r_w)): the 3-D positions are computed on a compressed COPY of the grid,
+  (t, m*r_h, m*r_w), i.e. compact positions of the new grid (what Fourier-VLM's Qwen checkpoints expect);
+* selection methods (plan.grid is None): the positions are computed on the unpruned sequence (each shrunk run is
+  expanded back to its native length) and the kept tokens keep their original (t, h, w); ``rope_deltas`` becomes
+  the original delta plus the number of removed tokens, so decoding continues after the unpruned length.
+The ViT itself always sees the native grid.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+
+import torch
+
+from vltok.errors import IncompatibleError
+from vltok.stages import selected_indices
+
+from .base import PlaceholderAdapter, _bind, set_instance_attr
+
+MODALITIES = (("image", 1, "image_grid_thw"), ("video", 2, "video_grid_thw"))
+
+
+class Qwen2VLAdapter(PlaceholderAdapter):
+    family = "qwen2_vl"
+    pixel_keys = ("pixel_values", "pixel_values_videos")
+
+    def _merge(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    def image_token_id(self):
+        return self.model.config.image_token_id
+
+    def _frames(self, grid_thw) -> list[tuple[int, int, int]]:
+        m = self._merge()
+        return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+
+    def _counts(self, grid_thw) -> tuple[list[int], list[int]]:
+        native, new = [], []
+        for t, h, w in self._frames(grid_thw):
+            native.append(t * h * w)
+            new.append(t * self.method.pre_llm.plan(h, w).count)
+        return native, new
+
+    def image_counts(self, call):
+        return self._counts(call["image_grid_thw"]) if call.get("image_grid_thw") is not None else ([], [])
+
+    def placeholder_runs(self, call):
+        cfg = self.model.config
+        if call.get("mm_token_type_ids") is None:
+            raise IncompatibleError(
+                "Qwen2-VL inputs with images or videos need mm_token_type_ids (the processor returns it with "
+                "input_ids); pass the processor's full output")
+        runs = []
+        for (kind, _, grid_key), token_id in zip(MODALITIES, (cfg.image_token_id, cfg.video_token_id)):
+            if call.get(grid_key) is not None:
+                runs.append((token_id, *self._counts(call[grid_key])))
+        return runs
+
+    # -- feature reduction -----------------------------------------------------------------------------------
+    def _reduce_item(self, f: torch.Tensor, t: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """f [t*h*w, D] -> ([t*count, D], kept raster indices per frame (selection methods only))."""
+        reducer = self.method.pre_llm
+        plan = reducer.plan(h, w)
+        if plan.identity:
+            return f, []
+        x = f.view(t, h * w, f.shape[-1])
+        if plan.grid is not None:
+            return reducer.reduce(x, plan).reshape(-1, f.shape[-1]), []
+        idx = selected_indices(reducer, x, plan)                     # [t, k] ascending
+        y = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        return y.reshape(-1, f.shape[-1]), list(idx)
+
+    def _wrap_features(self, inner, kind: str, undo: list) -> None:
+        name = f"get_{kind}_features"
+        orig = getattr(inner, name)
+        sig = inspect.signature(orig)
+        grid_kw = f"{kind}_grid_thw"
+
+        @functools.wraps(orig)   # generate() pre-encodes through this, picking arguments by the signature's names
+        def get_features(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            grid_thw = _bind(sig, args, kwargs).get(grid_kw)
+            t0 = time.perf_counter()
+            feats, kept = [], []
+            for f, (t, h, w) in zip(out.pooler_output, self._frames(grid_thw)):
+                y, idx = self._reduce_item(f, t, h, w)
+                feats.append(y)
+                kept.append(idx)
+                plan = self.method.pre_llm.plan(h, w)
+                self.handle._record_image(f.shape[0], y.shape[0], [(t, h, w)],
+                                          [(t, *plan.grid) if plan.grid else (t, plan.count)])
+            self._kept[kind] = kept
+            self._check_probed(kind)
+            out.pooler_output = tuple(feats)
+            self.handle._add_seconds(time.perf_counter() - t0)
+            return out
+
+        set_instance_attr(inner, name, get_features, undo)
+
+    # -- M-RoPE ----------------------------------------------------------------------------------------------
+    def _selection_positions(self, orig, input_ids, mm_token_type_ids, grids, attention_mask, kwargs):
+        """Original 3-D positions of the kept tokens: expand each run to native length, compute, gather."""
+        reducer = self.method.pre_llm
+        B, L = input_ids.shape
+        am = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
+        am = am.to(input_ids.device)
+        items = {code: iter(self._frames(grids[code])) if grids[code] is not None else iter(())
+                 for _, code, _ in MODALITIES}
+        n_seen = {code: 0 for _, code, _ in MODALITIES}
+        rows, maps = [], []
+        for b in range(B):
+            types = mm_token_type_ids[b][am[b]].tolist()
+            native_types, col_map, i = [], [], 0
+            while i < len(types):
+                code = types[i]
+                if code == 0:
+                    col_map.append(len(native_types))
+                    native_types.append(0)
+                    i += 1
+                    continue
+                try:
+                    t, h, w = next(items[code])
+                except StopIteration:
+                    raise IncompatibleError("more visual runs in mm_token_type_ids than grids in *_grid_thw") from None
+                plan = reducer.plan(h, w)
+                kind = "image" if code == 1 else "video"
+                j = n_seen[code]
+                n_seen[code] += 1
+                if plan.identity:
+                    keep_idx = torch.arange(t * h * w)
+                else:
+                    per_frame = self._probe_indices(kind, j, t, h, w, plan)
+                    keep_idx = torch.cat([f.cpu() + s * h * w for s, f in enumerate(per_frame)])
+                if i + keep_idx.numel() > len(types) or any(c != code for c in types[i:i + keep_idx.numel()]):
+                    raise IncompatibleError(
+                        f"a {kind} run in mm_token_type_ids does not have the reduced length {keep_idx.numel()}")
+                start = len(native_types)
+                native_types += [code] * (t * h * w)
+                col_map += (keep_idx + start).tolist()
+                i += keep_idx.numel()
+            rows.append(native_types)
+            maps.append(col_map)
+        Ln = max(map(len, rows))
+        n_types = torch.zeros(B, Ln, dtype=mm_token_type_ids.dtype, device=input_ids.device)
+        n_mask = torch.zeros(B, Ln, dtype=torch.long, device=input_ids.device)
+        for b, r in enumerate(rows):
+            n_types[b, :len(r)] = torch.tensor(r, dtype=n_types.dtype)
+            n_mask[b, :len(r)] = 1
+        n_ids = n_types.long()
+        pos_n, delta_n = orig(n_ids, mm_token_type_ids=n_types, image_grid_thw=grids[1], video_grid_thw=grids[2],
+                              attention_mask=n_mask, **kwargs)
+        pos = torch.zeros(3, B, L, dtype=pos_n.dtype, device=pos_n.device)
+        delta = delta_n.clone()
+        for b in range(B):
+            idx = torch.tensor(maps[b], dtype=torch.long, device=pos_n.device)
+            pos[:, b, am[b].to(pos_n.device)] = pos_n[:, b, idx]
+            delta[b] = delta_n[b] + (len(rows[b]) - len(maps[b]))
+        return pos, delta
+
+    def _probe_indices(self, kind, j, t, h, w, plan) -> list[torch.Tensor]:
+        """Kept raster indices per frame of item j. Selections made at reduction time are used when the features
+        already ran in this call (forward); generate() computes positions before the vision tower, so the reducer
+        is asked on an empty probe and the reduction later checks that it chose the same indices."""
+        recorded = self._kept.get(kind)
+        if recorded is not None and j < len(recorded) and recorded[j]:
+            return recorded[j]
+        probe = torch.zeros(t, h * w, 0)
+        idx = list(selected_indices(self.method.pre_llm, probe, plan))
+        self._probed.setdefault(kind, {})[j] = idx
+        return idx
+
+    def install(self, undo):
+        inner = self.model.model
+        self._kept, self._probed = {}, {}
+        for kind, _, _ in MODALITIES:
+            self._wrap_features(inner, kind, undo)
+        orig_rope = inner.get_rope_index
+        reducer = self.method.pre_llm
+        m = self._merge()
+
+        def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None, **kwargs):
+            grids = {1: image_grid_thw, 2: video_grid_thw}
+            plans = [reducer.plan(h, w) for g in grids.values() if g is not None for _, h, w in self._frames(g)]
+            if all(p.identity for p in plans):
+                return orig_rope(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                 video_grid_thw=video_grid_thw, **kwargs)
+            if all(p.grid is not None for p in plans):
+                small = {}
+                for code, g in grids.items():
+                    if g is None:
+                        small[code] = None
+                        continue
+                    rows = []
+                    for t, h, w in self._frames(g):
+                        r_h, r_w = reducer.plan(h, w).grid
+                        rows.append([t, r_h * m, r_w * m])
+                    small[code] = torch.tensor(rows, dtype=g.dtype, device=g.device)   # a compressed COPY
+                return orig_rope(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=small[1],
+                                 video_grid_thw=small[2], **kwargs)
+            attention_mask = kwargs.pop("attention_mask", None)
+            return self._selection_positions(orig_rope, input_ids, mm_token_type_ids, grids, attention_mask, kwargs)
+
+        set_instance_attr(inner, "get_rope_index", get_rope_index, undo)
+
+    def prepare(self, call, default_side):
+        if not self._in_generate:
+            self._kept, self._probed = {}, {}
+        return super().prepare(call, default_side)
+
+    def _check_probed(self, kind: str) -> None:
+        """Selections that positions were computed from (generate) must be the ones the reduction made."""
+        got = self._kept.get(kind, [])
+        for j, idx in self._probed.get(kind, {}).items():
+            if j < len(got) and got[j] and any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(idx, got[j])):
+                raise IncompatibleError(
+                    f"method {self.method.name!r} selects data-dependent tokens before the LLM; Qwen2-VL's "
+                    "generate() computes M-RoPE positions before the vision tower runs, so vltok cannot give the "
+                    "kept tokens their original positions there; use model(...) or a resampling method")
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Same placeholders, grids and M-RoPE rules; the window-attention permutation is undone inside the ViT, after
+    the merger, so the features reduced here are raster-ordered like Qwen2-VL's."""
+
+    family = "qwen2_5_vl"

@@ -1,0 +1,81 @@
+"""Tiny random configs of the real transformers classes for the non-LLaVA families (../shared/specs/models.md §8),
+and processor-like inputs for them (placeholder counts from the models' own rules)."""
+from __future__ import annotations
+
+import torch
+
+from tiny import IMG, LLAMA
+
+VID, VSTART, VEND = 101, 102, 103
+QWEN_TEXT = dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
+QWEN2_VISION = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+QWEN25_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
+                     spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
+                     tokens_per_second=2, in_channels=3)
+VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+           patch_size=8)
+
+
+def tiny_qwen(version="2", attn="sdpa", seed=0):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    if version == "2":
+        cfg = Qwen2VLConfig(text_config=dict(QWEN_TEXT, model_type="qwen2_vl_text"), vision_config=QWEN2_VISION, **ids)
+        m = Qwen2VLForConditionalGeneration(cfg)
+    else:
+        cfg = Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT, model_type="qwen2_5_vl_text"), vision_config=QWEN25_VISION,
+                               **ids)
+        m = Qwen2_5_VLForConditionalGeneration(cfg)
+    m.eval().set_attn_implementation(attn)
+    return m
+
+
+def qwen_inputs(model, prompts, image_grids=(), video_grids=(), seed=0, padding="left", reduced=None):
+    """prompts: token lists with -1 for the next image and -2 for the next video (wrapped in vision start/end).
+
+    grids are (t, h, w) in patches; ``reduced`` optionally overrides the placeholder count per item (images then
+    videos) for hand-built references."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    m2 = vc.spatial_merge_size ** 2
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    counts = [t * h * w // m2 for t, h, w in list(image_grids) + list(video_grids)]
+    if reduced is not None:
+        counts = list(reduced)
+    n_img = len(image_grids)
+    rows, types, ji, jv = [], [], 0, 0
+    for p in prompts:
+        row, typ = [], []
+        for t in p:
+            if t in (-1, -2):
+                j = ji if t == -1 else n_img + jv
+                tok, code = (IMG, 1) if t == -1 else (VID, 2)
+                ji, jv = (ji + 1, jv) if t == -1 else (ji, jv + 1)
+                row += [VSTART] + [tok] * counts[j] + [VEND]
+                typ += [0] + [code] * counts[j] + [0]
+            else:
+                row.append(t)
+                typ.append(0)
+        rows.append(row)
+        types.append(typ)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros(len(rows), L, dtype=torch.long)
+    tt = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, (r, ty) in enumerate(zip(rows, types)):
+        sl = slice(L - len(r), L) if padding == "left" else slice(0, len(r))
+        ids[i, sl], am[i, sl], tt[i, sl] = torch.tensor(r), 1, torch.tensor(ty)
+    out = dict(input_ids=ids, attention_mask=am, mm_token_type_ids=tt)
+    if image_grids:
+        n = sum(t * h * w for t, h, w in image_grids)
+        out["pixel_values"] = torch.randn(n, patch_dim, generator=g)
+        out["image_grid_thw"] = torch.tensor(image_grids)
+    if video_grids:
+        n = sum(t * h * w for t, h, w in video_grids)
+        out["pixel_values_videos"] = torch.randn(n, patch_dim, generator=g)
+        out["video_grid_thw"] = torch.tensor(video_grids)
+    return out
