@@ -1,0 +1,349 @@
+"""Train the reference VLM's delta: the LLaVA projector, LoRA on every LM linear, and the last DINOv2 layers that
+feed the selected feature layer. Data is generated on the fly from the ``train`` split of shapes (never ``test``).
+
+    python -m vltok.eval.train_reference --device cuda --steps 1400 --out assets/vltok-ref-delta.safetensors
+
+Everything is seeded: scene ``i`` of step ``s`` is train seed ``s * batch + i``, and LoRA / projector init use
+``--seed``. (GPU kernels are not bit-deterministic, so a rerun matches to rounding, not bit for bit.)
+The delta holds ``projector.*`` (fp32), ``lora.<LM linear>.A/.B`` (fp16; merged into the weights at load) and
+``vision.<hub Dinov2 key>`` (fp16); see :func:`vltok.reference.apply_delta`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from functools import partial
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vltok import reference as R
+
+from . import runner, shapes
+
+TYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 1.5, "exist": 1.0, "position": 1.5, "relation": 1.5,
+                "located_attribute": 1.5, "grounding": 2.0, "text": 1.5}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (hand-written: y = W x + scale * B A x)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.A = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+
+
+def add_lora(lm: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
+    """Wrap every nn.Linear of ``lm`` (the decoder, not lm_head) in place; returns name -> LoRALinear."""
+    wrapped = {}
+    for name, mod in list(lm.named_modules()):
+        if isinstance(mod, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            lora = LoRALinear(mod, rank, alpha).to(mod.weight.device)
+            setattr(parent, child, lora)
+            wrapped[name] = lora
+    return wrapped
+
+
+def vision_layers_to_train(model, n: int) -> list[int]:
+    """The last ``n`` DINOv2 layers whose output reaches hidden_states[vision_feature_layer]."""
+    n_layers = model.config.vision_config.num_hidden_layers
+    vfl = model.config.vision_feature_layer
+    top = (vfl % (n_layers + 1)) - 1  # hidden_states[k] is the output of layer k-1
+    return list(range(max(0, top - n + 1), top + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+class Encoder:
+    """Turns (image, [records]) into input ids / labels / pixel values exactly as the processor would."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.image_id = processor.image_token_id
+        self.end = "<|im_end|>"
+
+    def text(self, qs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        text, spans = "", []
+        for i, q in enumerate(qs):
+            text += "<|im_start|>user\n" + ("<image>\n" if i == 0 else "") + q["question"] + self.end + "\n"
+            text += "<|im_start|>assistant\n"
+            start = len(text)
+            text += q["answer"] + self.end
+            spans.append((start, len(text)))
+            text += "\n"
+        return text, spans
+
+    def __call__(self, image, qs):
+        text, spans = self.text(qs)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = [], []
+        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if tid == self.image_id:
+                ids.extend([self.image_id] * R.NUM_IMAGE_TOKENS)
+                labels.extend([-100] * R.NUM_IMAGE_TOKENS)
+                continue
+            ids.append(tid)
+            labels.append(tid if any(s <= a and b <= e and b > a for s, e in spans) else -100)
+        pix = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return torch.tensor(ids), torch.tensor(labels), pix
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Index i -> train scene ``offset + i`` with 1-6 questions; types drawn with TYPE_WEIGHTS."""
+
+    def __init__(self, processor, n: int, offset: int = 0, max_q: int = 6):
+        self.enc = Encoder(processor)
+        self.n, self.offset, self.max_q = n, offset, max_q
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        seed = self.offset + i
+        rng = random.Random(f"train-mix/{seed}")
+        scene = shapes.make_scene(seed, "train", with_word=rng.random() < 0.5)
+        types, weights = list(TYPE_WEIGHTS), list(TYPE_WEIGHTS.values())
+        k = rng.randint(1, self.max_q)
+        qs, seen = [], set()
+        for _ in range(4 * k):
+            if len(qs) >= k:
+                break
+            q = shapes.make_question(scene, rng.choices(types, weights)[0], rng)
+            if q is not None and q["question"] not in seen:
+                seen.add(q["question"])
+                qs.append(q)
+        if not qs:  # every scene has at least one object, so "exist" always works
+            qs = [shapes.make_question(scene, "exist", rng)]
+        ids, labels, pix = self.enc(shapes.render(scene), qs)
+        return ids, labels, pix, [q["type"] for q in qs]
+
+
+def collate(batch, pad_id: int):
+    n = max(len(b[0]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (x, y, _, _) in enumerate(batch):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
+    return ids, labels, mask, torch.stack([b[2] for b in batch]), [b[3] for b in batch]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def answer_accuracy(pred_ok: torch.Tensor, labels: torch.Tensor, types: list[list[str]]) -> dict[str, list[int]]:
+    """Teacher-forced exact match per answer: all tokens of an answer span predicted right."""
+    out: dict[str, list[int]] = {}
+    lab = labels[:, 1:]
+    for b in range(lab.shape[0]):
+        pos = (lab[b] != -100).nonzero().flatten().tolist()
+        spans, cur = [], []
+        for p in pos:
+            if cur and p != cur[-1] + 1:
+                spans.append(cur)
+                cur = []
+            cur.append(p)
+        if cur:
+            spans.append(cur)
+        for t, sp in zip(types[b], spans):
+            out.setdefault(t, []).append(int(bool(pred_ok[b, sp].all())))
+    return out
+
+
+def save_delta(model, loras: dict[str, LoRALinear], vision_layers: list[int], path: Path, meta: dict) -> int:
+    from safetensors.torch import save_file
+
+    inner = model.model
+    tensors = {f"projector.{k}": v.detach().float().cpu().contiguous()
+               for k, v in inner.multi_modal_projector.state_dict().items()}
+    for name, l in loras.items():
+        tensors[f"lora.{name}.A"] = l.A.detach().half().cpu().contiguous()
+        tensors[f"lora.{name}.B"] = l.B.detach().half().cpu().contiguous()
+    inv = {v: k for k, v in R.dinov2_key_map(inner.vision_tower).items()}
+    for k, v in inner.vision_tower.state_dict().items():
+        if any(k.startswith(f"encoder.layer.{i}.") for i in vision_layers):
+            tensors[f"vision.{inv[k]}"] = v.detach().half().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+    return path.stat().st_size
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=4e-4, help="LoRA learning rate")
+    ap.add_argument("--lr-projector", type=float, default=1e-3)
+    ap.add_argument("--lr-vision", type=float, default=5e-5)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=64.0)
+    ap.add_argument("--vision-layers", type=int, default=3, help="last DINOv2 layers to fine-tune (0 = frozen)")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast (default on cuda)")
+    ap.add_argument("--out", default="assets/" + R.DELTA_NAME)
+    ap.add_argument("--log", default="eval/results/train_log.jsonl")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (recorded in the log)")
+    ap.add_argument("--eval-dir", default=None, help="after training: eval on this shapes folder (made if absent)")
+    ap.add_argument("--eval-n", type=int, default=2268)
+    ap.add_argument("--eval-json", default="eval/results/reference_full.json")
+    ap.add_argument("--eval-batch", type=int, default=64)
+    args = ap.parse_args(argv)
+
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    dev = torch.device(args.device)
+    bf16 = args.bf16 if args.bf16 is not None else dev.type == "cuda"
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model, processor = R.load(device=dev, delta=False)
+    torch.manual_seed(args.seed)
+    inner = model.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in inner.multi_modal_projector.modules():  # re-init the projector from --seed
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+    proj_params = list(inner.multi_modal_projector.parameters())
+    for p in proj_params:
+        p.requires_grad_(True)
+    loras = add_lora(inner.language_model, args.rank, args.alpha)
+    lora_params = [p for l in loras.values() for p in (l.A, l.B)]
+    vis_layers = vision_layers_to_train(model, args.vision_layers) if args.vision_layers > 0 else []
+    vis_params = [p for i in vis_layers for p in inner.vision_tower.encoder.layer[i].parameters()]
+    for p in vis_params:
+        p.requires_grad_(True)
+    groups = [{"params": proj_params, "lr": args.lr_projector}, {"params": lora_params, "lr": args.lr}]
+    if vis_params:
+        groups.append({"params": vis_params, "lr": args.lr_vision})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98), fused=dev.type == "cuda")
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    print(f"trainable params: {n_train / 1e6:.2f} M (projector {sum(p.numel() for p in proj_params)}, "
+          f"LoRA r={args.rank} on {len(loras)} linears, vision layers {vis_layers})", flush=True)
+
+    data = TrainSet(processor, args.steps * args.batch_size, offset=0)
+    pad_id = processor.tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+        collate_fn=partial(collate, pad_id=pad_id), pin_memory=dev.type == "cuda", drop_last=True,
+        persistent_workers=False, prefetch_factor=4 if args.workers else None)
+
+    log_path = Path(args.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")
+    config = {k: v for k, v in vars(args).items()}
+    config.update(torch=torch.__version__, device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                  trainable_params=n_train, vision_layers_trained=vis_layers,
+                  vision_feature_layer=model.config.vision_feature_layer)
+    import transformers
+
+    config["transformers"] = transformers.__version__
+    log.write(json.dumps({"config": config}) + "\n")
+    model.train()
+    win = {"loss": [], "tok": [], "types": {}}
+    t_train = time.time()
+    stopped_early = None
+    step = 0
+    for step, (ids, labels, mask, pix, types) in enumerate(loader, 1):
+        ids, labels, mask = ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), mask.to(dev)
+        pix = pix.to(dev, non_blocking=True)
+        frac = step / args.steps
+        warm = min(1.0, step / max(1, args.warmup))
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * warm * decay
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = inner(input_ids=ids, pixel_values=pix, attention_mask=mask).last_hidden_state
+            tgt = labels[:, 1:]
+            sel = tgt != -100
+            logits = model.lm_head(hidden[:, :-1][sel]).float()
+        loss = F.cross_entropy(logits, tgt[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        with torch.no_grad():
+            ok_flat = logits.argmax(-1) == tgt[sel]
+            ok = torch.zeros_like(tgt, dtype=torch.bool)
+            ok[sel] = ok_flat
+            win["loss"].append(loss.item())
+            win["tok"].append(ok_flat.float().mean().item())
+            for t, v in answer_accuracy(ok.cpu(), labels.cpu(), types).items():
+                win["types"].setdefault(t, []).extend(v)
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t_train
+            rec = {"step": step, "loss": sum(win["loss"]) / len(win["loss"]),
+                   "token_acc": sum(win["tok"]) / len(win["tok"]),
+                   "answer_acc": {t: round(sum(v) / len(v), 4) for t, v in sorted(win["types"].items())},
+                   "lr": opt.param_groups[1]["lr"], "elapsed_s": round(el, 1),
+                   "images_per_s": round(step * args.batch_size / el, 1)}
+            if dev.type == "cuda":
+                rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+            win = {"loss": [], "tok": [], "types": {}}
+        if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
+            stopped_early = step
+            break
+        if step >= args.steps:
+            break
+    train_s = time.time() - t_train
+    meta = {"format": "vltok-ref-delta/1", "lora_scale": args.alpha / args.rank, "lora_rank": args.rank,
+            "vision_feature_layer": model.config.vision_feature_layer, "steps": step, "seed": args.seed,
+            "batch_size": args.batch_size, "vision_layers": ",".join(map(str, vis_layers))}
+    size = save_delta(model, loras, vis_layers, Path(args.out), meta)
+    done = {"done": True, "steps": step, "stopped_early_at": stopped_early, "train_seconds": round(train_s, 1),
+            "delta_bytes": size, "delta": str(args.out)}
+    log.write(json.dumps(done) + "\n")
+    log.close()
+    print(json.dumps(done), flush=True)
+
+    if args.eval_dir:
+        del model, opt, loras
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        ed = Path(args.eval_dir)
+        if not (ed / "questions.jsonl").exists():
+            shapes.generate(ed, n=args.eval_n, seed=0, split="test")
+        model, processor = R.load(device=dev, delta=args.out)  # exactly what users load (merged, fp32)
+        res = runner.evaluate(model, processor, ed, batch_size=args.eval_batch, progress=False)
+        res["training"] = {"steps": step, "train_seconds": round(train_s, 1), "total_seconds":
+                           round(time.time() - t_start, 1), "command": "python -m vltok.eval.train_reference " +
+                           " ".join(argv if argv is not None else sys.argv[1:])}
+        runner.write(res, args.eval_json)
+        print(runner.markdown([res]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
