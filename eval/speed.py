@@ -1,0 +1,280 @@
+"""Speed benchmark: full-size architectures with random bf16 weights on one GPU.
+
+For each model x method x keep x batch: prefill time (TTFT), decode tokens/s, peak GPU memory and the time spent
+inside vltok, next to the IDEAL row (the unpatched model fed the same number of visual tokens: its features are
+computed in full and sliced for free) and the unpatched baseline; batch-1 TTFT through the CUDA-graph fast path
+(vltok.fast.PrefillGraph). Timings are medians of CUDA-event measurements after warm-up; all ratios in a table
+come from the same run.
+
+    python -m vltok.eval.speed --models llava-1.5-7b llava-next-7b --out eval/results/speed-h100.md
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+import vltok
+
+TEXT_BEFORE, TEXT_AFTER = 35, 64
+_perf_counter = time.perf_counter
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+def make_inputs(model, family: str, batch: int, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vocab = cfg.text_config.vocab_size
+    img = cfg.image_token_id
+
+    def text(n):
+        t = torch.randint(3, vocab - 1, (n,), generator=g)
+        return t.masked_fill(t == img, 5)
+
+    if family in ("llava", "llava_next"):
+        vc = cfg.vision_config
+        if family == "llava":
+            n_img = (vc.image_size // vc.patch_size) ** 2
+            pv = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
+            extra = {}
+        else:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            from vltok.adapters.llava import llava_next_unpadded
+
+            size = [672, 672]
+            t = vc.image_size // vc.patch_size
+            h_u, w_u = llava_next_unpadded(cfg, size)
+            n_img = t * t + h_u * (w_u + 1)
+            tiles = image_size_to_num_patches(size, cfg.image_grid_pinpoints, vc.image_size)
+            pv = torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g)
+            extra = {"image_sizes": torch.tensor([size] * batch)}
+        ids = torch.stack([torch.cat([torch.tensor([1]), text(TEXT_BEFORE - 1), torch.full((n_img,), img),
+                                      text(TEXT_AFTER)]) for _ in range(batch)])
+        out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, **extra)
+    else:
+        raise ValueError(f"no input builder for family {family!r}")
+    dtype = model.dtype
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}
+
+
+# -- timing --------------------------------------------------------------------------------------------------------
+def cuda_time(fn, warmup=2, reps=5) -> float:
+    """Median milliseconds of fn() over reps: CUDA events after warm-up (host clock on CPU, for smoke tests)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class _SyncedTime(types.SimpleNamespace):
+    """Stands in for the time module inside vltok's modules: synchronises CUDA before each clock read, so the
+    seconds vltok records are device time, not launch time. Used only in a separate, untimed run."""
+
+    def perf_counter(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return _perf_counter()
+
+
+@contextlib.contextmanager
+def synced_clocks():
+    mods = [m for name, m in list(sys.modules.items())
+            if name.startswith("vltok") and name != __name__ and getattr(m, "time", None) is time]
+    for m in mods:
+        m.time = _SyncedTime()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.time = time
+
+
+@contextlib.contextmanager
+def ideal_features(model, counts):
+    """The unpatched model keeps only the first counts[j] features of image j (free slicing, no reduction op)."""
+    inner = model.model
+    orig = inner.get_image_features
+
+    @functools.wraps(orig)   # generate() selects this function's arguments by its signature
+    def sliced(*a, **kw):
+        out = orig(*a, **kw)
+        out.pooler_output = [f[:k] for f, k in zip(out.pooler_output, counts)]
+        return out
+
+    inner.get_image_features = sliced
+    try:
+        yield
+    finally:
+        del inner.get_image_features
+
+
+def measure(model, inputs, n_new, reps, run_forward=None):
+    fwd = run_forward or (lambda: model(**inputs, logits_to_keep=1))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ttft = cuda_time(fwd, reps=reps)
+    gen = lambda: model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)  # noqa: E731
+    t_gen = cuda_time(gen, warmup=1, reps=max(1, reps // 2))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    decode = (n_new - 1) / max((t_gen - ttft) / 1e3, 1e-9)
+    return dict(ttft_ms=ttft, gen_ms=t_gen, decode_tok_s=decode, peak_gib=peak)
+
+
+def bench_model(name, methods, keeps, batches, n_new, reps, fast, model=None, family=None, device="cuda"):
+    if model is None:
+        from vltok.eval import configs
+
+        model = configs.build_random(name, device=device, dtype=torch.bfloat16)
+        family = configs.family(name)
+    rows = []
+    for batch in batches:
+        inputs = make_inputs(model, family, batch, device)
+        with torch.no_grad():
+            base = measure(model, inputs, n_new, reps)
+        base.update(model=name, batch=batch, method="none", keep=1.0, visual_tokens=None, vltok_ms=0.0)
+        rows.append(base)
+        print(json.dumps(base), flush=True)
+        for keep in keeps:
+            ideal_done = False
+            for method in methods:
+                try:
+                    handle = vltok.patch(model, method, keep=keep)
+                except vltok.VltokError as e:
+                    print(f"skip {name} {method}: {e}", flush=True)
+                    continue
+                try:
+                    with torch.no_grad():
+                        with synced_clocks():
+                            model(**inputs, logits_to_keep=1)
+                        stats = dict(handle.stats)
+                        r = measure(model, inputs, n_new, reps)
+                        new_counts = None
+                        if handle.method.pre_llm is not None:
+                            new_counts = handle.adapter.image_counts(inputs)[1]
+                            prep, _ = handle.adapter.prepare(dict(inputs), default_side="left")
+                finally:
+                    handle.remove()
+                r.update(model=name, batch=batch, method=method, keep=keep, visual_tokens=stats["tokens_out"] // batch,
+                         flops_keep=stats.get("flops_keep"), vltok_ms=stats["seconds"] * 1e3)
+                r["vltok_pct"] = 100 * r["vltok_ms"] / r["ttft_ms"]
+                r["speedup"] = base["ttft_ms"] / r["ttft_ms"]
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                if new_counts is not None and not ideal_done:
+                    ideal_done = True
+                    with torch.no_grad(), ideal_features(model, new_counts):
+                        ideal = measure(model, prep, n_new, reps)
+                    ideal.update(model=name, batch=batch, method="IDEAL", keep=keep,
+                                 visual_tokens=sum(new_counts) // batch, vltok_ms=0.0)
+                    ideal["speedup"] = base["ttft_ms"] / ideal["ttft_ms"]
+                    rows.append(ideal)
+                    print(json.dumps(ideal), flush=True)
+        if fast and batch == 1 and family == "llava":
+            rows += bench_fast(model, inputs, name, methods, keeps, reps)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_fast(model, inputs, name, methods, keeps, reps):
+    from vltok.fast import PrefillGraph
+
+    rows = []
+    args = dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    fast0 = PrefillGraph(model)
+    with torch.no_grad():
+        base = cuda_time(lambda: fast0(**args), reps=reps)
+    rows.append(dict(model=name, batch=1, method="none+fast", keep=1.0, ttft_ms=base, speedup=1.0))
+    print(json.dumps(rows[-1]), flush=True)
+    for keep in keeps:
+        for method in methods:
+            if method not in ("fourier", "pool", "random"):
+                continue
+            with vltok.patched(model, method, keep=keep), torch.no_grad():
+                fast = PrefillGraph(model)
+                t = cuda_time(lambda: fast(**args), reps=reps)
+            rows.append(dict(model=name, batch=1, method=f"{method}+fast", keep=keep, ttft_ms=t, speedup=base / t))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows, header):
+    lines = [header, "", "| model | batch | method | keep | visual tok | FLOPs keep | TTFT ms | speedup vs unpatched | "
+             "decode tok/s | peak GiB | in vltok ms (% of TTFT) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fk = r.get("flops_keep")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['method']} | {r['keep']:.2f} | {r.get('visual_tokens') or '-'} | "
+            f"{'-' if fk is None else f'{fk:.3f}'} | {r['ttft_ms']:.2f} | {r.get('speedup', 1.0):.2f}x | "
+            f"{r.get('decode_tok_s', float('nan')):.1f} | {r.get('peak_gib', float('nan')):.2f} | "
+            + (f"{r['vltok_ms']:.3f} ({r.get('vltok_pct', 0):.2f}%)" if r.get("vltok_ms") else "-") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from vltok.eval import configs
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "llava-next-7b"])
+    ap.add_argument("--methods", nargs="+", default=["fourier", "pool", "random"])
+    ap.add_argument("--keeps", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.16, 0.11])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-fast", action="store_true")
+    ap.add_argument("--out", default=None, help="Markdown file to write")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("vltok bench needs a CUDA GPU (it builds 7B-size models with random bf16 weights)")
+    import transformers
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "not installed"
+    header = (f"# vltok speed benchmark\n\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+              f"transformers {transformers.__version__}; triton {tv}; python {platform.python_version()}; "
+              f"random bf16 weights, sdpa; prompt = {TEXT_BEFORE} text + image + {TEXT_AFTER} text tokens; "
+              f"{args.new_tokens} new tokens; medians of {args.reps} CUDA-event timings after warm-up.\n\n"
+              f"command: python -m vltok.eval.speed {' '.join(argv if argv is not None else sys.argv[1:])}")
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.methods, args.keeps, args.batches if configs.family(name) == "llava" else [1],
+                            args.new_tokens, args.reps, not args.no_fast)
+    md = markdown(rows, header)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The speed benchmark's logic on CPU with a tiny model (timings here mean nothing; the GPU run is the benchmark)."""
+from tiny import tiny_llava, tiny_llava_next
+from vltok.eval import speed
+
+
+def test_bench_rows_on_cpu_llava():
+    m = tiny_llava()
+    rows = speed.bench_model("tiny-llava", ["fourier", "random"], [1.0, 0.25], [1, 2], n_new=3, reps=1, fast=True,
+                             model=m, family="llava", device="cpu")
+    methods = [(r["method"], r["keep"], r["batch"]) for r in rows]
+    assert ("none", 1.0, 1) in methods and ("IDEAL", 0.25, 2) in methods and ("fourier+fast", 0.25, 1) in methods
+    four = next(r for r in rows if r["method"] == "fourier" and r["keep"] == 0.25 and r["batch"] == 2)
+    assert four["visual_tokens"] == 16 and four["vltok_ms"] > 0 and four["decode_tok_s"] > 0
+    ideal = next(r for r in rows if r["method"] == "IDEAL" and r["keep"] == 0.25 and r["batch"] == 2)
+    assert ideal["visual_tokens"] == 16
+    md = speed.markdown(rows, "# t")
+    assert md.count("\n") == len(rows) + 3 and "IDEAL" in md
+
+
+def test_ideal_slicing_feeds_the_unpatched_model_k_tokens():
+    m = tiny_llava_next()
+    rows = speed.bench_model("tiny-next", ["pool"], [0.25], [1], n_new=2, reps=1, fast=False, model=m,
+                             family="llava_next", device="cpu")
+    ideal = next(r for r in rows if r["method"] == "IDEAL")
+    pool = next(r for r in rows if r["method"] == "pool")
+    assert ideal["visual_tokens"] == pool["visual_tokens"] < next(r for r in rows if r["method"] == "none")["ttft_ms"] * 1e9
