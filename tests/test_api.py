@@ -80,6 +80,9 @@ def test_method_stage_the_adapter_lacks_is_refused(monkeypatch):
         return mth
 
     monkeypatch.setitem(registry._REGISTRY, "fake", registry.MethodInfo("fake", "test only", ("in_llm",), factory))
+    from vltok.adapters.llava import LlavaAdapter
+
+    monkeypatch.setattr(LlavaAdapter, "stages", ("pre_llm",))   # LLaVA has every stage now: pretend it lacks one
     m = tiny_llava()
     with pytest.raises(vltok.IncompatibleError, match=r"stage\(s\) in_llm.*llava adapter"):
         vltok.patch(m, "fake", keep=0.5)
@@ -150,3 +153,13 @@ def test_shrink_placeholders_left_padding_drops_surplus_pads():
     ids2 = torch.tensor([[0, 0, 1, IMG, IMG, IMG, IMG, 9], [1, 2, 3, 4, IMG, IMG, IMG, IMG]])
     rw = shrink_placeholders(ids2, IMG, [4, 4], [1, 1], {"attention_mask": (ids2 != 0).long()}, 0, "left")
     assert rw.tensors["input_ids"].tolist() == [[0, 0, 1, IMG, 9], [1, 2, 3, 4, IMG]]
+
+
+def test_cli_methods_and_bench_help():
+    from vltok import cli
+
+    out = subprocess.run([sys.executable, "-m", "vltok.cli", "methods"], capture_output=True, text=True, check=True)
+    assert "fourier" in out.stdout
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--models", "llava-1.5-7b"])
+    assert args.rest == ["--models", "llava-1.5-7b"]
