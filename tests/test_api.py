@@ -160,6 +160,12 @@ def test_cli_methods_and_bench_help():
 
     out = subprocess.run([sys.executable, "-m", "vltok.cli", "methods"], capture_output=True, text=True, check=True)
     assert "fourier" in out.stdout
-    parser = cli.build_parser()
-    args = parser.parse_args(["bench", "--models", "llava-1.5-7b"])
-    assert args.rest == ["--models", "llava-1.5-7b"]
+    seen = []
+    import vltok.eval.speed as speed
+
+    orig, speed.main = speed.main, seen.append
+    try:
+        cli.main(["bench", "--models", "llava-1.5-7b", "--keeps", "0.5"])
+    finally:
+        speed.main = orig
+    assert seen == [["--models", "llava-1.5-7b", "--keeps", "0.5"]]
