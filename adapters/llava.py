@@ -46,6 +46,7 @@ def llava_next_unpadded(config, image_size) -> tuple[int, int]:
 
 class LlavaAdapter(PlaceholderAdapter):
     family = "llava"
+    stages = ("vision", "pre_llm")
 
     def image_token_id(self):
         return self.model.config.image_token_id
@@ -64,12 +65,53 @@ class LlavaAdapter(PlaceholderAdapter):
         p = self._patch()
         h, w = pv.shape[-2] // p, pv.shape[-1] // p
         self._grid = (h, w)
-        plan = self.method.pre_llm.plan(h, w)
+        if self.method.vision is not None:
+            count = h * w - sum(self._vision_schedule(h * w))
+        else:
+            count = self.method.pre_llm.plan(h, w).count
         pre = _prefix(self.model)
         n = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]
-        return [pre + h * w] * n, [pre + plan.count] * n
+        return [pre + h * w] * n, [pre + count] * n
+
+    # -- vision-encoder stage (ToMe, CrossGET): merges inside the CLIP / SigLIP / DINOv2 tower's layers ----------
+    def _vision_schedule(self, n_patches: int) -> list[int]:
+        """r per layer for the layers whose output reaches the projector (vision_feature_layer)."""
+        from .hf_vit import encoder_layers
+
+        vfl = self.model.config.vision_feature_layer
+        if not isinstance(vfl, int):
+            raise IncompatibleError(f"vision-stage methods need one vision_feature_layer; this checkpoint "
+                                    f"concatenates layers {vfl}; use a pre-LLM method (e.g. 'pool') instead")
+        n_layers = len(encoder_layers(self.model.model.vision_tower))
+        used = n_layers + 1 + vfl if vfl < 0 else vfl
+        if not 1 <= used <= n_layers:
+            raise IncompatibleError(f"vision_feature_layer={vfl} selects the embeddings; no layer to merge in")
+        return self.method.vision.schedule(n_patches, used)
+
+    def _install_vision(self, undo):
+        from vltok.vision import install_vision
+
+        from .hf_vit import encoder_layers, split_layer
+
+        tower = self.model.model.vision_tower
+        vc = self.model.config.vision_config
+        n_special, prefix = _n_special_tokens(vc), _prefix(self.model)
+        n_patches = (vc.image_size // vc.patch_size) ** 2
+
+        def on_done(run):
+            n_in = prefix + run.counts[0] - n_special
+            n_out = prefix + run.counts[-1] - n_special
+            for _ in range(run.size.shape[0] if run.size is not None else 0):
+                self.handle._record_image(n_in, n_out, [self._grid], [(n_out - prefix,)])
+            self.handle.stats["vision_tokens_per_layer"] = list(run.counts)
+            self.handle._add_seconds(run.seconds)
+
+        install_vision(encoder_layers(tower), split_layer, self.method.vision, self._vision_schedule(n_patches),
+                       n_special, undo, attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done)
 
     def install(self, undo):
+        if self.method.vision is not None:
+            return self._install_vision(undo)
         reducer = self.method.pre_llm
         prefix = _prefix(self.model)
 

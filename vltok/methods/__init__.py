@@ -1,2 +1,3 @@
 """Methods: pure tensor functions registered by name. Importing this package registers them all."""
 from . import baselines, fourier  # noqa: F401
+from . import crossget, tome  # noqa: F401

@@ -1,0 +1,126 @@
+"""ToMe: bipartite soft matching inside the vision encoder (vision stage; the baseline of CrossGET).
+
+Per merging layer, between the attention residual and the MLP: the head-mean keys are L2-normalised; tokens are
+split alternately into A (even positions) and B (odd positions); every A token picks its most similar B token; the
+r A tokens with the best matches merge into their partners by a size-weighted mean. Token sizes are carried across
+layers for proportional attention (the encoder adds log(size_j) to every key's logit; vltok/vision.py).
+
+Protected leading tokens (CLS, registers) are never sources nor destinations. Output order is ToMe's
+``[unmerged A (ascending), B]`` (``order="tome"``) or the raster order of each group's smallest original index
+(``order="raster"``).
+
+The budget: N_out = round(keep * N_patches) tokens leave the last layer whose output the model uses; the
+R = N_patches - N_out merges are spread over those layers as evenly as possible (larger r first). A layer whose r
+exceeds ToMe's cap (half the unprotected tokens) merges in several rounds, so the count is always exact and known
+before the model runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from ..stages import Method
+
+ORDERS = ("tome", "raster")
+
+
+def spread_schedule(n_patches: int, keep: float, n_layers: int) -> list[int]:
+    """r per layer: R = n_patches - round(keep * n_patches) merges over ``n_layers`` layers, larger values first."""
+    if n_layers < 1:
+        raise ValueError("a vision-stage schedule needs at least one merging layer")
+    n_out = max(1, min(n_patches, round(keep * n_patches)))
+    total = n_patches - n_out
+    base, extra = divmod(total, n_layers)
+    return [base + (1 if i < extra else 0) for i in range(n_layers)]
+
+
+def round_sizes(n_tokens: int, n_protected: int, r: int) -> list[int]:
+    """Split one layer's r into rounds of at most half the unprotected tokens each (ToMe's cap)."""
+    rounds = []
+    t = n_tokens
+    while r > 0:
+        cap = (t - n_protected) // 2
+        if cap < 1:
+            raise ValueError(f"cannot merge {r} more tokens out of {t - n_protected} unprotected ones")
+        step = min(r, cap)
+        rounds.append(step)
+        r -= step
+        t -= step
+    return rounds
+
+
+def head_mean_metric(keys: torch.Tensor) -> torch.Tensor:
+    """keys [B, N, H, d] -> the L2-normalised head-mean keys [B, N, d] (fp32)."""
+    return F.normalize(keys.float().mean(2), dim=-1)
+
+
+def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, metric: torch.Tensor, r: int,
+                    n_protected: int, order: str = "tome"):
+    """One ToMe round. x [B, N, C], size [B, N, 1], pos [B, N] (smallest original index of each group),
+    metric [B, N, d] normalised. Returns (x, size, pos) with N - r tokens. Inputs are not modified."""
+    B, N, C = x.shape
+    dev = x.device
+    a_idx = torch.arange(0, N, 2, device=dev)
+    b_idx = torch.arange(1, N, 2, device=dev)
+    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)            # [B, Na, Nb]
+    scores = scores.masked_fill((a_idx < n_protected)[None, :, None], float("-inf"))
+    scores = scores.masked_fill((b_idx < n_protected)[None, None, :], float("-inf"))
+    best, best_b = scores.max(-1)                                              # [B, Na]
+    edge = best.argsort(dim=-1, descending=True, stable=True)
+    src = edge[:, :r]                                                          # A positions that merge
+    unm = edge[:, r:].sort(dim=-1).values                                      # A positions that stay
+    dst = best_b.gather(1, src)                                                # their B partners
+
+    u = (x * size).to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x * size
+    ua, ub = u[:, a_idx], u[:, b_idx]
+    sa, sb = size[:, a_idx], size[:, b_idx]
+    pa, pb = pos[:, a_idx], pos[:, b_idx]
+    gsrc = src[..., None]
+    ub = ub.scatter_add(1, dst[..., None].expand(-1, -1, C), ua.gather(1, gsrc.expand(-1, -1, C)))
+    sb = sb.scatter_add(1, dst[..., None], sa.gather(1, gsrc))
+    pb = pb.scatter_reduce(1, dst, pa.gather(1, src), reduce="amin")
+    touched = torch.zeros(B, b_idx.numel(), 1, dtype=torch.bool, device=dev).scatter_(1, dst[..., None], True)
+    xb = torch.where(touched, (ub / sb).to(x.dtype), x[:, b_idx])            # untouched tokens stay bit-exact
+    gunm = unm[..., None]
+    x_out = torch.cat([x[:, a_idx].gather(1, gunm.expand(-1, -1, C)), xb], 1)
+    s_out = torch.cat([sa.gather(1, gunm), sb], 1)
+    p_out = torch.cat([pa.gather(1, unm), pb], 1)
+    if order == "raster":
+        perm = p_out.argsort(dim=-1, stable=True)
+        x_out = x_out.gather(1, perm[..., None].expand(-1, -1, C))
+        s_out, p_out = s_out.gather(1, perm[..., None]), p_out.gather(1, perm)
+    return x_out, s_out, p_out
+
+
+class TomeMerger:
+    """Vision-stage object (vltok/vision.py protocol): ``schedule`` and ``merge``."""
+
+    needs_query = False
+
+    def __init__(self, keep: float, order: str, prop_attn: bool):
+        self.keep, self.order, self.prop_attn = keep, order, prop_attn
+
+    def schedule(self, n_patches: int, n_layers: int) -> list[int]:
+        return spread_schedule(n_patches, self.keep, n_layers)
+
+    def merge(self, x, size, pos, keys, query, r, n_protected):
+        kmean = keys.float().mean(2)
+        rounds = round_sizes(x.shape[1], n_protected, r)
+        if len(rounds) == 1:
+            return bipartite_merge(x, size, pos, F.normalize(kmean, dim=-1), r, n_protected, self.order)
+        # several rounds in one layer: the merged tokens' keys are the size-weighted means of their members' keys
+        C = x.shape[-1]
+        both = torch.cat([x.float(), kmean], -1)
+        for step in rounds:
+            both, size, pos = bipartite_merge(both, size, pos, F.normalize(both[..., C:], dim=-1), step,
+                                              n_protected, self.order)
+        return both[..., :C].to(x.dtype), size, pos
+
+
+@register("tome", "ToMe: bipartite soft matching inside the vision encoder, size-weighted merges, proportional "
+          "attention; round(keep*N) tokens leave the encoder", ("vision",))
+def make_tome(keep: float, order: str = "tome", prop_attn: bool = True) -> Method:
+    if order not in ORDERS:
+        raise ValueError(f"tome: order must be one of {ORDERS}, got {order!r}")
+    return Method("tome", keep, dict(order=order, prop_attn=prop_attn), vision=TomeMerger(keep, order, prop_attn))

@@ -1,0 +1,141 @@
+"""Vision-encoder stage: merge tokens inside the encoder's layers, between the attention residual and the MLP.
+
+A method's ``vision`` object (ToMe, CrossGET) implements
+
+* ``schedule(n_patches, n_layers) -> list[int]``: r (tokens removed) per merging layer, known before the model runs
+  (so a placeholder adapter can shrink the runs first); the count that leaves is ``n_patches - sum(r)``;
+* ``merge(x, size, pos, keys, query, r, n_protected) -> (x, size, pos)``: pure tensors; x [B, N, C], size [B, N, 1]
+  (tokens each one stands for), pos [B, N] (smallest original index in its group), keys [B, N, H, d] of this
+  layer's attention, query [B, H, d] the first token's query (CLS) or None, ``n_protected`` leading tokens
+  (CLS, registers) that must stay untouched and in place;
+* ``prop_attn`` (bool) and ``needs_query`` (bool).
+
+An adapter describes one encoder family with a :class:`LayerSplit` per layer: the attention half (with residual)
+called with an additive bias, the MLP half (with residual), the q/k projections to hook and the head count. This
+module wraps each layer's ``forward`` on the instance (restorable); nothing is installed when the schedule is all
+zeros, and layers before the first merge run their original forward, so r = 0 is bit-identical.
+
+Proportional attention: after a merge, every later layer adds log(size_j) to the logit of key j, passed to the
+model's own attention function as an additive mask [B, 1, 1, N] (eager and SDPA add it; FlashAttention cannot, so
+it is refused with a clear error while ``prop_attn`` is on).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import IncompatibleError
+
+
+@dataclass
+class LayerSplit:
+    attn: Callable      # (x, bias or None) -> x after the attention residual
+    mlp: Callable       # x -> x after the MLP residual
+    q_proj: torch.nn.Module | None
+    k_proj: torch.nn.Module
+    n_heads: int
+    qk_fused: bool = False   # k_proj is a fused qkv Linear (timm / open_clip): output [.., 3*H*d]
+
+
+class VisionRun:
+    """Per-call state of one patched encoder (reset at layer 0)."""
+
+    def __init__(self):
+        self.reset(None)
+
+    def reset(self, x):
+        self.size = None
+        self.pos = None
+        self.q = self.k = None
+        self.capture = False
+        self.counts = [] if x is None else [x.shape[1]]
+        self.seconds = 0.0
+
+
+def size_bias(size: torch.Tensor, dtype) -> torch.Tensor:
+    """[B, N, 1] token sizes -> the additive attention bias [B, 1, 1, N] = log(size)."""
+    return size.transpose(1, 2)[:, None].log().to(dtype)
+
+
+def install_vision(layers: list, split: Callable, merger, schedule: list[int], n_protected: int, undo: list,
+                   attn_impl: str | None = None, on_done: Callable | None = None) -> VisionRun:
+    """Wrap ``layers[i].forward`` to merge ``schedule[i]`` tokens after its attention.
+
+    ``split(layer) -> LayerSplit``; ``schedule`` has one r per layer (trailing layers may be 0 or missing);
+    ``on_done(run)`` is called after the last layer with the run's state (token counts per layer, seconds).
+    """
+    from vltok.adapters.base import set_instance_attr
+
+    schedule = list(schedule) + [0] * (len(layers) - len(schedule))
+    run = VisionRun()
+    if not any(schedule):
+        return run
+    if merger.prop_attn and attn_impl is not None and "flash" in attn_impl:
+        raise IncompatibleError(
+            f"proportional attention adds a log-size bias to the vision encoder's attention, which {attn_impl} "
+            "cannot take; load the model with attn_implementation='sdpa' (or 'eager'), or pass prop_attn=False")
+    first = next(i for i, r in enumerate(schedule) if r)
+
+    for i, layer in enumerate(layers):
+        parts = split(layer)
+        orig = layer.forward
+
+        def make_hook(which):
+            def hook(module, args, out):
+                if run.capture:
+                    setattr(run, which, out)
+            return hook
+
+        if i >= first:
+            if schedule[i] and parts.q_proj is not None and merger.needs_query:
+                h = parts.q_proj.register_forward_hook(make_hook("q"))
+                undo.append(h.remove)
+            if schedule[i]:
+                h = parts.k_proj.register_forward_hook(make_hook("k"))
+                undo.append(h.remove)
+
+        def forward(hidden_states, *args, _i=i, _orig=orig, _parts=parts, **kwargs):
+            if _i == 0:
+                run.reset(hidden_states)
+            r = schedule[_i]
+            if _i < first:
+                out = _orig(hidden_states, *args, **kwargs)
+                run.counts.append(out.shape[1])
+                return out
+            bias = None
+            if run.size is not None and merger.prop_attn:
+                bias = size_bias(run.size, hidden_states.dtype)
+            run.capture = bool(r)
+            try:
+                x = _parts.attn(hidden_states, bias)
+            finally:
+                run.capture = False
+            if r:
+                t0 = time.perf_counter()
+                B, N, _ = x.shape
+                if run.size is None:
+                    run.size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
+                    run.pos = torch.arange(N, device=x.device).expand(B, N)
+                H = _parts.n_heads
+                k = run.k
+                if _parts.qk_fused:
+                    qkv = k.view(B, N, 3, H, -1)
+                    q, k = qkv[:, :, 0], qkv[:, :, 1]
+                else:
+                    k = k.view(B, N, H, -1)
+                    q = run.q.view(B, N, H, -1) if run.q is not None else None
+                query = q[:, 0] if (q is not None and n_protected > 0 and merger.needs_query) else None
+                x, run.size, run.pos = merger.merge(x, run.size, run.pos, k, query, r, n_protected)
+                run.q = run.k = None
+                run.seconds += time.perf_counter() - t0
+            out = _parts.mlp(x)
+            run.counts.append(out.shape[1])
+            if _i == len(layers) - 1 and on_done is not None:
+                on_done(run)
+            return out
+
+        set_instance_attr(layer, "forward", forward, undo)
+    return run
