@@ -53,6 +53,7 @@ class PlaceholderAdapter:
     def __init__(self, model, method, handle):
         self.model, self.method, self.handle = model, method, handle
         self._in_generate = False
+        self.engine = None   # vltok.inllm.InLLMEngine when the method has an in-LLM stage
 
     # -- family-specific -------------------------------------------------------------------------------------
     def image_token_id(self) -> int:
@@ -80,9 +81,43 @@ class PlaceholderAdapter:
                 return pid
         return 0
 
+    # -- in-LLM stage (vltok.inllm): what the engine needs to know about the family ----------------------------
+    def language_model(self):
+        """The decoder stack whose forward builds the masks / position embeddings and loops over the layers."""
+        return self.model.model.language_model
+
+    def decoder_layers(self):
+        return self.language_model().layers
+
+    def attention(self, layer):
+        """A decoder layer's attention module: has q_proj / k_proj (pre-RoPE outputs), head_dim and scaling."""
+        return layer.self_attn
+
+    def apply_rope(self, q, k, cos, sin):
+        """Rotate q, k [B, H, S, hd] with the loop-level cos / sin (Llama convention; Qwen M-RoPE overrides)."""
+        from vltok.inllm import rotate_half_rope
+
+        return rotate_half_rope(q, k, cos, sin)
+
+    def visual_layout(self, call: dict) -> list:
+        """Per sample, the list of vltok.inllm.VisualImage (sequence columns of the LLM input + grid) of the
+        call as the LLM will see it (after any placeholder rewrite)."""
+        raise NotImplementedError(f"{type(self).__name__} does not locate visual tokens for the in-LLM stage")
+
+    def install_saliency(self, engine, undo: list) -> None:
+        """Hook the vision tower so each grid gets a vision-side score (engine.set_saliency) before the LLM runs."""
+        raise IncompatibleError(f"{self.method.name} needs a vision-side token score (CLS attention), which vltok's "
+                                f"{self.family} adapter does not provide; pass key_rate=0")
+
     # -- shared ----------------------------------------------------------------------------------------------
     def attach(self, undo: list) -> None:
-        self.install(undo)
+        if self.method.pre_llm is not None or self.method.vision is not None:
+            self.install(undo)
+        if self.method.in_llm is not None:
+            from vltok.inllm import InLLMEngine
+
+            self.engine = InLLMEngine(self, self.method, self.handle)
+            self.engine.attach(undo)
         model = self.model
         fwd, gen = model.forward, model.generate
         fsig, gsig = inspect.signature(fwd), inspect.signature(gen)
@@ -143,6 +178,10 @@ class PlaceholderAdapter:
                                     f"{call['attention_mask'].dim()}-D mask")
         if not self._in_generate:
             self.handle._start_call()
+        if self.method.pre_llm is None and self.method.vision is None:   # in-LLM only: layer 0 keeps full length
+            if self.engine is not None:
+                self.engine.begin_call(call, self.visual_layout(call))
+            return call, None
         t0 = time.perf_counter()
         side = padding_side(call.get("attention_mask"), default_side)
         tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
@@ -167,6 +206,8 @@ class PlaceholderAdapter:
                 am = call.get("attention_mask", torch.ones_like(call["input_ids"]))
                 call["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
             self.handle._record_rewrite(rw)
+        if self.engine is not None:
+            self.engine.begin_call(call, self.visual_layout(call))
         self.handle._add_seconds(time.perf_counter() - t0)
         return call, rw
 

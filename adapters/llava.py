@@ -46,7 +46,7 @@ def llava_next_unpadded(config, image_size) -> tuple[int, int]:
 
 class LlavaAdapter(PlaceholderAdapter):
     family = "llava"
-    stages = ("vision", "pre_llm")
+    stages = ("vision", "pre_llm", "in_llm", "decode")
 
     def image_token_id(self):
         return self.model.config.image_token_id
@@ -54,6 +54,48 @@ class LlavaAdapter(PlaceholderAdapter):
     def _patch(self):
         vc = self.model.config.vision_config
         return vc.patch_size
+
+    def visual_layout(self, call):
+        """In-LLM stage: per sample, one h x w grid per image (CLS kept by strategy "full" is not part of it)."""
+        from vltok.inllm import VisualImage, split_runs
+
+        pv, p, pre = call["pixel_values"], self._patch(), _prefix(self.model)
+        h, w = pv.shape[-2] // p, pv.shape[-1] // p
+        n = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]
+        runs = split_runs(call["input_ids"], self.image_token_id(), [pre + h * w] * n)
+        return [[VisualImage(r[pre:], (h, w)) for r in row] for row in runs]
+
+    def install_saliency(self, engine, undo):
+        """CLS attention of the vision tower's LAST layer (mean over heads, fp32), from hooks on its q/k projections;
+        that layer's output is otherwise unused by LLaVA (vision_feature_layer=-2), so only two rows are extra."""
+        from vltok.inllm import attention_rows
+
+        vc = self.model.config.vision_config
+        n_special = _n_special_tokens(vc)
+        if n_special == 0:
+            raise IncompatibleError(f"{self.method.name}: this vision tower ({vc.model_type}) has no CLS token, so "
+                                    "there is no CLS-attention key set; pass key_rate=0")
+        tower = self.model.model.vision_tower
+        enc = getattr(tower, "vision_model", tower).encoder
+        last = (getattr(enc, "layers", None) or enc.layer)[-1]
+        attn = getattr(last, "self_attn", None) or last.attention
+        scale = getattr(attn, "scaling", None) or attn.scale
+        cap = {}
+        hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
+                 attn.k_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("k", o))]
+
+        def done(module, args, out):
+            q, k = cap.pop("q", None), cap.pop("k", None)
+            if q is None or k is None:
+                return
+            hd = attn.head_dim
+            T = k.shape[1]
+            ok = torch.ones(1, T, dtype=torch.bool, device=k.device)
+            engine.set_saliency([attention_rows(q[i, :1].view(1, -1, hd), k[i].view(T, -1, hd), ok,
+                                                scale)[0, n_special:] for i in range(k.shape[0])])
+
+        hooks.append(tower.register_forward_hook(done))
+        undo.extend(h.remove for h in hooks)
 
     def image_counts(self, call):
         if call.get("image_sizes") is not None:
@@ -142,6 +184,7 @@ class LlavaAdapter(PlaceholderAdapter):
 
 class LlavaNextAdapter(PlaceholderAdapter):
     family = "llava_next"
+    stages = ("pre_llm", "in_llm", "decode")
 
     def image_token_id(self):
         return self.model.config.image_token_id
@@ -152,6 +195,26 @@ class LlavaNextAdapter(PlaceholderAdapter):
 
     def _unpadded(self, image_size) -> tuple[int, int]:
         return llava_next_unpadded(self.model.config, image_size)
+
+    def visual_layout(self, call):
+        """In-LLM stage: per image two grids, the base tile and the unpadded map; the map's image_newline
+        column is not part of the grid, so newlines are never pruned."""
+        from vltok.inllm import VisualImage, split_runs
+
+        t = self._tile()
+        sizes = call["image_sizes"]
+        shapes = [self._unpadded(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+        runs = split_runs(call["input_ids"], self.image_token_id(), [t * t + h * (w + 1) for h, w in shapes])
+        it = iter(shapes)
+        out = []
+        for row in runs:
+            imgs = []
+            for r in row:
+                h_u, w_u = next(it)
+                m = r[t * t:].view(h_u, w_u + 1)[:, :w_u].reshape(-1)
+                imgs += [VisualImage(r[:t * t], (t, t)), VisualImage(m, (h_u, w_u))]
+            out.append(imgs)
+        return out
 
     def _map_count(self, plan) -> int:
         return plan.grid[0] * (plan.grid[1] + 1) if plan.grid is not None else plan.count + plan.h

@@ -40,6 +40,28 @@ class PatchHandle:
         # pre-LLM stages: every LLM layer sees the reduced count, so the FLOPs-equivalent keep is the kept share
         s["flops_keep"] = s["keep_achieved"]
 
+    def _record_inllm(self, per_layer, n_visual, cuts, seconds_scoring, final_cols, sizes_in, sizes_out):
+        """In-LLM stage (vltok.inllm), per LLM prefill: visual tokens entering each decoder layer (sample 0),
+        FLOPs-equivalent keep sum_l n_l / (L N), final columns, scoring time."""
+        s = self.stats or (self._start_call() or self.stats)
+        if not s["images"]:
+            for ins, outs in zip(sizes_in, sizes_out):
+                for a, b in zip(ins, outs):
+                    self._record_image(a, b, [], [])
+        else:   # the images were recorded by an earlier stage: the in-LLM stage shrinks their final counts
+            for im, b in zip(s["images"], [b for outs in sizes_out for b in outs]):
+                im["tokens_out"] = int(b)
+            s["tokens_out"] = sum(im["tokens_out"] for im in s["images"])
+            s["keep_achieved"] = s["tokens_out"] / max(s["tokens_in"], 1)
+        n0 = sum(sizes_in[0]) if sizes_in else n_visual
+        s["tokens_per_layer"] = [int(n) for n in per_layer]
+        s["prune_layers"] = list(cuts)
+        s["flops_keep"] = sum(per_layer) / max(len(per_layer) * n0, 1)
+        s["seconds_scoring"] = s.get("seconds_scoring", 0.0) + seconds_scoring
+        s["seconds"] += seconds_scoring
+        s["llm_input_tokens"] = int(sum(sum(x) for x in sizes_in))
+        self.inllm_kept_columns = final_cols
+
     def _record_rewrite(self, rw):
         self.stats["seq_len_in"], self.stats["seq_len_out"] = rw.orig_len, rw.new_len
         self.kept_positions = rw.kept_positions

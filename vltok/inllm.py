@@ -1,0 +1,414 @@
+"""The in-LLM stage engine: prune visual tokens before chosen decoder layers at prefill; decode on the pruned KV.
+
+It knows neither a method nor a model family:
+
+* the **adapter** gives the decoder layers (``decoder_layers()``), the attention module of a layer
+  (``attention(layer)``), the rotary function (``apply_rope``) and, per call, where each sample's visual tokens
+  sit (``visual_layout(call)`` -> per sample a list of :class:`VisualImage`);
+* the **method** (``Method.in_llm``) gives a plan per call (``plan(n_layers, [(n, grid) per image]) -> list[Cut]``)
+  and picks the survivors of each image at each cut (``select(cut, view, scores [R, n_cur]) -> kept indices into
+  view.raster``); optionally
+  ``Method.decode`` rewrites earlier layers' caches after prefill (``evict_from(cuts) -> first layer``).
+
+Mechanism (docs/architecture.md, "In-LLM stage"): forward pre-hooks (with kwargs) on every decoder layer gather the
+hidden states (at a cut) and, from the loop-level tensors HF passes to every layer, the position ids, the
+``position_embeddings`` (cos, sin; sequence on axis -2, Qwen's [3, B, S, hd] included), the 4-D mask (rows and
+columns) or the 2-D FA2 mask. Kept tokens keep their ORIGINAL positions. Scores come from forward hooks on the
+previous layer's ``q_proj`` / ``k_proj`` (a few rows, fp32), never from ``output_attentions``. Layers after a cut
+store shorter K/V in the ``DynamicCache``; each decode step's 4-D mask is gathered per layer on the key axis with
+``cat(kept prefill columns of that layer, new columns)``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import IncompatibleError
+
+_STATE = "_vltok_inllm"   # attribute on the DynamicCache: per-layer kept columns for decode steps
+
+
+@dataclass
+class VisualImage:
+    """One grid of visual tokens in one sample: ``positions`` [n] are sequence columns (in the LLM input) in raster
+    order of ``grid`` (h, w) (h*w == n), or ``grid=None`` for tokens without a layout. ``protected`` lists raster
+    indices that are never dropped. ``saliency`` is filled by the adapter while the vision tower runs when the
+    method asks for it (``in_llm.needs_saliency``)."""
+
+    positions: torch.Tensor
+    grid: tuple[int, int] | None
+    protected: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None   # [n] a vision-side score per token (LLaVA: CLS attention, last ViT layer)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Prune before decoder ``layer`` (>= 1), scored from the q/k projections of layer ``layer - 1``.
+
+    ``rope``: apply the model's rotary embedding to q and k before scoring (FastV, MustDrop) or not (FEATHER).
+    ``query``: ``"last"`` (the last real prompt token) or ``"text"`` (every real token after the last image).
+    ``softmax``: over the sample's visual keys only (``"visual"``) or over every key the query may see (``"all"``).
+    """
+
+    layer: int
+    rope: bool = False
+    query: str = "last"
+    softmax: str = "visual"
+    stage: int = 0          # index of this cut in the plan
+    params: tuple = ()      # method-specific budget data handed back to select()
+
+
+@dataclass
+class ImageView:
+    """What a method sees of one image at one cut: its grid, native count, survivors (raster indices, ascending)."""
+
+    grid: tuple[int, int] | None
+    n: int
+    raster: torch.Tensor
+    protected: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+
+
+@dataclass
+class _Sample:
+    images: list = field(default_factory=list)      # per image: [abs positions (current survivors), raster indices]
+
+
+def gather_seq(t: torch.Tensor, idx: torch.Tensor, seq_axis: int) -> torch.Tensor:
+    """Gather ``t`` on its sequence axis with per-sample indices ``idx`` [B, S'] (batch axis = the axis before).
+
+    Works for hidden [B, S, d], cos/sin [B, S, hd] or [3, B, S, hd], position ids [B, S] or [3, B, S]."""
+    seq_axis = seq_axis % t.dim()
+    b_axis = seq_axis - 1
+    x = t.movedim((b_axis, seq_axis), (0, 1))
+    B = idx.shape[0]
+    if x.shape[0] != B:
+        x = x.expand(B, *x.shape[1:])
+    out = x[torch.arange(B, device=x.device)[:, None], idx.to(x.device)]
+    return out.movedim((0, 1), (b_axis, seq_axis))
+
+
+def gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor):
+    """4-D mask [B|1, 1|H, Q, K]: gather columns (and rows at prefill) per sample; 2-D mask [B, K]: columns."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.dim() == 2:
+        return gather_seq(mask, cols, -1)
+    B = cols.shape[0]
+    m = mask.expand(B, *mask.shape[1:]) if mask.shape[0] != B else mask
+    bi = torch.arange(B, device=m.device)[:, None]
+    if rows is not None:
+        m = m.permute(0, 2, 1, 3)[bi, rows.to(m.device)].permute(0, 2, 1, 3)   # [B, h, Q', K]
+    return m.permute(0, 3, 1, 2)[bi, cols.to(m.device)].permute(0, 2, 3, 1)   # [B, h, Q', K']
+
+
+def rotate_half_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The Llama/Qwen2 rotary convention on [B, H, S, hd] tensors with cos/sin [B, S, hd]."""
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean over heads of softmax(q kᵀ · scale) restricted to ``key_ok`` keys, fp32.
+
+    q [R, H, hd], k [K, H_kv, hd] (GQA keys are repeated to H heads), key_ok [R, K] bool -> [R, K]."""
+    H, H_kv = q.shape[1], k.shape[1]
+    k = k.float().repeat_interleave(H // H_kv, dim=1)
+    logits = torch.einsum("rhd,khd->hrk", q.float(), k) * scale
+    logits = logits.masked_fill(~key_ok[None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
+class InLLMEngine:
+    def __init__(self, adapter, method, handle):
+        self.adapter, self.method, self.handle = adapter, method, handle
+        self._pending = None     # visual layout of the next LLM call, set by the adapter's forward wrapper
+        self._call = None        # per-call prefill state
+        self._decode = None      # state of a decode step (read from the cache)
+        self._captured = {}
+
+    # -- installation ------------------------------------------------------------------------------------------
+    def attach(self, undo: list) -> None:
+        ad = self.adapter
+        lm = ad.language_model()
+        layers = list(ad.decoder_layers())
+        self.n_layers = len(layers)
+        validate = getattr(self.method.in_llm, "validate", None)
+        if validate is not None:
+            validate(self.n_layers)   # refuse impossible budgets at patch time, before any hook is installed
+        if getattr(self.method.in_llm, "needs_saliency", False):
+            ad.install_saliency(self, undo)
+        hooks = [lm.register_forward_pre_hook(self._lm_start, with_kwargs=True),
+                 lm.register_forward_hook(self._lm_end, with_kwargs=True)]
+        for i, layer in enumerate(layers):
+            hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            attn = ad.attention(layer)
+            hooks.append(attn.q_proj.register_forward_hook(self._capture_hook(i, "q")))
+            hooks.append(attn.k_proj.register_forward_hook(self._capture_hook(i, "k")))
+        self._attn = [ad.attention(layer) for layer in layers]
+        for h in hooks:
+            undo.append(h.remove)
+
+    # -- per call ----------------------------------------------------------------------------------------------
+    def begin_call(self, call: dict, layout: list[list[VisualImage]]) -> None:
+        """Called by the adapter's forward wrapper with the (rewritten) call and each sample's visual grids."""
+        if call.get("labels") is not None or self.adapter.model.training:
+            raise IncompatibleError(
+                f"{self.method.name} prunes tokens inside the LLM, so the logits cover fewer positions than the "
+                "labels; loss / training is not supported: call the model without labels in eval mode, or "
+                "vltok.unpatch(model) for training")
+        if not any(len(imgs) for imgs in layout):
+            self._pending = None
+            return
+        ids = call["input_ids"]
+        am = call.get("attention_mask")
+        am = torch.ones_like(ids) if am is None else am
+        self._pending = (ids.shape[1], layout, am)
+
+    def set_saliency(self, per_image: list[torch.Tensor]) -> None:
+        """Called by the adapter's vision-tower hook: one [n] score per grid of the pending call, sample-major."""
+        if self._pending is None:
+            return
+        flat = [im for imgs in self._pending[1] for im in imgs]
+        if len(flat) != len(per_image) or any(im.positions.numel() != sc.numel() for im, sc in zip(flat, per_image)):
+            raise IncompatibleError(f"{self.method.name}: the vision tower scored {len(per_image)} grid(s) but the "
+                                    f"inputs hold {len(flat)}; pass one image per placeholder run")
+        for im, sc in zip(flat, per_image):
+            im.saliency = sc.float()
+
+    def _lm_start(self, module, args, kwargs):
+        self._call, self._decode, self._captured = None, None, {}
+        pending, self._pending = self._pending, None
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            emb = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 else None
+        S = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
+        cache = kwargs.get("past_key_values")
+        _check_cache(cache, self.method.name)
+        if pending is not None and pending[0] == S:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise IncompatibleError(f"{self.method.name}: the images must be in the first (prefill) call on a "
+                                        "cache; chunked prefill / continuing a filled cache is not supported")
+            self._start_prefill(S, pending[1], pending[2])
+        elif cache is not None and getattr(cache, _STATE, None) is not None:
+            self._decode = getattr(cache, _STATE)
+        return None
+
+    def _start_prefill(self, S, layout, am):
+        sizes = [[int(im.positions.numel()) for im in imgs] for imgs in layout]
+        first = [(int(im.positions.numel()), im.grid) for im in layout[0]]
+        cuts = sorted((c for c in self.method.in_llm.plan(self.n_layers, first) if 1 <= c.layer < self.n_layers),
+                      key=lambda c: c.layer)
+        if any(s != sizes[0] for s in sizes):
+            if cuts:
+                raise IncompatibleError(
+                    f"{self.method.name} keeps the same number of visual tokens per sample so the batch stays "
+                    f"rectangular, but the samples carry different visual grids ({sizes}); call the model with "
+                    "samples of equal image sizes / counts (or batch 1)")
+        B = am.shape[0]
+        dev = am.device
+        samples = []
+        for imgs in layout:
+            s = _Sample()
+            for im in imgs:
+                n = int(im.positions.numel())
+                s.images.append([im.positions.to(dev).long(), torch.arange(n, device=dev), im])
+            samples.append(s)
+        self._call = dict(S=S, cuts={c.layer: c for c in cuts}, samples=samples, am=am.to(dev),
+                          keep=torch.arange(S, device=dev).expand(B, S), rel=None, per_layer={}, layer_keep={},
+                          scoring=0.0, n0=sum(sizes[0]), cache=None)
+
+    def _capture_hook(self, i, which):
+        def hook(module, args, out):
+            c = self._call
+            if c is not None and (i + 1) in c["cuts"]:
+                self._captured[which] = out
+        return hook
+
+    def _layer_hook(self, i):
+        def hook(module, args, kwargs):
+            if self._call is not None:
+                return self._prefill_layer(i, args, kwargs)
+            d = self._decode
+            if d is not None and i in d["keep"]:
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    keep = d["keep"][i]
+                    K = mask.shape[-1]
+                    new = torch.arange(d["S"], K, device=keep.device).expand(keep.shape[0], -1)
+                    kwargs = dict(kwargs, attention_mask=gather_mask(mask, None, torch.cat([keep, new], 1)))
+                    return args, kwargs
+            return None
+        return hook
+
+    def _prefill_layer(self, i, args, kwargs):
+        c = self._call
+        if c["cache"] is None and kwargs.get("past_key_values") is not None:
+            c["cache"] = kwargs["past_key_values"]
+            _check_cache(c["cache"], self.method.name)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if i in c["cuts"]:
+            t0 = time.perf_counter()
+            prev = c["keep"]
+            new = self._cut(c["cuts"][i], kwargs)
+            rel = torch.stack([torch.searchsorted(prev[b], new[b]) for b in range(new.shape[0])])
+            hidden = gather_seq(hidden, rel, -2)
+            c["keep"] = new
+            c["scoring"] += time.perf_counter() - t0
+        c["per_layer"][i] = sum(p.numel() for p, _, _ in c["samples"][0].images)
+        if c["keep"].shape[1] == c["S"]:
+            return None
+        keep = c["keep"]
+        c["layer_keep"][i] = keep
+        kw = dict(kwargs)
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            kw["position_embeddings"] = tuple(gather_seq(t, keep, -2) for t in pe)
+        pid = kw.get("position_ids")
+        if isinstance(pid, torch.Tensor):
+            kw["position_ids"] = (None if self.adapter.model.config._attn_implementation.startswith("flash")
+                                  else gather_seq(pid, keep, -1))
+        if isinstance(kw.get("attention_mask"), torch.Tensor):
+            m = kw["attention_mask"]
+            kw["attention_mask"] = gather_mask(m, keep if m.dim() == 4 else None, keep)
+        if args:
+            return (hidden, *args[1:]), kw
+        kw["hidden_states"] = hidden
+        return args, kw
+
+    def _cut(self, cut: Cut, kwargs) -> torch.Tensor:
+        """Score the current survivors from layer cut.layer-1's q/k and return the new kept columns [B, S']."""
+        c = self._call
+        q_out, k_out = self._captured.get("q"), self._captured.get("k")
+        if q_out is None or k_out is None:
+            raise RuntimeError(f"vltok: no q/k captured at layer {cut.layer - 1}")
+        attn = self._attn[cut.layer - 1]
+        hd = attn.head_dim
+        B, Sc = q_out.shape[:2]
+        q = q_out.view(B, Sc, -1, hd)
+        k = k_out.view(B, Sc, -1, hd)
+        prev = c["keep"]
+        if cut.rope:
+            pe = kwargs["position_embeddings"]
+            cos, sin = (gather_seq(t, prev, -2) for t in pe) if prev.shape[1] != pe[0].shape[-2] else pe
+            qr, kr = self.adapter.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = qr.transpose(1, 2), kr.transpose(1, 2)
+        am = gather_seq(c["am"], prev, -1).bool()
+        new_rows = []
+        for b, s in enumerate(c["samples"]):
+            pos_in_cur = [torch.searchsorted(prev[b], p) for p, _, _ in s.images]
+            vis = torch.cat(pos_in_cur)
+            real = am[b].nonzero().flatten()
+            if cut.query == "last":
+                rows = real[-1:]
+            else:
+                rows = real[real > vis.max()]
+                if rows.numel() == 0:
+                    rows = real[-1:]
+            if cut.softmax == "visual":
+                keys = vis
+                ok = torch.ones(rows.numel(), keys.numel(), dtype=torch.bool, device=keys.device)
+            else:
+                keys = torch.arange(Sc, device=am.device)
+                ok = am[b][None, :] & (keys[None, :] <= rows[:, None])
+            probs = attention_rows(q[b, rows], k[b, keys], ok, attn.scaling)
+            if cut.softmax != "visual":
+                probs = probs[:, vis]
+            before = torch.cat([p for p, _, _ in s.images])
+            off = 0
+            for j, (p, raster, im) in enumerate(s.images):
+                n_cur = p.numel()
+                view = ImageView(im.grid, int(im.positions.numel()), raster, im.protected, im.saliency)
+                sel = self.method.in_llm.select(cut, view, probs[:, off:off + n_cur])
+                sel = sel.to(p.device).unique(sorted=True)
+                s.images[j] = [p[sel], raster[sel], im]
+                off += n_cur
+            after = torch.cat([p for p, _, _ in s.images])
+            dropped = before[~torch.isin(before, after)]
+            new_rows.append(prev[b][~torch.isin(prev[b], dropped)])
+        lens = {r.numel() for r in new_rows}
+        if len(lens) != 1:
+            raise IncompatibleError(f"{self.method.name}: samples kept different numbers of visual tokens "
+                                    f"({sorted(lens)}); use batch 1 or a budget mode with fixed counts")
+        return torch.stack(new_rows)
+
+    def _lm_end(self, module, args, kwargs, output):
+        c, self._call = self._call, None
+        self._decode = None
+        if c is None:
+            return None
+        L, N = self.n_layers, c["n0"]
+        counts = [c["per_layer"].get(i, N) for i in range(L)]
+        cache = c["cache"]
+        self.handle.inllm_prefill_columns = dict(c["layer_keep"])   # per layer: kept prefill columns [B, S_l]
+        if cache is not None:
+            if self.method.decode is not None and c["layer_keep"]:
+                self._evict(c, cache)
+            setattr(cache, _STATE, dict(S=c["S"], keep=dict(c["layer_keep"])))
+        final = c["keep"]
+        self.handle.inllm_layer_columns = dict(c["layer_keep"])   # what decode steps see (after the decode stage)
+        self.handle._record_inllm(counts, N, sorted(c["cuts"]), c["scoring"], final,
+                                  [[int(im.positions.numel()) for _, _, im in s.images] for s in c["samples"]],
+                                  [[p.numel() for p, _, _ in s.images] for s in c["samples"]])
+        return None
+
+    def _evict(self, c, cache):
+        """Decode-stage policy: layers >= evict_from(cuts) keep only the final survivors in their caches."""
+        start = self.method.decode.evict_from(sorted(c["cuts"]))
+        final = c["keep"]
+        for i in range(max(start, 0), self.n_layers):
+            cur = c["layer_keep"].get(i)
+            if cur is None:
+                cur = torch.arange(c["S"], device=final.device).expand(final.shape[0], -1)
+            if cur.shape[1] == final.shape[1]:
+                continue
+            rel = torch.stack([torch.searchsorted(cur[b], final[b]) for b in range(final.shape[0])])
+            layer = cache.layers[i]
+            idx = rel.to(layer.keys.device)[:, None, :, None]
+            layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+            layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+            c["layer_keep"][i] = final
+
+
+def _check_cache(cache, name):
+    if cache is None:
+        return
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or (layers and any(type(l) is not DynamicLayer for l in layers)):
+        raise IncompatibleError(
+            f"{name} prunes tokens inside the LLM, so every layer keeps its own cache length; it needs a plain "
+            f"DynamicCache, got {type(cache).__name__}"
+            f"{' with ' + ', '.join(sorted({type(l).__name__ for l in layers})) if layers else ''}. Use the default "
+            "cache (no cache_implementation='static', no StaticCache / sliding-window / quantized cache)")
+
+
+def split_runs(input_ids: torch.Tensor, token_id: int, counts: list[int]) -> list[list[torch.Tensor]]:
+    """Per sample, the columns of each item's placeholder run: item j owns the next ``counts[j]`` columns holding
+    ``token_id`` in row-major order (the order models splice features in)."""
+    out, j = [], 0
+    for row in input_ids:
+        pos = (row == token_id).nonzero().flatten()
+        runs, used = [], 0
+        while used < pos.numel():
+            if j >= len(counts):
+                raise IncompatibleError(f"more placeholder tokens (id {token_id}) than images: check that the "
+                                        "pixel values hold one entry per image")
+            run = pos[used:used + counts[j]]
+            if run.numel() != counts[j]:
+                raise IncompatibleError(f"an image has {run.numel()} placeholder tokens, expected {counts[j]}; pass "
+                                        "the processor's unmodified input_ids")
+            runs.append(run)
+            used += counts[j]
+            j += 1
+        out.append(runs)
+    if j != len(counts):
+        raise IncompatibleError(f"{len(counts)} images but {j} placeholder runs (id {token_id}) in input_ids")
+    return out

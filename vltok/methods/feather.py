@@ -1,0 +1,161 @@
+"""FEATHER: in-LLM pruning of visual tokens scored by the attention of the last prompt token.
+
+FEATHER (cuts before K1 and K2): the RoPE-free criterion (raw q_proj / k_proj outputs), softmax over the visual keys
+only; stage 1 keeps a uniform stride grid plus the best-scored tokens, stage 2 the best share ``s2`` of the
+survivors by score alone. FastV (vltok/methods/fastv.py) is the one-cut baseline with RoPE. Specs: ../shared/specs/methods/feather.md. Pure tensor functions; the engine
+(vltok.inllm) computes the scores and applies the cuts.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from ..errors import IncompatibleError
+from ..registry import register
+from ..stages import Method
+from ..inllm import Cut
+
+KEEP_MODES = ("flops", "final")
+A_MIN = 0.2   # below this stage-1 attention share the plan is mostly grid: move the layers earlier (spec §6.1)
+
+
+def uniform_grid(grid: tuple[int, int] | None, n: int, stride: int) -> torch.Tensor:
+    """Raster indices of the [::stride, ::stride] sub-grid of an (h, w) grid (1-D stride**2 without a grid)."""
+    if grid is None:
+        return torch.arange(0, n, stride * stride)
+    h, w = grid
+    rows, cols = torch.arange(0, h, stride), torch.arange(0, w, stride)
+    return (rows[:, None] * w + cols[None, :]).flatten()
+
+
+def top_by_score(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The k best indices by score (ties to the lower index), ascending. ``candidates`` restricts the choice."""
+    idx = torch.arange(scores.numel(), device=scores.device) if candidates is None else candidates
+    order = torch.sort(scores[idx], descending=True, stable=True).indices
+    return idx[order[:max(k, 0)]].sort().values
+
+
+def feather_stage1(scores: torch.Tensor, raster: torch.Tensor, grid, n: int, n1: int, stride: int) -> torch.Tensor:
+    """Exact-count stage 1: the uniform grid U, then the best non-grid tokens up to n1. Returns local indices."""
+    on_grid = torch.isin(raster, uniform_grid(grid, n, stride).to(raster.device))
+    u = on_grid.nonzero().flatten()
+    if u.numel() >= n1:
+        return u[:n1]
+    rest = top_by_score(scores, n1 - u.numel(), (~on_grid).nonzero().flatten())
+    return torch.cat([u, rest]).sort().values
+
+
+def stage1_count(n: int, n_grid: int, a: float) -> int:
+    return max(1, min(n, round(a * n + n_grid - a * n_grid)))
+
+
+def stage2_count(n1: int, s2: float) -> int:
+    return max(1, min(n1, math.floor(s2 * n1 + 1e-9)))
+
+
+def feather_keep_eq(n_layers, k1, k2, images, a, s2, stride) -> tuple[float, float]:
+    """(FLOPs-equivalent keep, final keep) of a plan over images [(n, grid)] (README glossary)."""
+    N = sum(n for n, _ in images)
+    n1 = [stage1_count(n, min(n, uniform_grid(g, n, stride).numel()), a) for n, g in images]
+    n2 = [stage2_count(m, s2) for m in n1]
+    eq = (k1 * N + (k2 - k1) * sum(n1) + (n_layers - k2) * sum(n2)) / (n_layers * N)
+    return eq, sum(n2) / N
+
+
+def layer_pairs(n_layers: int) -> list[tuple[int, int]]:
+    """(L/4, L/2) -> (3L/32, L/4) -> (2L/32, 3L/16), each at least (1, 2) and K2 < L."""
+    out = []
+    for f1, f2 in ((8, 16), (3, 8), (2, 6)):
+        k1 = max(1, round(n_layers * f1 / 32))
+        k2 = max(k1 + 1, round(n_layers * f2 / 32))
+        if k2 < n_layers and (k1, k2) not in out:
+            out.append((k1, k2))
+    return out
+
+
+@lru_cache(maxsize=256)
+def solve_feather(keep, n_layers, images, layers, a, s2, stride, keep_mode):
+    """Plan (K1, K2, a, s2) for ``keep`` (spec §6.1): per layer pair, bisection on a with s2 = a² (unless given)."""
+    pairs = [tuple(layers)] if layers is not None else layer_pairs(n_layers)
+    if not pairs:
+        raise IncompatibleError(f"feather needs at least 3 decoder layers to place two cuts; this LLM has {n_layers}")
+    if a is not None:
+        return (*pairs[0], a, a * a if s2 is None else s2)
+    which = 0 if keep_mode == "flops" else 1
+    best = None
+    for k1, k2 in pairs:
+        f = lambda x: feather_keep_eq(n_layers, k1, k2, images, x, x * x if s2 is None else s2, stride)[which]
+        if f(0.0) > keep:
+            continue
+        lo, hi = 0.0, 1.0
+        if f(1.0) <= keep:
+            lo = 1.0
+        else:
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if f(mid) <= keep else (lo, mid)
+        best = (k1, k2, lo, lo * lo if s2 is None else s2)
+        if lo >= A_MIN:
+            break
+    if best is None:
+        floor = min(feather_keep_eq(n_layers, k1, k2, images, 0.0, 0.0 if s2 is None else s2, stride)[which]
+                    for k1, k2 in pairs)
+        raise IncompatibleError(f"feather cannot reach keep={keep} ({keep_mode}) on a {n_layers}-layer LLM: the "
+                                f"lowest reachable is {floor:.3f} (layers before the first cut see every token); "
+                                "raise keep, pass earlier layers=(k1, k2), or use a pre-LLM method")
+    return best
+
+
+class FeatherPruner:
+    def __init__(self, keep, layers, a, s2, stride, keep_mode, preset):
+        self.keep, self.layers, self.a, self.s2 = keep, layers, a, s2
+        self.stride, self.keep_mode, self.preset = stride, keep_mode, preset
+
+    def plan(self, n_layers, images):
+        if self.keep >= 1.0 and self.preset is None:
+            return []
+        if self.preset == "paper":
+            k1, k2 = self.layers or (max(1, n_layers // 4), max(2, n_layers // 2))
+            a, s2 = 0.3, 0.09
+        else:
+            k1, k2, a, s2 = solve_feather(self.keep, n_layers, tuple(images), self.layers, self.a, self.s2,
+                                          self.stride, self.keep_mode)
+        if a >= 1.0 and s2 >= 1.0:
+            return []
+        return [Cut(k1, rope=False, query="last", softmax="visual", stage=0, params=(a, s2)),
+                Cut(k2, rope=False, query="last", softmax="visual", stage=1, params=(a, s2))]
+
+    def select(self, cut, view, scores):
+        s = scores.mean(0)
+        a, s2 = cut.params
+        if cut.stage == 0:
+            n_grid = int(torch.isin(view.raster, uniform_grid(view.grid, view.n, self.stride)).sum())
+            return feather_stage1(s, view.raster, view.grid, view.n, stage1_count(view.n, n_grid, a), self.stride)
+        return top_by_score(s, stage2_count(view.raster.numel(), s2))
+
+
+def _check(name, keep_mode, stride=1):
+    if keep_mode not in KEEP_MODES:
+        raise ValueError(f"{name}: keep_mode must be one of {KEEP_MODES}, got {keep_mode!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{name}: stride must be a positive integer, got {stride!r}")
+
+
+@register("feather", "FEATHER: in-LLM two-stage pruning, RoPE-free last-token criterion + uniform grid (stage 1), "
+          "criterion only (stage 2)", ("in_llm",))
+def make_feather(keep: float, layers=None, a=None, s2=None, stride: int = 3, keep_mode: str = "flops",
+                 preset=None) -> Method:
+    _check("feather", keep_mode, stride)
+    if preset not in (None, "paper"):
+        raise ValueError(f"feather: preset must be None or 'paper', got {preset!r}")
+    if layers is not None:
+        layers = tuple(int(x) for x in layers)
+        if len(layers) != 2 or not 1 <= layers[0] < layers[1]:
+            raise ValueError(f"feather: layers must be (k1, k2) with 1 <= k1 < k2, got {layers!r}")
+    for nm, v in (("a", a), ("s2", s2)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"feather: {nm} must lie in [0, 1], got {v!r}")
+    params = dict(layers=layers, a=a, s2=s2, stride=stride, keep_mode=keep_mode, preset=preset)
+    return Method("feather", keep, params, in_llm=FeatherPruner(keep, layers, a, s2, stride, keep_mode, preset))
