@@ -24,3 +24,15 @@ def test_ideal_slicing_feeds_the_unpatched_model_k_tokens():
     ideal = next(r for r in rows if r["method"] == "IDEAL")
     pool = next(r for r in rows if r["method"] == "pool")
     assert ideal["visual_tokens"] == pool["visual_tokens"] < next(r for r in rows if r["method"] == "none")["ttft_ms"] * 1e9
+
+
+def test_qwen_rows_and_optimistic_ideal(monkeypatch):
+    from tiny_families import tiny_qwen
+
+    monkeypatch.setattr(speed, "QWEN_GRID", (1, 8, 12))
+    m = tiny_qwen("2")
+    rows = speed.bench_model("tiny-qwen", ["fourier"], [0.25], [1], n_new=2, reps=1, fast=False, model=m,
+                             family="qwen2_vl", device="cpu")
+    four = next(r for r in rows if r["method"] == "fourier")
+    ideal = next(r for r in rows if r["method"] == "IDEAL")
+    assert ideal["visual_tokens"] == four["visual_tokens"]
