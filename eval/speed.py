@@ -177,6 +177,7 @@ def bench_model(name, methods, keeps, batches, n_new, reps, fast, model=None, fa
                 except vltok.VltokError as e:
                     print(f"skip {name} {method}: {e}", flush=True)
                     continue
+                failed = None
                 try:
                     with torch.no_grad():
                         with synced_clocks():
@@ -188,8 +189,15 @@ def bench_model(name, methods, keeps, batches, n_new, reps, fast, model=None, fa
                             new_counts = handle.adapter.image_counts(inputs)[1]
                             prep, _ = handle.adapter.prepare(dict(inputs), default_side="left")
                         grid_out = stats["images"][0]["grids_out"][0] if stats.get("images") else None
+                except Exception as e:  # one broken method must not sink the whole run: record it
+                    failed = f"{type(e).__name__}: {e}"
                 finally:
                     handle.remove()
+                if failed is not None:
+                    rows.append(dict(model=name, batch=batch, method=method, keep=keep, ttft_ms=float("nan"),
+                                     error=failed[:300]))
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 r.update(model=name, batch=batch, method=method, keep=keep, visual_tokens=stats["tokens_out"] // batch,
                          flops_keep=stats.get("flops_keep"), vltok_ms=stats["seconds"] * 1e3)
                 r["vltok_pct"] = 100 * r["vltok_ms"] / r["ttft_ms"]
@@ -252,6 +260,10 @@ def markdown(rows, header):
     lines = [header, "", "| model | batch | method | keep | visual tok | FLOPs keep | TTFT ms | speedup vs unpatched | "
              "decode tok/s | peak GiB | in vltok ms (% of TTFT) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['keep']:.2f} | FAILED: "
+                         f"{r['error'][:120].replace('|', '/')} | | | | | | |")
+            continue
         fk = r.get("flops_keep")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['method']} | {r['keep']:.2f} | {r.get('visual_tokens') or '-'} | "

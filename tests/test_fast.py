@@ -43,3 +43,8 @@ def test_graph_replay_matches_eager_on_gpu():
         b = fast(**inp2)          # replay with new pixels
         ref2 = m(**inp2).logits[:, -1]
     assert torch.allclose(a, ref, atol=1e-4) and torch.allclose(b, ref2, atol=1e-4)
+
+
+def test_graphs_need_a_gpu_model():
+    with pytest.raises(vltok.IncompatibleError, match="CUDA device"):
+        PrefillGraph(tiny_llava(), graphs=True)

@@ -7,7 +7,7 @@ runs the language model; calls replay it. Placeholder rewriting runs eagerly bef
 
 Scope: LLaVA-1.5 (`LlavaForConditionalGeneration`), batch 1, no padding, patched with a pre-LLM method or not
 patched; it returns the last position's logits (the first generated token), i.e. it measures and serves TTFT.
-Other cases raise a clear error. On CPU (or ``graphs=False``) the same function runs eagerly.
+Other cases raise a clear error. For a model on the CPU (or with ``graphs=False``) the same function runs eagerly.
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ class PrefillGraph:
             raise IncompatibleError(f"the prefill fast path supports LlavaForConditionalGeneration, not "
                                     f"{type(model).__name__}; call the model eagerly instead")
         self.model = model
-        self.graphs = torch.cuda.is_available() if graphs is None else graphs
+        on_gpu = next(model.parameters()).is_cuda
+        if graphs and not on_gpu:
+            raise IncompatibleError("CUDA graphs need the model on a CUDA device; move it with model.cuda()")
+        self.graphs = on_gpu if graphs is None else graphs
         self.warmup = warmup
         self._entries: dict = {}
 

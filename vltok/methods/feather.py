@@ -131,7 +131,8 @@ class FeatherPruner:
         s = scores.mean(0)
         a, s2 = cut.params
         if cut.stage == 0:
-            n_grid = int(torch.isin(view.raster, uniform_grid(view.grid, view.n, self.stride)).sum())
+            on_grid = uniform_grid(view.grid, view.n, self.stride).to(view.raster.device)
+            n_grid = int(torch.isin(view.raster, on_grid).sum())
             return feather_stage1(s, view.raster, view.grid, view.n, stage1_count(view.n, n_grid, a), self.stride)
         return top_by_score(s, stage2_count(view.raster.numel(), s2))
 
