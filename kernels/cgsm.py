@@ -63,11 +63,12 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _row_best_kernel(m_ptr, rows_ptr, colok_ptr, rank_ptr, outv_ptr, outi_ptr, N, R, smb, smn, N_PAD: tl.constexpr,
+    def _row_best_kernel(m_ptr, rows_ptr, colok_ptr, rank_ptr, outv_ptr, outi_ptr, N, R, smb, smn, N_SPLIT: tl.constexpr,
                          D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          USE_RANK: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         slot = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        part = tl.program_id(2)          # this program scans columns [part * N_SPLIT, (part + 1) * N_SPLIT)
         valid_r = slot < R
         row = tl.load(rows_ptr + b * R + slot, mask=valid_r, other=0)
         if USE_RANK:
@@ -75,7 +76,8 @@ if HAVE_TRITON:
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         besti = tl.zeros((BLOCK_R,), tl.int32)
         dd = tl.arange(0, BLOCK_D)
-        for n0 in range(0, N_PAD, BLOCK_N):   # N_PAD: N rounded up to BLOCK_N; constexpr (few distinct values)
+        for n1 in range(0, N_SPLIT, BLOCK_N):   # N_SPLIT: a multiple of BLOCK_N; constexpr (few distinct values)
+            n0 = part * N_SPLIT + n1
             cj = n0 + tl.arange(0, BLOCK_N)
             valid_c = cj < N
             acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
@@ -99,24 +101,32 @@ if HAVE_TRITON:
             upd = tmax > best
             best = tl.where(upd, tmax, best)
             besti = tl.where(upd, targ, besti)
-        tl.store(outv_ptr + b * R + slot, best, mask=valid_r)
-        tl.store(outi_ptr + b * R + slot, besti, mask=valid_r)
+        out = (part * tl.num_programs(0) + b) * R + slot
+        tl.store(outv_ptr + out, best, mask=valid_r)
+        tl.store(outi_ptr + out, besti, mask=valid_r)
 
 
 def _row_best(m, rows, colok, rank=None):
     """For each listed row i: max and argmax of m_i . m_j over columns j != i with colok[j] (and rank_j > rank_i)."""
     B, N, D = m.shape
     R = rows.shape[1]
-    outv = torch.empty(B, R, dtype=torch.float32, device=m.device)
-    outi = torch.empty(B, R, dtype=torch.int32, device=m.device)
+    # enough programs to fill the GPU: split the columns into parts, then reduce the parts' maxima in torch
+    n_blocks = triton.cdiv(N, 64)
+    row_programs = B * triton.cdiv(R, 64)
+    parts = max(1, min(n_blocks, triton.cdiv(512, row_programs)))
+    n_split = triton.cdiv(n_blocks, parts) * 64
+    parts = triton.cdiv(N, n_split)
+    outv = torch.empty(parts, B, R, dtype=torch.float32, device=m.device)
+    outi = torch.empty(parts, B, R, dtype=torch.int32, device=m.device)
     block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
-    grid = (B, triton.cdiv(R, 64))
+    grid = (B, triton.cdiv(R, 64), parts)
     _row_best_kernel[grid](m, rows.int().contiguous(), colok.to(torch.int8).contiguous(),
                            (rank if rank is not None else rows).int().contiguous(), outv, outi, N,
                            R,
-                           m.stride(0), m.stride(1), N_PAD=triton.cdiv(N, 64) * 64, D=D, BLOCK_R=64, BLOCK_N=64, BLOCK_D=block_d,
+                           m.stride(0), m.stride(1), N_SPLIT=n_split, D=D, BLOCK_R=64, BLOCK_N=64, BLOCK_D=block_d,
                            USE_RANK=rank is not None, IEEE=m.dtype == torch.float32, num_warps=4, num_stages=2)
-    return outv, outi.long()
+    best, which = outv.max(0)     # first part wins ties, as a left-to-right scan would
+    return best, outi.gather(0, which[None]).squeeze(0).long()
 
 
 def cgsm_match_triton(metric: torch.Tensor, imp: torch.Tensor, r: int, protected: torch.Tensor | None = None):

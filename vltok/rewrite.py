@@ -57,55 +57,57 @@ def shrink_placeholders(input_ids: torch.Tensor, token_id: int, native: list[int
     if sum(new) == sum(native):
         return None
     B, L = input_ids.shape
-    drop = torch.zeros(B, L, dtype=torch.bool)
-    ph_cpu = is_ph.cpu()
-    j = 0
-    for b in range(B):
-        pos = ph_cpu[b].nonzero().flatten().tolist()
-        used = 0
-        while used < len(pos):
-            if j >= len(native):
-                raise IncompatibleError("more placeholder tokens than images: check that pixel_values has one entry per image")
-            run = pos[used:used + native[j]]
-            if len(run) != native[j]:
-                raise IncompatibleError(
-                    f"sample {b} ends in the middle of image {j}'s placeholders ({len(run)} of {native[j]}); "
-                    "each image's placeholders must lie in one sample"
-                )
-            drop[b, run[new[j]:]] = True
-            used += native[j]
-            j += 1
-    # per row: the kept columns, minus the caller's padding on the padding side (re-padded below to the new
-    # batch maximum, so a row that shrank less does not leave the others with surplus padding)
+    dev = input_ids.device
+    # each sample's placeholders must consist of whole images (checked on the host with B numbers)
+    per_row = is_ph.sum(1).tolist()
+    bounds, acc = {0}, 0
+    for n in native:
+        acc += n
+        bounds.add(acc)
+    acc = 0
+    for b, c in enumerate(per_row):
+        acc += c
+        if acc not in bounds:
+            raise IncompatibleError(
+                f"sample {b} ends in the middle of an image's placeholders; each image's {native} placeholders "
+                "must lie in one sample")
+    # vectorised: the global rank of each placeholder gives its image and its offset within that image
+    native_t = torch.tensor(native, device=dev)
+    new_t = torch.tensor(new, device=dev)
+    starts = native_t.cumsum(0) - native_t
+    rank = is_ph.flatten().long().cumsum(0).view(B, L) - 1
+    img = torch.searchsorted(native_t.cumsum(0), rank.clamp(min=0), right=True).clamp(max=len(native) - 1)
+    drop = is_ph & (rank - starts[img] >= new_t[img])
+    keep = ~drop
+    # drop the caller's padding on the padding side too (re-padded below to the new batch maximum, so a row that
+    # shrank less does not leave the others with surplus padding)
     am = tensors.get("attention_mask")
-    pad = (am == 0).cpu() if am is not None else torch.zeros(B, L, dtype=torch.bool)
-    rows = []
-    for b in range(B):
-        kept = (~drop[b]).nonzero().flatten()
-        real = (~pad[b][kept]).nonzero().flatten()
-        if real.numel() == 0:
-            rows.append(kept[:0])
-        elif side == "left":
-            rows.append(kept[int(real[0]):])
-        else:
-            rows.append(kept[: int(real[-1]) + 1])
-    new_len = max(r.numel() for r in rows)
-    cols = torch.full((B, new_len), -1, dtype=torch.long)
-    for b, kept in enumerate(rows):
-        if side == "left":
-            cols[b, new_len - kept.numel():] = kept
-        else:
-            cols[b, :kept.numel()] = kept
+    real = keep & (am != 0) if am is not None else keep
+    pos = torch.arange(L, device=dev).expand(B, L)
+    has_real = real.any(1, keepdim=True)
+    if side == "left":
+        first = torch.where(real, pos, L).amin(1, keepdim=True)
+        keep = keep & (pos >= first) & has_real
+    else:
+        last = torch.where(real, pos, -1).amax(1, keepdim=True)
+        keep = keep & (pos <= last) & has_real
+    n_keep = keep.sum(1, keepdim=True)
+    new_len = int(n_keep.max())
+    col = keep.long().cumsum(1) - 1
+    if side == "left":
+        col = col + (new_len - n_keep)
+    b_idx, p_idx = keep.nonzero(as_tuple=True)
+    cols = torch.full((B, new_len), -1, dtype=torch.long, device=dev)
+    cols[b_idx, col[b_idx, p_idx]] = p_idx
     valid = cols >= 0
     gather = cols.clamp(min=0)
     out = {}
     for name, t in {"input_ids": input_ids, **tensors}.items():
         if t is None:
             continue
-        dev = t.device
-        g = t[torch.arange(B)[:, None].to(dev), gather.to(dev)]
+        g = t[torch.arange(B, device=t.device)[:, None], gather.to(t.device)]
         fill = pad_id if name == "input_ids" else PAD_VALUES.get(name, 0)
-        v = valid.to(dev)
+        v = valid.to(t.device)
         while v.dim() < g.dim():
             v = v.unsqueeze(-1)
         out[name] = torch.where(v, g, torch.full_like(g, fill))

@@ -27,6 +27,11 @@ def random_indices(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
+@lru_cache(maxsize=64)
+def _indices_on(n: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    return random_indices(n, k, seed).to(device)
+
+
 def select_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, n, C], idx [k] ascending -> [B, k, C] (raster order kept)."""
     return x.index_select(1, idx.to(x.device))
@@ -53,13 +58,13 @@ class RandomReducer:
         return GridPlan(h, w, max(1, min(n, round(self.keep * n))), None)
 
     def indices(self, x, plan):
-        idx = random_indices(plan.h * plan.w, plan.count, self.seed).to(x.device)
-        return idx.expand(x.shape[0], -1)
+        # cached per device: no host-to-device copy per call (so the reduction can be captured in a CUDA graph)
+        return _indices_on(plan.h * plan.w, plan.count, self.seed, x.device).expand(x.shape[0], -1)
 
     def reduce(self, x, plan):
         if plan.count == plan.h * plan.w:
             return x
-        return select_tokens(x, random_indices(plan.h * plan.w, plan.count, self.seed))
+        return select_tokens(x, _indices_on(plan.h * plan.w, plan.count, self.seed, x.device))
 
 
 @register("pool", "Adaptive average pooling of each image grid to r_h x r_w (sqrt(keep) per axis); baseline",

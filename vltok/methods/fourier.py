@@ -19,12 +19,6 @@ from ..stages import GridPlan, Method
 from ._grid import ROUNDINGS, grid_for_keep
 
 
-def triton_usable(x):
-    from vltok.kernels._triton import usable
-
-    return x.is_cuda and usable(x)
-
-
 def triton_dct_lowpass(*args, **kwargs):
     from vltok.kernels.dct import dct_lowpass as kernel
 
@@ -89,13 +83,13 @@ def dct_lowpass(x: torch.Tensor, h: int, w: int, r_h: int, r_w: int, gain: str =
     The basis is cached per (h, w, r_h, r_w, gain, dtype, device). Low-precision inputs use a basis in the
     input dtype (GEMMs accumulate in fp32); ``precise=True`` computes in fp32 and casts back. ``impl``:
     ``dense`` (one torch GEMM), ``separable`` (two small GEMMs, for big grids), ``triton`` (vltok.kernels.dct),
-    ``auto`` (Triton on CUDA for grids up to 4096 tokens when Triton is installed, else dense/separable by size).
+    ``auto`` (dense up to 4096 tokens, else separable). ``auto`` does not pick Triton: on an H100 the cuBLAS GEMM
+    was as fast or faster at every size measured (eval/results/kernels-h100.md).
     """
     _check(x, h, w, r_h, r_w, impl)
     if (r_h, r_w) == (h, w) and gain == "resize":
         return x
-    if impl == "triton" or (impl == "auto" and h * w <= DENSE_MAX_TOKENS and x.dtype != torch.float64
-                            and triton_usable(x)):
+    if impl == "triton":
         return triton_dct_lowpass(x, h, w, r_h, r_w, gain=gain, precise=precise)
     out_dtype = x.dtype
     work = torch.float32 if (precise or x.dtype not in (torch.float16, torch.bfloat16)) else x.dtype
