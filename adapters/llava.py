@@ -180,6 +180,21 @@ class LlavaAdapter(PlaceholderAdapter):
 
         h = self.model.model.multi_modal_projector.register_forward_pre_hook(pre_hook, with_kwargs=True)
         undo.append(h.remove)
+        self._install_method_projector(reducer, prefix, undo)
+
+    def _install_method_projector(self, reducer, prefix, undo):
+        """A reducer with a trained ``projector`` (e.g. tokenshuffle's) replaces the model's projector: its
+        reduce() output is that projector's input."""
+        proj = getattr(reducer, "projector", None)
+        if proj is None:
+            return
+        if prefix:
+            raise IncompatibleError("a method projector cannot take the CLS token kept by "
+                                    "vision_feature_select_strategy='full'; use a checkpoint with 'default'")
+        stock = self.model.model.multi_modal_projector
+        ref = next(stock.parameters())
+        proj.to(device=ref.device, dtype=ref.dtype)
+        set_instance_attr(stock, "forward", lambda image_features, *a, **k: proj(image_features), undo)
 
 
 class LlavaNextAdapter(PlaceholderAdapter):
