@@ -40,6 +40,7 @@ WORDS = ("apple", "river", "house", "cloud", "piano", "lemon", "tiger", "robot",
 MIN_OBJ, MAX_OBJ = 1, 10
 MIN_SIZE, MAX_SIZE = 20, 72
 AMBIGUOUS = 8  # px: a centre this close to a third / cell boundary makes region-based questions ill-posed
+COUNT_MAX = 5  # test count answers are balanced over 1..COUNT_MAX
 MIN_GAP = 20  # px: relation questions need the two centres this far apart along the asked axis
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -152,9 +153,12 @@ def _font(size: int):
 # scenes
 
 
-def make_scene(seed: int, split: str = "test", *, with_word: bool | None = None, n_objects: int | None = None) -> Scene:
-    """A random scene, fully determined by ``(split, seed, with_word, n_objects)``."""
-    rng = random.Random(f"shapes/{split}/{seed}/{with_word}/{n_objects}")
+def make_scene(seed: int, split: str = "test", *, with_word: bool | None = None, n_objects: int | None = None,
+               crowd: tuple[str, int] | None = None) -> Scene:
+    """A random scene, fully determined by ``(split, seed, with_word, n_objects, crowd)``.
+
+    Objects are placed uniformly. ``crowd=(region, k)`` (training only) first puts k objects into that third."""
+    rng = random.Random(f"shapes/{split}/{seed}/{with_word}/{n_objects}" + (f"/{crowd}" if crowd else ""))
     kind = rng.choice(["plain", "gradient", "blotch"])
     base = [rng.randint(215, 250) for _ in range(3)]
     tint = rng.randint(0, 2)
@@ -176,11 +180,17 @@ def make_scene(seed: int, split: str = "test", *, with_word: bool | None = None,
         sc.word_box = (px, py, px + w, py + h)
         taken.append(sc.word_box)
     n = n_objects if n_objects is not None else rng.randint(MIN_OBJ, MAX_OBJ)
-    for _ in range(n):
+    if crowd:
+        n = max(n, crowd[1])
+    for i in range(n):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         for _try in range(100):
             s = rng.uniform(MIN_SIZE, MAX_SIZE)
-            cx, cy = rng.uniform(s / 2 + 2, SIZE - s / 2 - 2), rng.uniform(s / 2 + 2, SIZE - s / 2 - 2)
+            lo, hi = s / 2 + 2, SIZE - s / 2 - 2
+            cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            if crowd and i < crowd[1]:
+                row = REGIONS.index(crowd[0])
+                cy = rng.uniform(max(lo, row * SIZE / 3 + AMBIGUOUS), min(hi, (row + 1) * SIZE / 3 - AMBIGUOUS))
             pts = _shape_points(shape, cx, cy, s)
             if pts is None:
                 box = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
@@ -247,8 +257,10 @@ def _in_region(objs, region):
     return [o for o in objs if region is None or third(o.center[1]) == region]
 
 
-def make_question(scene: Scene, qtype: str, rng: random.Random, region: str | None = None) -> dict | None:
-    """One question of type ``qtype`` whose evidence lies in ``region`` (any if None); None if the scene has none."""
+def make_question(scene: Scene, qtype: str, rng: random.Random, region: str | None = None,
+                  count_target: int | str | None = None) -> dict | None:
+    """One question of type ``qtype`` whose evidence lies in ``region`` (any if None); None if the scene has none.
+    ``count_target``: for ``count``, only questions with this answer, or ``"max"`` for the largest available."""
     objs = scene.objects
     if qtype == "color":
         cands = _in_region(_unique(objs, lambda o: o.shape), region)
@@ -263,21 +275,27 @@ def make_question(scene: Scene, qtype: str, rng: random.Random, region: str | No
         o = rng.choice(cands)
         return _rec(f"What shape is the {o.color} object?", o.shape, qtype, third(o.center[1]), o.box)
     if qtype == "count":
-        regions = [region] if region else list(REGIONS)
-        rng.shuffle(regions)
-        for r in regions:
+        options = []  # (region, colour or None, answer)
+        for r in ([region] if region else REGIONS):
             lines = {"top": (1,), "middle": (1, 2), "bottom": (2,)}[r]
             if any(abs(o.center[1] - SIZE * k / 3) < AMBIGUOUS for o in objs for k in lines):
                 continue
             inside = [o for o in objs if third(o.center[1]) == r]
-            if not inside:
-                continue
-            if rng.random() < 0.5:
-                return _rec(f"How many objects are in the {r} third of the image?", str(len(inside)), qtype, r)
-            color = rng.choice(inside).color
-            k = sum(o.color == color for o in inside)
-            return _rec(f"How many {color} objects are in the {r} third of the image?", str(k), qtype, r)
-        return None
+            if inside:
+                options.append((r, None, len(inside)))
+                for color in sorted({o.color for o in inside}):
+                    options.append((r, color, sum(o.color == color for o in inside)))
+        if count_target == "max" and options:
+            best = max(a for _, _, a in options)
+            options = [opt for opt in options if opt[2] == best]
+        elif count_target is not None:
+            options = [opt for opt in options if opt[2] == count_target]
+        if not options:
+            return None
+        totals = [opt for opt in options if opt[1] is None]
+        r, color, k = rng.choice(totals if totals and rng.random() < 0.6 else options)
+        what = f"{color} objects" if color else "objects"
+        return _rec(f"How many {what} are in the {r} third of the image?", str(k), qtype, r)
     if qtype == "exist":
         if not objs:
             return None
@@ -372,14 +390,17 @@ def test_item(index: int, seed: int = 0, split: str = "test") -> tuple[Scene, di
     """Item ``index`` of the balanced split: type and region cycle over all (type, region) cells."""
     qtype = TYPES[index % len(TYPES)]
     region = REGIONS[(index // len(TYPES)) % len(REGIONS)]
-    for attempt in range(1000):
-        s = seed + index * 1000 + attempt
-        scene = make_scene(s, split, with_word=True if qtype == "text" else None)
-        q = make_question(scene, qtype, random.Random(f"q/{split}/{s}/{qtype}/{region}"), region)
+    # count answers cycle over 1..COUNT_MAX (balanced), not the natural skew towards 1
+    target = 1 + (index // (len(TYPES) * len(REGIONS))) % COUNT_MAX if qtype == "count" else None
+    for attempt in range(3000):
+        s = seed + index * 10000 + attempt
+        n_obj = random.Random(f"n/{split}/{s}").randint(max(MIN_OBJ, 2 * target), MAX_OBJ) if target else None
+        scene = make_scene(s, split, with_word=True if qtype == "text" else None, n_objects=n_obj)
+        q = make_question(scene, qtype, random.Random(f"q/{split}/{s}/{qtype}/{region}"), region, target)
         if q is not None:
             q["seed"] = s
             return scene, q
-    raise RuntimeError(f"no {qtype} question in region {region} after 1000 scenes")  # pragma: no cover
+    raise RuntimeError(f"no {qtype} question in region {region} after 3000 scenes")  # pragma: no cover
 
 
 def generate(out_dir: str | Path, n: int = 2268, seed: int = 0, split: str = "test", progress: bool = False) -> Path:
@@ -424,29 +445,47 @@ def load_dataset(folder: str | Path, limit: int | None = None) -> list[dict]:
     return recs
 
 
-def stream(start: int = 0, split: str = "train", questions_per_image: tuple[int, int] = (1, 4)) -> Iterator[tuple]:
+def stream(start: int = 0, split: str = "train", questions_per_image: tuple[int, int] = (1, 4),
+           weights: dict[str, float] | None = None) -> Iterator[tuple]:
     """Endless training samples ``(image, [question records])`` from seeds start, start+1, ... of ``split``."""
     seed = start
     while True:
-        yield train_sample(seed, split, questions_per_image)
+        yield train_sample(seed, split, questions_per_image, weights)
         seed += 1
 
 
-def train_sample(seed: int, split: str = "train", questions_per_image: tuple[int, int] = (1, 4)):
-    """One training image and 1-4 questions of types drawn uniformly; deterministic by seed."""
+def train_sample(seed: int, split: str = "train", questions_per_image: tuple[int, int] = (1, 4),
+                 weights: dict[str, float] | None = None):
+    """One training image and 1-4 distinct questions, types drawn by ``weights`` (uniform by default); half the
+    ``count`` questions ask for the largest count in the scene, against the natural skew towards 1.
+    Deterministic by seed; the ``test`` split is refused."""
     if split == "test":
         raise ValueError("training samples must not come from the test split")
     rng = random.Random(f"train-q/{split}/{seed}")
-    scene = make_scene(seed, split, with_word=rng.random() < 0.5)
+    # more crowded scenes than the uniform 1-10 (larger counts, more distractors), and some with one crowded third
+    mode = rng.random()
+    crowd = (rng.choice(REGIONS), rng.randint(3, 7)) if mode < 0.25 else None
+    scene = make_scene(seed, split, with_word=rng.random() < 0.5, crowd=crowd,
+                       n_objects=rng.randint(5, MAX_OBJ) if mode < 0.5 else None)
+    types = list(weights) if weights else list(TYPES)
+    w = [weights[t] for t in types] if weights else None
     k = rng.randint(*questions_per_image)
     qs, seen = [], set()
+    if crowd:
+        q = make_question(scene, "count", rng, region=crowd[0], count_target="max")
+        if q is not None:
+            seen.add(q["question"])
+            qs.append(q)
     for _ in range(4 * k):
         if len(qs) >= k:
             break
-        q = make_question(scene, rng.choice(TYPES), rng)
+        qtype = rng.choices(types, w)[0]
+        q = make_question(scene, qtype, rng, count_target="max" if qtype == "count" and rng.random() < 0.5 else None)
         if q is not None and q["question"] not in seen:
             seen.add(q["question"])
             qs.append(q)
+    if not qs:  # every scene has an object, so an "exist" question always exists
+        qs.append(make_question(scene, "exist", rng))
     return render(scene), qs
 
 

@@ -28,8 +28,8 @@ from vltok import reference as R
 
 from . import runner, shapes
 
-TYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 1.5, "exist": 1.0, "position": 1.5, "relation": 1.5,
-                "located_attribute": 1.5, "grounding": 2.0, "text": 1.5}
+TYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.0, "exist": 1.0, "position": 1.5, "relation": 1.5,
+                "located_attribute": 1.5, "grounding": 2.0, "text": 2.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,22 +120,8 @@ class TrainSet(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        seed = self.offset + i
-        rng = random.Random(f"train-mix/{seed}")
-        scene = shapes.make_scene(seed, "train", with_word=rng.random() < 0.5)
-        types, weights = list(TYPE_WEIGHTS), list(TYPE_WEIGHTS.values())
-        k = rng.randint(1, self.max_q)
-        qs, seen = [], set()
-        for _ in range(4 * k):
-            if len(qs) >= k:
-                break
-            q = shapes.make_question(scene, rng.choices(types, weights)[0], rng)
-            if q is not None and q["question"] not in seen:
-                seen.add(q["question"])
-                qs.append(q)
-        if not qs:  # every scene has at least one object, so "exist" always works
-            qs = [shapes.make_question(scene, "exist", rng)]
-        ids, labels, pix = self.enc(shapes.render(scene), qs)
+        image, qs = shapes.train_sample(self.offset + i, "train", (1, self.max_q), TYPE_WEIGHTS)
+        ids, labels, pix = self.enc(image, qs)
         return ids, labels, pix, [q["type"] for q in qs]
 
 
@@ -190,6 +176,12 @@ def save_delta(model, loras: dict[str, LoRALinear], vision_layers: list[int], pa
     return path.stat().st_size
 
 
+def _make_test(folder: str, n: int) -> None:
+    tmp = Path(str(folder) + ".partial")
+    shapes.generate(tmp, n=n, seed=0, split="test")
+    tmp.rename(folder)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1400)
@@ -216,6 +208,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     t_start = time.time()
+    gen = None
+    if args.eval_dir and not (Path(args.eval_dir) / "questions.jsonl").exists():
+        # the test split is rendered on the side while the model trains (fixed seeds; the same files every time)
+        import multiprocessing as mp
+
+        gen = mp.get_context("fork").Process(target=_make_test, args=(args.eval_dir, args.eval_n))
+        gen.start()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     dev = torch.device(args.device)
@@ -333,8 +332,10 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         ed = Path(args.eval_dir)
-        if not (ed / "questions.jsonl").exists():
-            shapes.generate(ed, n=args.eval_n, seed=0, split="test")
+        if gen is not None:
+            gen.join()
+            if gen.exitcode != 0:
+                raise RuntimeError(f"generating the test split into {ed} failed")
         model, processor = R.load(device=dev, delta=args.out)  # exactly what users load (merged, fp32)
         res = runner.evaluate(model, processor, ed, batch_size=args.eval_batch, progress=False)
         res["training"] = {"steps": step, "train_seconds": round(train_s, 1), "total_seconds":

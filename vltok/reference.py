@@ -164,6 +164,8 @@ def convert_smollm2(pkg_dir: Path):
 
     tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=GGUF_NAME)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    # SmolLM2-Instruct's own settings; GGUF conversion differs between transformers versions (5.17: eos=<|im_start|>)
+    tok.bos_token, tok.eos_token, tok.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
     lm = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=GGUF_NAME, dtype=torch.float32)
     c = lm.config
     rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
@@ -174,7 +176,7 @@ def convert_smollm2(pkg_dir: Path):
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
         rope_parameters={"rope_type": rope.get("rope_type", "default"), "rope_theta": float(rope["rope_theta"])},
         vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         attention_bias=False, mlp_bias=False,
     )
     sd = {k: v.detach().clone().contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
