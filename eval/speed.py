@@ -278,6 +278,48 @@ def markdown(rows, header):
     return "\n".join(lines)
 
 
+def targets(rows, keep=0.16) -> str:
+    """The issue's targets, as ratios computed from one run's rows (no number typed by hand)."""
+    def find(model, batch, method):
+        return next((r for r in rows if r["model"] == model and r["batch"] == batch and r["method"] == method
+                     and abs(r["keep"] - keep) < 1e-9 and not r.get("error")), None)
+
+    def base(model, batch, method="none"):
+        return next((r for r in rows if r["model"] == model and r["batch"] == batch and r["method"] == method
+                     and r["keep"] == 1.0 and not r.get("error")), None)
+
+    out = [f"## Targets at keep {keep} (ratios from this run)", "",
+           "| target | model | batch | method | measured | target | met |", "|---|---|---|---|---|---|---|"]
+    methods = sorted({r["method"] for r in rows} - {"none", "IDEAL"} - {m for m in {r["method"] for r in rows}
+                                                                         if m.endswith("+fast")})
+    for model, batch in [("llava-1.5-7b", 8), ("llava-next-7b", 1), ("qwen2-vl-7b", 1)]:
+        ideal = find(model, batch, "IDEAL")
+        for m in methods:
+            r = find(model, batch, m)
+            if r is None or ideal is None:
+                continue
+            ratio = r["speedup"] / ideal["speedup"]
+            out.append(f"| prefill speedup / IDEAL speedup | {model} | {batch} | {m} | {r['speedup']:.2f}x / "
+                       f"{ideal['speedup']:.2f}x = {ratio:.2f} | >= 0.9 | {'yes' if ratio >= 0.9 else 'no'} |")
+    for r in rows:
+        if abs(r["keep"] - keep) < 1e-9 and r.get("vltok_ms") and not r.get("error") and r["method"] in methods:
+            b = base(r["model"], r["batch"])
+            pct_base = 100 * r["vltok_ms"] / b["ttft_ms"] if b else float("nan")
+            out.append(f"| time in vltok / prefill | {r['model']} | {r['batch']} | {r['method']} | "
+                       f"{r['vltok_pct']:.1f}% of patched TTFT ({pct_base:.1f}% of unpatched) | < 2% | "
+                       f"{'yes' if r['vltok_pct'] < 2 else 'no'} |")
+    fb = base("llava-1.5-7b", 1, "none+fast")
+    e = base("llava-1.5-7b", 1)
+    for m in methods:
+        r = find("llava-1.5-7b", 1, f"{m}+fast")
+        if r is not None and fb is not None:
+            sp = e["ttft_ms"] / r["ttft_ms"] if e else float("nan")
+            out.append(f"| batch-1 TTFT speedup, fast path | llava-1.5-7b | 1 | {m} | {fb['ttft_ms']:.1f} -> "
+                       f"{r['ttft_ms']:.1f} ms = {r['speedup']:.2f}x (vs eager unpatched {sp:.2f}x) | >= 2.5x | "
+                       f"{'yes' if r['speedup'] >= 2.5 else 'no'} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     from vltok.eval import configs
 
@@ -291,7 +333,13 @@ def main(argv=None):
     ap.add_argument("--no-fast", action="store_true")
     ap.add_argument("--out", default=None, help="Markdown file to write")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summarize", default=None, metavar="JSON",
+                    help="print the targets table of an earlier run's JSON (no GPU needed) and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            print(targets(json.load(f)))
+        return
     if not torch.cuda.is_available():
         sys.exit("vltok bench needs a CUDA GPU (it builds 7B-size models with random bf16 weights)")
     import transformers
@@ -311,7 +359,7 @@ def main(argv=None):
     for name in args.models:
         rows += bench_model(name, args.methods, args.keeps, args.batches if configs.family(name) == "llava" else [1],
                             args.new_tokens, args.reps, not args.no_fast)
-    md = markdown(rows, header)
+    md = markdown(rows, header) + "\n\n" + targets(rows)
     print(md)
     if args.out:
         with open(args.out, "w") as f:
