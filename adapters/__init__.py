@@ -5,12 +5,14 @@ from vltok.errors import UnsupportedModelError
 
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from .timm_vit import TimmVitAdapter
 
 SUPPORTED = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter,
+    "VisionTransformer": TimmVitAdapter,   # timm (checked in attach)
 }
 
 

@@ -46,6 +46,7 @@ def llava_next_unpadded(config, image_size) -> tuple[int, int]:
 
 class LlavaAdapter(PlaceholderAdapter):
     family = "llava"
+    runs_method_projector = True   # _install_method_projector
     stages = ("vision", "pre_llm", "in_llm", "decode")
 
     def image_token_id(self):
@@ -63,7 +64,7 @@ class LlavaAdapter(PlaceholderAdapter):
         h, w = pv.shape[-2] // p, pv.shape[-1] // p
         n = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]
         runs = split_runs(call["input_ids"], self.image_token_id(), [pre + h * w] * n)
-        return [[VisualImage(r[pre:], (h, w)) for r in row] for row in runs]
+        return [[VisualImage(r[pre:], (h, w), image=j, extra=pre) for j, r in enumerate(row)] for row in runs]
 
     def install_saliency(self, engine, undo):
         """CLS attention of the vision tower's LAST layer (mean over heads, fp32), from hooks on its q/k projections;
@@ -72,9 +73,8 @@ class LlavaAdapter(PlaceholderAdapter):
 
         vc = self.model.config.vision_config
         n_special = _n_special_tokens(vc)
-        if n_special == 0:
-            raise IncompatibleError(f"{self.method.name}: this vision tower ({vc.model_type}) has no CLS token, so "
-                                    "there is no CLS-attention key set; pass key_rate=0")
+        if n_special == 0:   # SigLIP: no CLS token, so no CLS attention
+            return False
         tower = self.model.model.vision_tower
         enc = getattr(tower, "vision_model", tower).encoder
         last = (getattr(enc, "layers", None) or enc.layer)[-1]
@@ -96,6 +96,7 @@ class LlavaAdapter(PlaceholderAdapter):
 
         hooks.append(tower.register_forward_hook(done))
         undo.extend(h.remove for h in hooks)
+        return True
 
     def image_counts(self, call):
         if call.get("image_sizes") is not None:
@@ -144,12 +145,12 @@ class LlavaAdapter(PlaceholderAdapter):
             n_in = prefix + run.counts[0] - n_special
             n_out = prefix + run.counts[-1] - n_special
             for _ in range(run.size.shape[0] if run.size is not None else 0):
-                self.handle._record_image(n_in, n_out, [self._grid], [(n_out - prefix,)])
+                self.handle._record_image(n_in, n_out, [getattr(self, "_grid", (n_in - prefix,))], [(n_out - prefix,)])
             self.handle.stats["vision_tokens_per_layer"] = list(run.counts)
             self.handle._add_seconds(run.seconds)
 
-        install_vision(encoder_layers(tower), split_layer, self.method.vision, self._vision_schedule(n_patches),
-                       n_special, undo, attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done)
+        install_vision(encoder_layers(tower), split_layer, self.method.vision, self._vision_schedule, n_special,
+                       undo, attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done, nominal=n_patches)
 
     def install(self, undo):
         if self.method.vision is not None:
@@ -224,10 +225,10 @@ class LlavaNextAdapter(PlaceholderAdapter):
         out = []
         for row in runs:
             imgs = []
-            for r in row:
+            for j, r in enumerate(row):
                 h_u, w_u = next(it)
                 m = r[t * t:].view(h_u, w_u + 1)[:, :w_u].reshape(-1)
-                imgs += [VisualImage(r[:t * t], (t, t)), VisualImage(m, (h_u, w_u))]
+                imgs += [VisualImage(r[:t * t], (t, t), image=j, extra=h_u), VisualImage(m, (h_u, w_u), image=j)]
             out.append(imgs)
         return out
 

@@ -325,3 +325,17 @@ def test_vision_method_refused_where_unsupported():
     assert "forward" not in m.__dict__ and vltok.get_handle(m) is None
     with pytest.raises(ValueError, match="importance"):
         vltok.patch(tiny_llava(), "crossget", keep=0.5, importance="bogus")
+
+
+def test_schedule_follows_the_actual_image_size():
+    """DINOv2 interpolates its position table: a config image_size of 96 px fed 64 px images must still merge to
+    round(keep * 64) tokens (the schedule is taken per call from the tokens that reach layer 0)."""
+    dino = dict(model_type="dinov2", hidden_size=32, mlp_ratio=2, num_hidden_layers=3, num_attention_heads=4,
+                image_size=96, patch_size=8)
+    m = deep_llava(vision=dino)
+    inp = llava_inputs(m, PROMPTS, n_ph=64)
+    inp["pixel_values"] = torch.randn(2, 3, 64, 64)
+    with vltok.patched(m, "crossget", keep=0.25) as h:
+        out = m(**inp).logits
+    assert h.stats["tokens_out"] == 2 * 16 and h.stats["vision_tokens_per_layer"] == [65, 41, 17, 17]   # 2 used layers: r = 24, 24
+    assert out.shape[1] == inp["input_ids"].shape[1] - 48

@@ -202,3 +202,14 @@ def test_cli_lists_train_subcommand():
 
     args = build_parser().parse_args(["train", "tokenshuffle", "--out", "x", "--keep", "0.16"])
     assert args.method == "tokenshuffle" and args.keep == 0.16
+
+
+def test_trained_projector_refused_where_the_adapter_cannot_run_it():
+    from tiny import tiny_llava_next
+
+    m = tiny_llava_next()
+    stock = m.model.multi_modal_projector
+    proj = ShuffleProjector.from_projector(stock.linear_1, stock.linear_2, "gelu", (2, 2))
+    with pytest.raises(vltok.IncompatibleError, match="trained projector"):
+        vltok.patch(m, "tokenshuffle", keep=0.25, projector=proj)
+    assert vltok.get_handle(m) is None and "forward" not in m.__dict__

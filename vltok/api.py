@@ -89,6 +89,8 @@ class PatchHandle:
 
 
 def _llm_layers(model) -> int | None:
+    if getattr(model, "config", None) is None:   # plain image models (timm): no LLM
+        return None
     cfg = getattr(model.config, "text_config", model.config)
     return getattr(cfg, "num_hidden_layers", None)
 

@@ -60,16 +60,20 @@ def size_bias(size: torch.Tensor, dtype) -> torch.Tensor:
     return size.transpose(1, 2)[:, None].log().to(dtype)
 
 
-def install_vision(layers: list, split: Callable, merger, schedule: list[int], n_protected: int, undo: list,
-                   attn_impl: str | None = None, on_done: Callable | None = None) -> VisionRun:
+def install_vision(layers: list, split: Callable, merger, schedule, n_protected: int, undo: list,
+                   attn_impl: str | None = None, on_done: Callable | None = None, nominal: int | None = None) -> VisionRun:
     """Wrap ``layers[i].forward`` to merge ``schedule[i]`` tokens after its attention.
 
-    ``split(layer) -> LayerSplit``; ``schedule`` has one r per layer (trailing layers may be 0 or missing);
+    ``split(layer) -> LayerSplit``; ``schedule`` has one r per layer (trailing layers may be 0 or missing), or is
+    a callable ``n_patches -> list`` evaluated per call on the tokens that reach layer 0 (images of another size
+    than the config's), with ``nominal`` patches deciding whether anything is installed at all;
     ``on_done(run)`` is called after the last layer with the run's state (token counts per layer, seconds).
     """
     from vltok.adapters.base import set_instance_attr
 
-    schedule = list(schedule) + [0] * (len(layers) - len(schedule))
+    pad = lambda sch: list(sch) + [0] * (len(layers) - len(sch))
+    schedule_fn = schedule if callable(schedule) else None
+    schedule = pad(schedule_fn(nominal) if schedule_fn else schedule)
     run = VisionRun()
     if not any(schedule):
         return run
@@ -77,7 +81,7 @@ def install_vision(layers: list, split: Callable, merger, schedule: list[int], n
         raise IncompatibleError(
             f"proportional attention adds a log-size bias to the vision encoder's attention, which {attn_impl} "
             "cannot take; load the model with attn_implementation='sdpa' (or 'eager'), or pass prop_attn=False")
-    first = next(i for i, r in enumerate(schedule) if r)
+    first = 0 if schedule_fn else next(i for i, r in enumerate(schedule) if r)
 
     for i, layer in enumerate(layers):
         parts = split(layer)
@@ -89,17 +93,18 @@ def install_vision(layers: list, split: Callable, merger, schedule: list[int], n
                     setattr(run, which, out)
             return hook
 
-        if i >= first:
-            if schedule[i] and parts.q_proj is not None and merger.needs_query:
+        if i >= first:   # (hooks store only while a merging layer runs its attention)
+            if parts.q_proj is not None and merger.needs_query:
                 h = parts.q_proj.register_forward_hook(make_hook("q"))
                 undo.append(h.remove)
-            if schedule[i]:
-                h = parts.k_proj.register_forward_hook(make_hook("k"))
-                undo.append(h.remove)
+            h = parts.k_proj.register_forward_hook(make_hook("k"))
+            undo.append(h.remove)
 
         def forward(hidden_states, *args, _i=i, _orig=orig, _parts=parts, **kwargs):
             if _i == 0:
                 run.reset(hidden_states)
+                if schedule_fn is not None:
+                    schedule[:] = pad(schedule_fn(hidden_states.shape[1] - n_protected))
             r = schedule[_i]
             if _i < first:
                 out = _orig(hidden_states, *args, **kwargs)

@@ -11,7 +11,7 @@ Per merging layer, between the attention residual and the MLP (shapes: B batch, 
 5. Ensemble in size space: w = 2 softmax([imp_src, imp_dst]); u = x*size; u_dst += w0 u_src + (w1 - 1) u_dst;
    size_dst += size_src; the sources are dropped; x = u / size. Destinations keep their original order.
 
-No N x N index scatter: the rank mask is one comparison ``rank[None, :] > rank[:, None]``.
+No N x N index scatter: the rank mask is one comparison ``rank[None, :] > rank[:, None]`` (vltok.kernels.cgsm).
 
 Importance (training-free guidance, no extra token): ``"cls_attn"`` (default) = the head-mean attention the CLS
 query pays each key in this layer (one query row, computed from the hooked q/k, with the proportional bias);
@@ -31,31 +31,21 @@ IMPORTANCES = ("cls_attn", "cls_query_cos", "none")
 ENSEMBLES = ("importance", "size")
 
 
-def cgsm_match(metric: torch.Tensor, imp: torch.Tensor, r: int, n_protected: int):
+def cgsm_match(metric: torch.Tensor, imp: torch.Tensor, r: int, n_protected: int, impl: str = "auto"):
     """metric [B, N, d] (normalised), imp [B, N] -> (src [B, r], dst [B, r], is_src [B, N]).
 
+    Steps 1-4 above, from vltok.kernels.cgsm (torch reference, or the Triton kernel on CUDA that never stores S;
+    mutual nearest neighbours get one row max so fp rounding of S_ij vs S_ji cannot split their tie).
     Every sample gets exactly r sources; r must be at most (N - n_protected) // 2.
     """
+    from vltok.kernels.cgsm import cgsm_match as match
+
     B, N, _ = metric.shape
-    dev = metric.device
     if r > (N - n_protected) // 2:
         raise ValueError(f"cgsm_match: r={r} exceeds half of the {N - n_protected} unprotected tokens")
-    ninf = float("-inf")
-    protected = torch.arange(N, device=dev) < n_protected
-    S = metric.float() @ metric.float().transpose(1, 2)
-    S = S.masked_fill(torch.eye(N, dtype=torch.bool, device=dev), ninf)
-    S = S.masked_fill(protected[None, :, None] | protected[None, None, :], ninf)
-    order = S.amax(-1).argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=dev).expand(B, N))
-    allowed = rank[:, None, :] > rank[:, :, None]                             # [B, i, j]: rank_j > rank_i
-    masked = S.masked_fill(~allowed, ninf).amax(-1)                           # [B, N]
-    score = imp.float() - masked                                              # +inf where no allowed edge
-    score = score.masked_fill(protected[None], float("inf"))
-    src = score.argsort(dim=-1, stable=True)[:, :r]
-    is_src = torch.zeros(B, N, dtype=torch.bool, device=dev).scatter_(1, src, True)
-    cand = S.gather(1, src[..., None].expand(-1, -1, N))                      # [B, r, N]
-    cand = cand.masked_fill((is_src | protected[None])[:, None, :], ninf)
-    dst = cand.argmax(-1)
+    protected = (torch.arange(N, device=metric.device) < n_protected).expand(B, N)
+    src, dst, _ = match(metric, imp, r, protected, impl)
+    is_src = torch.zeros(B, N, dtype=torch.bool, device=metric.device).scatter_(1, src, True)
     return src, dst, is_src
 
 

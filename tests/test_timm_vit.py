@@ -1,0 +1,66 @@
+"""vltok.patch on a timm VisionTransformer (tome / crossget in every block). Needs timm, which needs torchvision:
+CI runs this file in the separate .venv-vision (torch 2.14.1 + torchvision 0.29.1 + timm); in the main .venv it is
+skipped with that reason."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm", reason="timm needs torchvision: run in .venv-vision (see README)")
+
+import vltok  # noqa: E402
+from vltok.methods.tome import spread_schedule  # noqa: E402
+
+
+def tiny_vit(reg=0):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0, depth=4,
+                             reg_tokens=reg, global_pool="token").eval()
+
+
+def manual(m, x, merger, schedule, n_prot):
+    """Explicit reference: the blocks written out, eager attention with log(size) added to the logits by hand."""
+    h = m._pos_embed(m.patch_embed(x))
+    h = m.norm_pre(h)
+    size = pos = None
+    for i, blk in enumerate(m.blocks):
+        a = blk.attn
+        y = blk.norm1(h)
+        B, N, C = y.shape
+        qkv = a.qkv(y).view(B, N, 3, a.num_heads, -1)
+        q, k, v = qkv.unbind(2)
+        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * a.scale
+        if size is not None:
+            logits = logits + size.log().transpose(1, 2)[:, None]
+        o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(B, N, C)
+        h = h + blk.ls1(a.proj(o))
+        if schedule[i]:
+            if size is None:
+                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
+            h, size, pos = merger.merge(h, size, pos, k, q[:, 0], schedule[i], n_prot)
+        h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+    return m.forward_head(m.norm(h))
+
+
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+@pytest.mark.parametrize("reg", [0, 2])
+def test_timm_vit_merge_equals_reference_and_restores(method, reg):
+    m = tiny_vit(reg)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        with vltok.patched(m, method, keep=1.0):
+            assert torch.equal(m(x), ref)
+        with vltok.patched(m, method, keep=0.25) as h:
+            out = m(x)
+            exp = manual(m, x, h.method.vision, spread_schedule(16, 0.25, 4), 1 + reg)
+        assert torch.allclose(out, exp, atol=1e-5)
+        assert h.stats["tokens_out"] == 2 * 4 and h.stats["vision_tokens_per_layer"][-1] == 1 + reg + 4
+        assert torch.equal(m(x), ref) and "forward" not in m.__dict__
+        assert all("forward" not in b.__dict__ and not b.attn.qkv._forward_hooks for b in m.blocks)
+
+
+def test_open_clip_is_refused_clearly():
+    open_clip = pytest.importorskip("open_clip")
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    with pytest.raises(vltok.VltokError, match="not supported|does not support|not a timm"):
+        vltok.patch(model.visual, "tome", keep=0.5)
