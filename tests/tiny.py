@@ -31,6 +31,27 @@ def tiny_llava_next(attn="sdpa", seed=0):
     return m
 
 
+def expand_and_pad(prompts, counts, padding):
+    """Token lists with -1 per image -> (input_ids, attention_mask): image j expands to counts[j] placeholders."""
+    rows, j = [], 0
+    for p in prompts:
+        row = []
+        for t in p:
+            if t == -1:
+                row += [IMG] * counts[j]
+                j += 1
+            else:
+                row.append(t)
+        rows.append(row)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding == "left" else slice(0, len(r))
+        ids[i, sl], am[i, sl] = torch.tensor(r), 1
+    return ids, am
+
+
 def llava_inputs(model, prompts: list[list[int]], seed=0, padding="left", n_ph=None):
     """Processor-like batch: each prompt is a token list with -1 marking where an image goes.
 
@@ -39,24 +60,8 @@ def llava_inputs(model, prompts: list[list[int]], seed=0, padding="left", n_ph=N
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
     n_ph = n_ph or (vc.image_size // vc.patch_size) ** 2
-    rows, n_img = [], 0
-    for p in prompts:
-        row = []
-        for t in p:
-            if t == -1:
-                row += [IMG] * n_ph
-                n_img += 1
-            else:
-                row.append(t)
-        rows.append(row)
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    am = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if padding == "left":
-            ids[i, L - len(r):], am[i, L - len(r):] = torch.tensor(r), 1
-        else:
-            ids[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+    n_img = sum(p.count(-1) for p in prompts)
+    ids, am = expand_and_pad(prompts, [n_ph] * n_img, padding)
     pv = torch.randn(n_img, 3, vc.image_size, vc.image_size, generator=g)
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv)
 
@@ -81,24 +86,7 @@ def llava_next_inputs(model, prompts, image_sizes, seed=0, padding="left", count
     vc = model.config.vision_config
     counts = counts or next_counts(model, image_sizes)
     tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in image_sizes]
-    rows, j = [], 0
-    for p in prompts:
-        row = []
-        for t in p:
-            if t == -1:
-                row += [IMG] * counts[j]
-                j += 1
-            else:
-                row.append(t)
-        rows.append(row)
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    am = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if padding == "left":
-            ids[i, L - len(r):], am[i, L - len(r):] = torch.tensor(r), 1
-        else:
-            ids[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+    ids, am = expand_and_pad(prompts, counts, padding)
     pv = torch.randn(len(image_sizes), max(tiles), 3, vc.image_size, vc.image_size, generator=g)
     for i, t in enumerate(tiles):
         pv[i, t:] = 0
