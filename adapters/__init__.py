@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from vltok.errors import UnsupportedModelError
 
+from .blip import Blip2Adapter, BlipAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .timm_vit import TimmVitAdapter
@@ -12,6 +13,9 @@ SUPPORTED = {
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter,
+    "BlipForConditionalGeneration": BlipAdapter,
+    "BlipForQuestionAnswering": BlipAdapter,
+    "Blip2ForConditionalGeneration": Blip2Adapter,
     "VisionTransformer": TimmVitAdapter,   # timm (checked in attach)
 }
 

@@ -33,6 +33,11 @@ MODALITIES = (("image", 1, "image_grid_thw"), ("video", 2, "video_grid_thw"))
 class Qwen2VLAdapter(PlaceholderAdapter):
     family = "qwen2_vl"
     pixel_keys = ("pixel_values", "pixel_values_videos")
+    stages = ("pre_llm", "in_llm", "decode")
+    not_applicable = {
+        "vision": "reducing inside the Qwen ViT breaks the 2x2 PatchMerger grouping, the per-patch rotary table and "
+                  "Qwen2.5-VL's window permutation; reduce after the merger instead (a pre_llm method)",
+    }
 
     def _merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
@@ -65,6 +70,29 @@ class Qwen2VLAdapter(PlaceholderAdapter):
             if call.get(grid_key) is not None:
                 runs.append((token_id, *self._counts(call[grid_key])))
         return runs
+
+    def visual_layout(self, call):
+        """In-LLM stage: one grid per image and per video frame (temporal slice), (h/m, w/m) each, in splice order.
+
+        The decoder layers receive M-RoPE cos/sin already recomposed from the 3 position rows ([B, S, hd]) and 1-D
+        (or no) text position ids, so the engine's gathers on the sequence axis keep every kept token's original
+        (t, h, w) rotation; layer 0 keeps the full length, so rope_deltas and decoding are unchanged."""
+        from vltok.inllm import VisualImage, split_runs
+
+        cfg = self.model.config
+        B = call["input_ids"].shape[0]
+        per_sample = [[] for _ in range(B)]
+        for (kind, _, grid_key), token_id in zip(MODALITIES, (cfg.image_token_id, cfg.video_token_id)):
+            if call.get(grid_key) is None:
+                continue
+            frames = self._frames(call[grid_key])
+            runs = split_runs(call["input_ids"], token_id, [t * h * w for t, h, w in frames])
+            it = iter(frames)
+            for b, row in enumerate(runs):
+                for r in row:
+                    t, h, w = next(it)
+                    per_sample[b] += [VisualImage(f, (h, w)) for f in r.view(t, h * w)]
+        return [sorted(imgs, key=lambda im: int(im.positions[0])) for imgs in per_sample]
 
     # -- feature reduction -----------------------------------------------------------------------------------
     def _reduce_item(self, f: torch.Tensor, t: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

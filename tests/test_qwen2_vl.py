@@ -157,3 +157,48 @@ def test_missing_mm_token_type_ids_is_a_clear_error():
     with vltok.patched(m, "fourier", keep=0.3):
         with pytest.raises(vltok.VltokError, match="mm_token_type_ids"):
             m(**inp)
+
+
+INLLM = [("fastv", dict(keep=0.5, K=2)), ("feather", dict(keep=0.5))]
+SPECIAL = [IMG, VID, VID + 1, VID + 2]   # never generated here: a generated placeholder would break the reference
+
+
+def _qwen_positions(m, inp):
+    with torch.no_grad():
+        return m.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"], inp.get("image_grid_thw"),
+                                      inp.get("video_grid_thw"), attention_mask=inp["attention_mask"])[0]
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("method,kw", INLLM)
+def test_inllm_equals_masked_reference_with_original_mrope_positions(version, method, kw):
+    """In-LLM pruning on Qwen: the unpatched model on the full sequence (its own 3-D positions), with the dropped
+    visual keys masked out per layer from the cut on (tests/test_inllm.py's reference); images and a video, one
+    grid per frame; then greedy decoding on the pruned cache against the same reference."""
+    from test_inllm import assert_same_until_eos, masked_reference
+
+    m = tiny_qwen(version, layers=6)
+    prompts = [[1, 5, -1, 7, -2, 8], [1, 2, 3, -1, 4, -2, 9]]
+    inp = qwen_inputs(m, prompts, [(1, 8, 8), (1, 8, 8)], [(2, 8, 8), (2, 8, 8)], padding="left")
+    with vltok.patched(m, method, **kw) as h:
+        out = m(**inp).logits
+        cols, final = h.inllm_prefill_columns, h.inllm_kept_columns
+        assert h.stats["tokens_in"] == 2 * (16 + 32) and h.stats["prune_layers"]
+        gen = m.generate(**inp, max_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=SPECIAL)
+        gen_cols = h.inllm_layer_columns
+    ref = masked_reference(m, inp, cols, position_ids=_qwen_positions(m, inp))
+    ref_kept = ref[torch.arange(2)[:, None], final]
+    real = inp["attention_mask"].gather(1, final).bool()
+    assert out.shape[1] == final.shape[1] < inp["input_ids"].shape[1]
+    assert (out[real] - ref_kept[real]).abs().max() < 1e-5
+    # greedy decoding: generated tokens continue M-RoPE after the unpruned prompt (rope_deltas unchanged)
+    L = inp["input_ids"].shape[1]
+    cur = dict(inp)
+    for t in range(4):
+        pos = _qwen_positions(m, cur)
+        logits = masked_reference(m, cur, gen_cols, extra=t, position_ids=pos)
+        nxt = logits[:, -1].index_fill(-1, torch.tensor(SPECIAL), float("-inf")).argmax(-1, keepdim=True)
+        cur = dict(cur, input_ids=torch.cat([cur["input_ids"], nxt], 1),
+                   attention_mask=torch.cat([cur["attention_mask"], torch.ones_like(nxt)], 1),
+                   mm_token_type_ids=torch.cat([cur["mm_token_type_ids"], torch.zeros_like(nxt)], 1))
+    assert_same_until_eos(gen[:, L:], cur["input_ids"][:, L:])

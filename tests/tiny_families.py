@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny import IMG, LLAMA
+from tiny import CLIPV, IMG, LLAMA, PINPOINTS
 
 VID, VSTART, VEND = 101, 102, 103
 QWEN_TEXT = dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
@@ -17,17 +17,32 @@ VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attent
            patch_size=8)
 
 
-def tiny_qwen(version="2", attn="sdpa", seed=0):
+def deep_llava(kind="llava", layers=6, attn="sdpa", seed=0):
+    """LLaVA-1.5 / LLaVA-NeXT tiny configs with a deeper LLM (in-LLM methods need room for their cut layers)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    common = dict(vision_config=CLIPV, text_config=dict(LLAMA, num_hidden_layers=layers), image_token_index=IMG,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if kind == "llava":
+        m = LlavaForConditionalGeneration(LlavaConfig(image_seq_length=64, **common))
+    else:
+        m = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common))
+    m.eval().set_attn_implementation(attn)
+    return m
+
+
+def tiny_qwen(version="2", attn="sdpa", seed=0, layers=2):
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
     torch.manual_seed(seed)
     ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
     if version == "2":
-        cfg = Qwen2VLConfig(text_config=dict(QWEN_TEXT, model_type="qwen2_vl_text"), vision_config=QWEN2_VISION, **ids)
+        cfg = Qwen2VLConfig(text_config=dict(QWEN_TEXT, model_type="qwen2_vl_text", num_hidden_layers=layers), vision_config=QWEN2_VISION, **ids)
         m = Qwen2VLForConditionalGeneration(cfg)
     else:
-        cfg = Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT, model_type="qwen2_5_vl_text"), vision_config=QWEN25_VISION,
+        cfg = Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT, model_type="qwen2_5_vl_text", num_hidden_layers=layers), vision_config=QWEN25_VISION,
                                **ids)
         m = Qwen2_5_VLForConditionalGeneration(cfg)
     m.eval().set_attn_implementation(attn)
@@ -79,3 +94,50 @@ def qwen_inputs(model, prompts, image_grids=(), video_grids=(), seed=0, padding=
         out["pixel_values_videos"] = torch.randn(n, patch_dim, generator=g)
         out["video_grid_thw"] = torch.tensor(video_grids)
     return out
+
+
+BLIP_TEXT = dict(vocab_size=128, hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 sep_token_id=3)
+
+
+def tiny_blip(kind="caption", seed=0):
+    """BlipForConditionalGeneration ("caption") or BlipForQuestionAnswering ("vqa"); 4x4 patch grid + CLS."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    torch.manual_seed(seed)
+    cfg = BlipConfig(text_config=BLIP_TEXT, vision_config=VIT, projection_dim=32, image_text_hidden_size=32)
+    cls = BlipForConditionalGeneration if kind == "caption" else BlipForQuestionAnswering
+    return cls(cfg).eval()
+
+
+def tiny_blip2(seed=0, attn="sdpa"):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Blip2Config(vision_config=VIT,
+                      qformer_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64),
+                      text_config=dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                       word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                      num_query_tokens=4, image_token_index=IMG)
+    m = Blip2ForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    return m
+
+
+def blip_inputs(model, prompts, seed=0, padding="right"):
+    """Text prompts (token lists; -1 = BLIP-2's query placeholders, num_query_tokens of them) + one image each."""
+    g = torch.Generator().manual_seed(seed)
+    nq = getattr(model.config, "num_query_tokens", 0)
+    rows = [[t2 for t in p for t2 in ([IMG] * nq if t == -1 else [t])] for p in prompts]
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding == "left" else slice(0, len(r))
+        ids[i, sl], am[i, sl] = torch.tensor(r), 1
+    vc = model.config.vision_config
+    pv = torch.randn(len(rows), 3, vc.image_size, vc.image_size, generator=g)
+    return dict(input_ids=ids, attention_mask=am, pixel_values=pv)

@@ -135,13 +135,12 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
         )
     adapter_cls = find_adapter(model)
     m = build_method(method, keep, **kwargs)
-    missing = [s for s in m.stages if s not in adapter_cls.stages]
-    if missing:
-        raise IncompatibleError(
-            f"method {method!r} works in stage(s) {', '.join(missing)}, which vltok's {adapter_cls.family} adapter "
-            f"does not provide (it provides: {', '.join(adapter_cls.stages)}); pick a method from vltok.methods() "
-            "that uses those stages"
-        )
+    from .support import incompatibility   # late: python -m vltok.support must not find it imported
+
+    reason = incompatibility(adapter_cls, m)   # the same reason as the README's support matrix
+    if reason:
+        raise IncompatibleError(f"method {method!r} {reason}; pick a method or options that fit (python -m "
+                                "vltok.support prints which method works on which family)")
     handle = PatchHandle(model, m, adapter_cls)
     adapter = adapter_cls(model, m, handle)
     try:
