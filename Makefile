@@ -1,13 +1,15 @@
-# Set-up and the two main commands. Everything installs into .venv (CPU torch is enough for the tests).
+# Set-up and the two main commands. Everything installs into .venv.
+# torch 2.14.1 + torchvision 0.29.1: timm / open_clip (the `clip` extra) need torchvision; pip takes both from
+# this workplace's disk. On a CPU-only machine without them, TORCH_SPEC=torch==2.13.0 works for all but the timm tests.
 PY ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/pip install -q -e ".[dev,clip]"
 	touch $@
 
 setup: $(VENV)/.installed
