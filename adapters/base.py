@@ -105,9 +105,9 @@ class PlaceholderAdapter:
         raise NotImplementedError(f"{type(self).__name__} does not locate visual tokens for the in-LLM stage")
 
     def install_saliency(self, engine, undo: list) -> None:
-        """Hook the vision tower so each grid gets a vision-side score (engine.set_saliency) before the LLM runs."""
-        raise IncompatibleError(f"{self.method.name} needs a vision-side token score (CLS attention), which vltok's "
-                                f"{self.family} adapter does not provide; pass key_rate=0")
+        """Hook the vision tower so each grid gets a vision-side score (engine.set_saliency) before the LLM runs;
+        return False when the family has none (the engine then warns and runs without it)."""
+        return False
 
     # -- shared ----------------------------------------------------------------------------------------------
     def attach(self, undo: list) -> None:
@@ -166,6 +166,8 @@ class PlaceholderAdapter:
 
     def prepare(self, call: dict, default_side: str):
         if all(call.get(k) is None for k in getattr(self, "pixel_keys", (self.pixel_key,))):
+            if self.engine is not None and call.get("mm_encoder_outputs") is None:
+                self.engine.no_images()   # (generate() hands precomputed image features as mm_encoder_outputs)
             return call, None
         ids = call.get("input_ids")
         if ids is None:

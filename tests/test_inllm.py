@@ -31,10 +31,11 @@ def batch(m, kind):
     return llava_inputs(m, PROMPTS, padding="left" if kind == "b2-left" else "right")
 
 
-def masked_reference(m, inp, columns, extra=0, position_ids=None, decode_columns=None):
+def masked_reference(m, inp, columns, extra=0, position_ids=None, decode_columns=None, dead=None):
     """Unpatched model, no cache, full sequence; layer l's keys restricted to ``columns[l]`` [B, S_l] (prefill
     columns) plus every column >= the prompt length (generated tokens). Rows of generated tokens use
-    ``decode_columns`` instead when given (a decode stage that evicted cache entries). Returns the logits."""
+    ``decode_columns`` instead when given (a decode stage that evicted cache entries). ``dead[l]`` [B, S_l] marks
+    filler columns (kept only so the batch stays rectangular): masked too. Returns the logits."""
     ids, am = inp["input_ids"], inp["attention_mask"]
     B, S = ids.shape[0], ids.shape[1] - extra
     T = ids.shape[1]
@@ -49,6 +50,8 @@ def masked_reference(m, inp, columns, extra=0, position_ids=None, decode_columns
         for cols in (columns.get(l, full_cols), decode_columns.get(l, full_cols)):
             vis = torch.zeros(B, T, dtype=torch.bool)
             vis[torch.arange(B)[:, None], cols] = True
+            if dead is not None and l in dead and cols is not full_cols:
+                vis[torch.arange(B)[:, None].expand_as(cols)[dead[l]], cols[dead[l]]] = False
             vis[:, S:] = True
             seen.append(vis)
         rows_gen = (torch.arange(T) >= S)[None, :, None]
@@ -71,13 +74,14 @@ def masked_reference(m, inp, columns, extra=0, position_ids=None, decode_columns
             h.remove()
 
 
-def reference_greedy(m, inp, columns, steps, decode_columns=None):
+def reference_greedy(m, inp, columns, steps, decode_columns=None, dead=None):
     """Greedy decoding with the masked reference, positions as generate() makes them (cumsum of the mask)."""
     ids, am = inp["input_ids"], inp["attention_mask"]
     for t in range(steps):
         cur = dict(inp, input_ids=ids, attention_mask=am)
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
-        logits = masked_reference(m, cur, columns, extra=t, position_ids=pos, decode_columns=decode_columns)
+        logits = masked_reference(m, cur, columns, extra=t, position_ids=pos, decode_columns=decode_columns,
+                                  dead=dead)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
         am = torch.cat([am, torch.ones_like(nxt)], 1)
@@ -259,8 +263,10 @@ def test_llava_next_two_grids_match_masked_reference():
     with vltok.patched(m, "fastv", keep=0.75, K=1, keep_mode="final") as h:
         out = m(**inp).logits
         cols, final = h.inllm_prefill_columns, h.inllm_kept_columns
-        assert [im["tokens_in"] for im in h.stats["images"]] == [64, 160]
-        assert [im["tokens_out"] for im in h.stats["images"]] == [48, 120]
+        # one image: base tile 64 + unpadded map 160 + 10 newlines (never pruned)
+        assert [im["tokens_in"] for im in h.stats["images"]] == [64 + 160 + 10]
+        assert [im["tokens_out"] for im in h.stats["images"]] == [48 + 120 + 10]
+        assert h.stats["llm_input_tokens"] == 234 and h.stats["tokens_per_layer"][0] == 234
     kept = ids[0, final[0]]
     assert int((ids == IMG).sum()) - int((kept == IMG).sum()) == 16 + 40
     # newline columns (the last of each unpadded row) are never pruned
@@ -269,7 +275,31 @@ def test_llava_next_two_grids_match_masked_reference():
     assert torch.isin(newlines, final[0]).all()
     ref = masked_reference(m, inp, cols)
     assert (out[0] - ref[0, final[0]]).abs().max() < 1e-5
-    two = llava_next_inputs(m, [[1, -1, 5], [1, -1, 6]], [[80, 120], [64, 64]])
-    with vltok.patched(m, "fastv", keep=0.75, K=1, keep_mode="final"):
-        with pytest.raises(vltok.VltokError, match="rectangular"):
-            m(**two)
+    # samples with different grids: the one that keeps fewer columns is padded with masked filler columns
+    two = llava_next_inputs(m, [[1, -1, 5], [1, 6, 7, -1, 9]], [[80, 120], [64, 64]], padding="left")
+    with vltok.patched(m, "fastv", keep=0.75, K=1, keep_mode="final") as h:
+        out = m(**two).logits
+        cols, final, dead = h.inllm_prefill_columns, h.inllm_kept_columns, h.inllm_dead_columns
+        gen = m.generate(**two, max_new_tokens=4, do_sample=False)
+        dcols, ddead = h.inllm_layer_columns, h.inllm_dead_columns
+    assert dead and bool(dead[1][0].any()) and not bool(dead[1][1].any())   # the bigger image dropped more
+    ref = masked_reference(m, two, cols, dead=dead)
+    real = two["attention_mask"].gather(1, final).bool() & ~dead[1]
+    assert (out[real] - ref[torch.arange(2)[:, None], final][real]).abs().max() < 1e-5
+    S = two["input_ids"].shape[1]
+    assert_same_until_eos(gen[:, S:], reference_greedy(m, two, dcols, 4, dead=ddead))
+
+
+def test_a_failed_call_leaves_nothing_pending_and_generate_without_cache():
+    m = tiny_llava_deep()
+    inp = batch(m, "b1")
+    text = dict(input_ids=inp["input_ids"].masked_fill(inp["input_ids"] == IMG, 5), attention_mask=inp["attention_mask"])
+    ref = m(**text).logits
+    with vltok.patched(m, "fastv", keep=0.5, K=2) as h:
+        with pytest.raises(Exception):
+            m(**dict(inp, pixel_values=inp["pixel_values"][:, :2]))   # fails in the vision tower, after prepare
+        assert torch.equal(m(**text).logits, ref)                      # same length, no images: not pruned
+        cached = m.generate(**inp, max_new_tokens=3, do_sample=False)
+        uncached = m.generate(**inp, max_new_tokens=3, do_sample=False, use_cache=False)
+        # without a cache every step re-prunes with the current last token, so only the first token must agree
+        assert torch.equal(cached[:, :-2], uncached[:, :-2]) and h.stats["prune_layers"] == [2]

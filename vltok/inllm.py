@@ -21,6 +21,7 @@ store shorter K/V in the ``DynamicCache``; each decode step's 4-D mask is gather
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,8 @@ class VisualImage:
     grid: tuple[int, int] | None
     protected: torch.Tensor | None = None
     saliency: torch.Tensor | None = None   # [n] a vision-side score per token (LLaVA: CLS attention, last ViT layer)
+    image: int = 0    # which image of the sample this grid belongs to (LLaVA-NeXT: two grids per image)
+    extra: int = 0    # that image's placeholder tokens outside every grid (NeXT newlines, a kept CLS): never pruned
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,9 @@ class InLLMEngine:
         validate = getattr(self.method.in_llm, "validate", None)
         if validate is not None:
             validate(self.n_layers)   # refuse impossible budgets at patch time, before any hook is installed
-        if getattr(self.method.in_llm, "needs_saliency", False):
-            ad.install_saliency(self, undo)
+        if getattr(self.method.in_llm, "needs_saliency", False) and not ad.install_saliency(self, undo):
+            warnings.warn(f"{self.method.name}: vltok's {ad.family} adapter has no vision-side token score (CLS "
+                          "attention) for this model, so no key set is protected (as with key_rate=0)", stacklevel=3)
         hooks = [lm.register_forward_pre_hook(self._lm_start, with_kwargs=True),
                  lm.register_forward_hook(self._lm_end, with_kwargs=True)]
         for i, layer in enumerate(layers):
@@ -156,6 +160,10 @@ class InLLMEngine:
             undo.append(h.remove)
 
     # -- per call ----------------------------------------------------------------------------------------------
+    def no_images(self) -> None:
+        """Called by the adapter's forward wrapper for a call without images: nothing pending may be pruned."""
+        self._pending = None
+
     def begin_call(self, call: dict, layout: list[list[VisualImage]]) -> None:
         """Called by the adapter's forward wrapper with the (rewritten) call and each sample's visual grids."""
         if call.get("labels") is not None or self.adapter.model.training:
@@ -190,8 +198,8 @@ class InLLMEngine:
             emb = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 else None
         S = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
         cache = kwargs.get("past_key_values")
-        _check_cache(cache, self.method.name)
         if pending is not None and pending[0] == S:
+            _check_cache(cache, self.method.name)
             if cache is not None and cache.get_seq_length() > 0:
                 raise IncompatibleError(f"{self.method.name}: the images must be in the first (prefill) call on a "
                                         "cache; chunked prefill / continuing a filled cache is not supported")
@@ -205,12 +213,6 @@ class InLLMEngine:
         first = [(int(im.positions.numel()), im.grid) for im in layout[0]]
         cuts = sorted((c for c in self.method.in_llm.plan(self.n_layers, first) if 1 <= c.layer < self.n_layers),
                       key=lambda c: c.layer)
-        if any(s != sizes[0] for s in sizes):
-            if cuts:
-                raise IncompatibleError(
-                    f"{self.method.name} keeps the same number of visual tokens per sample so the batch stays "
-                    f"rectangular, but the samples carry different visual grids ({sizes}); call the model with "
-                    "samples of equal image sizes / counts (or batch 1)")
         B = am.shape[0]
         dev = am.device
         samples = []
@@ -221,7 +223,8 @@ class InLLMEngine:
                 s.images.append([im.positions.to(dev).long(), torch.arange(n, device=dev), im])
             samples.append(s)
         self._call = dict(S=S, cuts={c.layer: c for c in cuts}, samples=samples, am=am.to(dev),
-                          keep=torch.arange(S, device=dev).expand(B, S), rel=None, per_layer={}, layer_keep={},
+                          keep=torch.arange(S, device=dev).expand(B, S), per_layer={}, layer_keep={},
+                          dead=torch.zeros(B, S, dtype=torch.bool, device=dev), layer_dead={},
                           scoring=0.0, n0=sum(sizes[0]), cache=None)
 
     def _capture_hook(self, i, which):
@@ -238,12 +241,22 @@ class InLLMEngine:
             d = self._decode
             if d is not None and i in d["keep"]:
                 mask = kwargs.get("attention_mask")
+                dead = d["dead"].get(i)
                 if isinstance(mask, torch.Tensor):
                     keep = d["keep"][i]
                     K = mask.shape[-1]
                     new = torch.arange(d["S"], K, device=keep.device).expand(keep.shape[0], -1)
-                    kwargs = dict(kwargs, attention_mask=gather_mask(mask, None, torch.cat([keep, new], 1)))
-                    return args, kwargs
+                    mask = gather_mask(mask, None, torch.cat([keep, new], 1))
+                if dead is not None:
+                    q = args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
+                    if isinstance(mask, torch.Tensor):
+                        K = mask.shape[-1]
+                    else:                           # this step's keys: the layer's cache plus the new tokens
+                        K = kwargs["past_key_values"].layers[i].keys.shape[-2] + q
+                    pad = torch.zeros(dead.shape[0], K - dead.shape[1], dtype=torch.bool, device=dead.device)
+                    mask = self._mask_dead(mask, torch.cat([dead, pad], 1), prefill=False, q=q)
+                if isinstance(mask, torch.Tensor):
+                    return args, dict(kwargs, attention_mask=mask)
             return None
         return hook
 
@@ -261,7 +274,7 @@ class InLLMEngine:
             hidden = gather_seq(hidden, rel, -2)
             c["keep"] = new
             c["scoring"] += time.perf_counter() - t0
-        c["per_layer"][i] = sum(p.numel() for p, _, _ in c["samples"][0].images)
+        c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
         if c["keep"].shape[1] == c["S"]:
             return None
         keep = c["keep"]
@@ -274,13 +287,34 @@ class InLLMEngine:
         if isinstance(pid, torch.Tensor):
             kw["position_ids"] = (None if self.adapter.model.config._attn_implementation.startswith("flash")
                                   else gather_seq(pid, keep, -1))
-        if isinstance(kw.get("attention_mask"), torch.Tensor):
-            m = kw["attention_mask"]
-            kw["attention_mask"] = gather_mask(m, keep if m.dim() == 4 else None, keep)
+        m = kw.get("attention_mask")
+        if isinstance(m, torch.Tensor):
+            m = gather_mask(m, keep if m.dim() == 4 else None, keep)
+        dead = c["dead"].gather(1, keep)
+        if bool(dead.any()):
+            c["layer_dead"][i] = dead
+            m = self._mask_dead(m, dead, prefill=True)
+        if "attention_mask" in kw or m is not None:
+            kw["attention_mask"] = m
         if args:
             return (hidden, *args[1:]), kw
         kw["hidden_states"] = hidden
         return args, kw
+
+    def _mask_dead(self, m, dead, prefill, q=1):
+        """Mask the key columns ``dead`` [B, K] (filler columns) in a gathered mask, building one if it is None."""
+        impl = getattr(self._attn[0].config, "_attn_implementation", "sdpa") or "sdpa"
+        if isinstance(m, torch.Tensor) and m.dim() == 2:               # FlashAttention-2 padding mask
+            return m * (~dead).to(m.dtype)
+        if m is None:
+            K = dead.shape[1]
+            rows = torch.arange(K - q, K, device=dead.device) if not prefill else torch.arange(K, device=dead.device)
+            m = (torch.arange(K, device=dead.device)[None, :] <= rows[:, None])[None, None].expand(dead.shape[0], 1, -1, -1)
+            if impl == "eager":
+                m = torch.zeros(m.shape, device=dead.device).masked_fill(~m, torch.finfo(torch.float32).min)
+        if m.dtype == torch.bool:
+            return m & ~dead[:, None, None, :]
+        return m.masked_fill(dead[:, None, None, :], torch.finfo(m.dtype).min)
 
     def _cut(self, cut: Cut, kwargs) -> torch.Tensor:
         """Score the current survivors from layer cut.layer-1's q/k and return the new kept columns [B, S']."""
@@ -331,38 +365,47 @@ class InLLMEngine:
                 off += n_cur
             after = torch.cat([p for p, _, _ in s.images])
             dropped = before[~torch.isin(before, after)]
-            new_rows.append(prev[b][~torch.isin(prev[b], dropped)])
-        lens = {r.numel() for r in new_rows}
-        if len(lens) != 1:
-            raise IncompatibleError(f"{self.method.name}: samples kept different numbers of visual tokens "
-                                    f"({sorted(lens)}); use batch 1 or a budget mode with fixed counts")
-        return torch.stack(new_rows)
+            live = ~torch.isin(prev[b], dropped) & ~c["dead"][b, prev[b]]
+            new_rows.append((prev[b], live))
+        # samples that kept fewer columns are padded with some of their dropped columns, marked dead: masked as
+        # keys in every later layer and at decode, so the batch stays rectangular (spec feather.md §9 (b))
+        width = max(int(live.sum()) for _, live in new_rows)
+        out = []
+        for b, (row, live) in enumerate(new_rows):
+            fill = (~live).nonzero().flatten()[:width - int(live.sum())]
+            live = live.clone()
+            live[fill] = True
+            c["dead"][b, row[fill]] = True
+            out.append(row[live])
+        return torch.stack(out)
 
     def _lm_end(self, module, args, kwargs, output):
         c, self._call = self._call, None
         self._decode = None
         if c is None:
             return None
-        L, N = self.n_layers, c["n0"]
+        L, N = self.n_layers, c["n0"] + sum(im.extra for _, _, im in c["samples"][0].images)
         counts = [c["per_layer"].get(i, N) for i in range(L)]
         cache = c["cache"]
         self.handle.inllm_prefill_columns = dict(c["layer_keep"])   # per layer: kept prefill columns [B, S_l]
+        self.handle.inllm_dead_columns = dict(c["layer_dead"])      # per layer: [B, S_l] True = masked filler
         if cache is not None:
             if self.method.decode is not None and c["layer_keep"]:
                 self._evict(c, cache)
-            setattr(cache, _STATE, dict(S=c["S"], keep=dict(c["layer_keep"])))
+            setattr(cache, _STATE, dict(S=c["S"], keep=dict(c["layer_keep"]), dead=dict(c["layer_dead"])))
         final = c["keep"]
         self.handle.inllm_layer_columns = dict(c["layer_keep"])   # what decode steps see (after the decode stage)
         self.handle._record_inllm(counts, N, sorted(c["cuts"]), c["scoring"], final,
-                                  [[int(im.positions.numel()) for _, _, im in s.images] for s in c["samples"]],
-                                  [[p.numel() for p, _, _ in s.images] for s in c["samples"]])
+                                  [_per_image(s, lambda p, im: im.positions.numel()) for s in c["samples"]],
+                                  [_per_image(s, lambda p, im: p.numel()) for s in c["samples"]])
         return None
 
     def _evict(self, c, cache):
         """Decode-stage policy: layers >= evict_from(cuts) keep only the final survivors in their caches."""
         start = self.method.decode.evict_from(sorted(c["cuts"]))
         final = c["keep"]
-        for i in range(max(start, 0), self.n_layers):
+        # never layer 0: HF reads the sequence length (decode positions, mask sizes) from layer 0's cache
+        for i in range(max(start, 1), self.n_layers):
             cur = c["layer_keep"].get(i)
             if cur is None:
                 cur = torch.arange(c["S"], device=final.device).expand(final.shape[0], -1)
@@ -374,6 +417,17 @@ class InLLMEngine:
             layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
             c["layer_keep"][i] = final
+            dead = c["dead"].gather(1, final)
+            if bool(dead.any()):
+                c["layer_dead"][i] = dead
+
+
+def _per_image(sample, count) -> list[int]:
+    """Tokens per image of a sample (its grids plus the tokens outside them), image order."""
+    out = {}
+    for p, _, im in sample.images:
+        out[im.image] = out.get(im.image, 0) + int(count(p, im)) + im.extra
+    return [out[k] for k in sorted(out)]
 
 
 def _check_cache(cache, name):
