@@ -5,6 +5,7 @@ from vltok.errors import UnsupportedModelError
 
 from .blip import Blip2Adapter, BlipAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .timm_vit import TimmVitAdapter
 
@@ -16,6 +17,7 @@ SUPPORTED = {
     "BlipForConditionalGeneration": BlipAdapter,
     "BlipForQuestionAnswering": BlipAdapter,
     "Blip2ForConditionalGeneration": Blip2Adapter,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "VisionTransformer": TimmVitAdapter,   # timm (checked in attach)
 }
 

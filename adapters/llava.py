@@ -11,6 +11,8 @@ Where the grids are:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from vltok.errors import IncompatibleError
 from vltok.stages import selected_indices
 
-from .base import PlaceholderAdapter, infer_grid, set_instance_attr
+from .base import PlaceholderAdapter, _bind, infer_grid, set_instance_attr
 
 
 def _n_special_tokens(vision_config) -> int:
@@ -278,9 +280,13 @@ class LlavaNextAdapter(PlaceholderAdapter):
             seq = torch.cat([tokens, newline.expand(h_u, d)])
             return seq.index_select(0, keys.argsort(stable=True)), plan
 
-        def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
-            feats, lens = orig_pack(image_features, image_sizes, vision_feature_select_strategy,
-                                    image_newline=image_newline)
+        sig = inspect.signature(orig_pack)
+
+        @functools.wraps(orig_pack)   # any signature: LLaVA-OneVision's pack step has no select strategy
+        def pack_image_features(*args, **kwargs):
+            feats, lens = orig_pack(*args, **kwargs)
+            bound = _bind(sig, args, kwargs)
+            image_sizes, image_newline = bound["image_sizes"], bound.get("image_newline")
             if image_newline is None:
                 raise IncompatibleError("vltok's LLaVA-NeXT adapter expects image_newline tokens (spatial_unpad)")
             t0 = time.perf_counter()

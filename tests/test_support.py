@@ -13,7 +13,8 @@ import vltok
 from vltok import support
 from vltok.adapters import SUPPORTED
 from tiny import IMG, llava_inputs, llava_next_inputs
-from tiny_families import VID, blip_inputs, deep_llava, qwen_inputs, tiny_blip, tiny_blip2, tiny_qwen
+from tiny_families import (VID, blip_inputs, deep_llava, onevision_inputs, qwen_inputs, tiny_blip, tiny_blip2,
+                           tiny_onevision, tiny_qwen)
 
 
 def _llm_probe(module_of):
@@ -66,6 +67,9 @@ FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": (
         lambda: tiny_qwen("2.5", layers=6), lambda m: qwen_inputs(m, QWEN_PROMPTS, QWEN_IMAGES, QWEN_VIDEOS),
         {"pad_token_id": 0}, _llm_probe(lambda m: m.model.language_model)),
+    "LlavaOnevisionForConditionalGeneration": (
+        tiny_onevision, lambda m: onevision_inputs(m, [[1, -1, 5, -2], [1, 2, 3, -1, 9, -2, 4]], [[80, 120], [64, 64]],
+                                                   frames=2), {}, _llm_probe(lambda m: m.model.language_model)),
     "BlipForConditionalGeneration": (
         lambda: tiny_blip("caption"), lambda m: blip_inputs(m, [[1, 5, 6, 7], [1, 8]]), {},
         _memory_probe(lambda m: m.text_decoder)),

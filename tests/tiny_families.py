@@ -141,3 +141,71 @@ def blip_inputs(model, prompts, seed=0, padding="right"):
     vc = model.config.vision_config
     pv = torch.randn(len(rows), 3, vc.image_size, vc.image_size, generator=g)
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv)
+
+
+SIGLIPV = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, image_size=64, patch_size=8)
+
+
+def tiny_onevision(attn="sdpa", seed=0, max_tiles=9):
+    """8x8 tiles, videos pooled to 4x4 per frame; ``max_tiles`` sets anyres_max_N (1 forces the map downscale)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(vision_config=SIGLIPV, text_config=dict(LLAMA, model_type="qwen2"),
+                               image_token_index=IMG, video_token_index=VID, image_grid_pinpoints=PINPOINTS,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio=f"anyres_max_{max_tiles}")
+    m = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    return m
+
+
+def onevision_inputs(model, prompts, image_sizes=(), frames=0, seed=0, padding="left", counts=None):
+    """-1 = next image (anyres, count from the model's own packing), -2 = next video of ``frames`` frames."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    s = vc.image_size
+    if counts is None:
+        with torch.no_grad():
+            counts = []
+            if image_sizes:
+                tiles = [image_size_to_num_patches(z, model.config.image_grid_pinpoints, s) for z in image_sizes]
+                pv = torch.zeros(len(image_sizes), max(tiles), 3, s, s)
+                feats = model.model.get_image_features(pv, torch.tensor(image_sizes)).pooler_output
+                counts += [f.shape[0] for f in feats]
+            n_vid = sum(t == -2 for p in prompts for t in p)
+            if n_vid:
+                counts += [model.model.get_video_features(torch.zeros(1, frames, 3, s, s)).pooler_output.shape[1]] * n_vid
+    n_img = len(image_sizes)
+    rows, ji, jv = [], 0, 0
+    for p in prompts:
+        row = []
+        for t in p:
+            if t == -1:
+                row += [IMG] * counts[ji]
+                ji += 1
+            elif t == -2:
+                row += [VID] * counts[n_img + jv]
+                jv += 1
+            else:
+                row.append(t)
+        rows.append(row)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding == "left" else slice(0, len(r))
+        ids[i, sl], am[i, sl] = torch.tensor(r), 1
+    out = dict(input_ids=ids, attention_mask=am)
+    if image_sizes:
+        tiles = [image_size_to_num_patches(z, model.config.image_grid_pinpoints, s) for z in image_sizes]
+        pv = torch.randn(len(image_sizes), max(tiles), 3, s, s, generator=g)
+        for i, t in enumerate(tiles):
+            pv[i, t:] = 0
+        out["pixel_values"], out["image_sizes"] = pv, torch.tensor(image_sizes)
+    if jv:
+        out["pixel_values_videos"] = torch.randn(jv, frames, 3, s, s, generator=g)
+    return out
