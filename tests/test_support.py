@@ -93,9 +93,11 @@ def _tiny_timm_vit():
 
 
 def _vit_probe(m, inp, run):
-    """A ViT classifier: (0, tokens leaving the last block, CLS included)."""
+    """A ViT classifier: (0, patch tokens leaving the last block; CLS / registers are not counted, as in stats)."""
     seen = []
-    hk = m.blocks[-1].register_forward_hook(lambda mod, a, out: seen.append(out.shape[0] * out.shape[1]))
+    n_prefix = m.num_prefix_tokens
+    hk = m.blocks[-1].register_forward_hook(
+        lambda mod, a, out: seen.append(out.shape[0] * (out.shape[1] - n_prefix)))
     try:
         run()
     finally:

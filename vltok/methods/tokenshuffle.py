@@ -57,11 +57,12 @@ def shuffle_pool(x: torch.Tensor, h: int, w: int, s_h: int, s_w: int, pool: str 
     if (s_h, s_w) == (1, 1):
         return x
     B, _, C = x.shape
+    acc = torch.promote_types(x.dtype, torch.float32)   # fp32 accumulation for half types, fp64 stays fp64
     if h % s_h == 0 and w % s_w == 0:
         g = x.view(B, h // s_h, s_h, w // s_w, s_w, C)
-        y = g.float().mean((2, 4)) if pool == "mean" else g.amax((2, 4))
+        y = g.to(acc).mean((2, 4)) if pool == "mean" else g.amax((2, 4))
         return y.to(x.dtype).flatten(1, 2)
-    g = x.unflatten(1, (h, w)).permute(0, 3, 1, 2).float()
+    g = x.unflatten(1, (h, w)).permute(0, 3, 1, 2).to(acc)
     if pool == "mean":   # ceil mode, no padding: edge windows are clipped and divide by their real size
         y = F.avg_pool2d(g, (s_h, s_w), (s_h, s_w), ceil_mode=True, count_include_pad=False)
     else:
