@@ -62,6 +62,39 @@ def add_lora(lm: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
     return wrapped
 
 
+class Standardize:
+    """Forward pre-hook on the projector: (x - mean) / std per channel of the selected vision features, which
+    conditions the projector's optimisation. :func:`fold_standardize` folds it into ``linear_1`` (a stock model)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.mean, self.std = mean, std
+
+    def __call__(self, module, args):
+        x = args[0]
+        return ((x - self.mean.to(x.dtype)) / self.std.to(x.dtype),) + tuple(args[1:])
+
+
+@torch.no_grad()
+def feature_stats(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean / std of the projector's input over some images."""
+    seen = []
+    h = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0].float()))
+    try:
+        model.model.get_image_features(pixel_values=pixel_values)
+    finally:
+        h.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    return x.mean(0), x.std(0).clamp_min(1e-3)
+
+
+@torch.no_grad()
+def fold_standardize(linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Weights of ``linear`` applied after standardisation, as one stock linear on the raw features."""
+    w = linear.weight.float() / std.to(linear.weight.device)[None, :]
+    b = linear.bias.float() - w @ mean.to(linear.weight.device)
+    return {"weight": w, "bias": b}
+
+
 def vision_layers_to_train(model, n: int) -> list[int]:
     """The last ``n`` DINOv2 layers whose output reaches hidden_states[vision_feature_layer]."""
     n_layers = model.config.vision_config.num_hidden_layers
@@ -158,12 +191,16 @@ def answer_accuracy(pred_ok: torch.Tensor, labels: torch.Tensor, types: list[lis
     return out
 
 
-def save_delta(model, loras: dict[str, LoRALinear], vision_layers: list[int], path: Path, meta: dict) -> int:
+def save_delta(model, loras: dict[str, LoRALinear], vision_layers: list[int], path: Path, meta: dict,
+               standardize: Standardize | None = None) -> int:
     from safetensors.torch import save_file
 
     inner = model.model
     tensors = {f"projector.{k}": v.detach().float().cpu().contiguous()
                for k, v in inner.multi_modal_projector.state_dict().items()}
+    if standardize is not None:
+        for k, v in fold_standardize(inner.multi_modal_projector.linear_1, standardize.mean, standardize.std).items():
+            tensors[f"projector.linear_1.{k}"] = v.cpu().contiguous()
     for name, l in loras.items():
         tensors[f"lora.{name}.A"] = l.A.detach().half().cpu().contiguous()
         tensors[f"lora.{name}.B"] = l.B.detach().half().cpu().contiguous()
@@ -192,7 +229,9 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=64.0)
     ap.add_argument("--vision-layers", type=int, default=3, help="last DINOv2 layers to fine-tune (0 = frozen)")
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--decay-from", type=float, default=0.75, help="LR constant until this fraction, then linear")
+    ap.add_argument("--max-q", type=int, default=8, help="questions per training image: 1..max-q turns")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -231,12 +270,18 @@ def main(argv=None):
     for m in inner.multi_modal_projector.modules():  # re-init the projector from --seed
         if isinstance(m, nn.Linear):
             m.reset_parameters()
+    with torch.no_grad():  # start the image tokens near the scale of SmolLM2's embeddings
+        inner.multi_modal_projector.linear_2.weight.mul_(0.3)
+    if bf16:  # the frozen LM in bf16 (speed); vision tower, projector and LoRA weights stay fp32
+        inner.language_model.to(torch.bfloat16)
     proj_params = list(inner.multi_modal_projector.parameters())
     for p in proj_params:
         p.requires_grad_(True)
     loras = add_lora(inner.language_model, args.rank, args.alpha)
     lora_params = [p for l in loras.values() for p in (l.A, l.B)]
     vis_layers = vision_layers_to_train(model, args.vision_layers) if args.vision_layers > 0 else []
+    for i in vis_layers:
+        inner.vision_tower.encoder.layer[i].float()
     vis_params = [p for i in vis_layers for p in inner.vision_tower.encoder.layer[i].parameters()]
     for p in vis_params:
         p.requires_grad_(True)
@@ -249,7 +294,13 @@ def main(argv=None):
     print(f"trainable params: {n_train / 1e6:.2f} M (projector {sum(p.numel() for p in proj_params)}, "
           f"LoRA r={args.rank} on {len(loras)} linears, vision layers {vis_layers})", flush=True)
 
-    data = TrainSet(processor, args.steps * args.batch_size, offset=0)
+    data = TrainSet(processor, args.steps * args.batch_size, offset=0, max_q=args.max_q)
+    # per-channel feature standardisation before the projector, from 64 held-apart train scenes (seeds >= 10**8)
+    stats_set = TrainSet(processor, 64, offset=10**8, max_q=1)
+    stats_pix = torch.stack([stats_set[i][2] for i in range(min(64, args.batch_size))]).to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        std_hook = Standardize(*feature_stats(model, stats_pix))
+    inner.multi_modal_projector.register_forward_pre_hook(std_hook)
     pad_id = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
@@ -277,7 +328,7 @@ def main(argv=None):
         pix = pix.to(dev, non_blocking=True)
         frac = step / args.steps
         warm = min(1.0, step / max(1, args.warmup))
-        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        decay = 1.0 - 0.9 * max(0.0, frac - args.decay_from) / max(1e-9, 1.0 - args.decay_from)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * warm * decay
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -320,7 +371,7 @@ def main(argv=None):
     meta = {"format": "vltok-ref-delta/1", "lora_scale": args.alpha / args.rank, "lora_rank": args.rank,
             "vision_feature_layer": model.config.vision_feature_layer, "steps": step, "seed": args.seed,
             "batch_size": args.batch_size, "vision_layers": ",".join(map(str, vis_layers))}
-    size = save_delta(model, loras, vis_layers, Path(args.out), meta)
+    size = save_delta(model, loras, vis_layers, Path(args.out), meta, standardize=std_hook)
     done = {"done": True, "steps": step, "stopped_early_at": stopped_early, "train_seconds": round(train_s, 1),
             "delta_bytes": size, "delta": str(args.out)}
     log.write(json.dumps(done) + "\n")

@@ -253,3 +253,23 @@ def test_runner_markdown_and_write(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert runner.build_prompt(type("P", (), {"chat_template": None})(), "Q?") == "USER: <image>\nQ? ASSISTANT:"
+
+
+def test_feature_standardisation_folds_into_a_stock_projector():
+    m = tiny_llava()
+    x = _inputs()
+    mean, std = T.feature_stats(m, x["pixel_values"])
+    assert mean.shape == (32,) and (std > 0).all()
+    hook = T.Standardize(mean * 0 + 0.5, std * 0 + 2.0)  # visible effect, exact arithmetic
+    h = m.model.multi_modal_projector.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        want = m(**x).logits
+    h.remove()
+    folded = T.fold_standardize(m.model.multi_modal_projector.linear_1, hook.mean, hook.std)
+    with torch.no_grad():
+        plain = m(**x).logits
+        m.model.multi_modal_projector.linear_1.weight.copy_(folded["weight"])
+        m.model.multi_modal_projector.linear_1.bias.copy_(folded["bias"])
+        got = m(**x).logits
+    assert (plain - want).abs().max() > 1e-3
+    assert torch.allclose(got, want, atol=1e-4)
