@@ -1,0 +1,1 @@
+"""vltok.assets: small trained weights shipped with the package (the reference VLM delta)."""
