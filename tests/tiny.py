@@ -43,6 +43,11 @@ def expand_and_pad(prompts, counts, padding):
             else:
                 row.append(t)
         rows.append(row)
+    return pad_rows(rows, padding)
+
+
+def pad_rows(rows, padding):
+    """Token lists -> (input_ids, attention_mask) padded with 0 on the ``padding`` side."""
     L = max(map(len, rows))
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     am = torch.zeros(len(rows), L, dtype=torch.long)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny import CLIPV, IMG, LLAMA, PINPOINTS
+from tiny import CLIPV, IMG, LLAMA, PINPOINTS, pad_rows
 
 VID, VSTART, VEND = 101, 102, 103
 QWEN_TEXT = dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
@@ -132,12 +132,7 @@ def blip_inputs(model, prompts, seed=0, padding="right"):
     g = torch.Generator().manual_seed(seed)
     nq = getattr(model.config, "num_query_tokens", 0)
     rows = [[t2 for t in p for t2 in ([IMG] * nq if t == -1 else [t])] for p in prompts]
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    am = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding == "left" else slice(0, len(r))
-        ids[i, sl], am[i, sl] = torch.tensor(r), 1
+    ids, am = pad_rows(rows, padding)
     vc = model.config.vision_config
     pv = torch.randn(len(rows), 3, vc.image_size, vc.image_size, generator=g)
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv)
@@ -193,12 +188,7 @@ def onevision_inputs(model, prompts, image_sizes=(), frames=0, seed=0, padding="
             else:
                 row.append(t)
         rows.append(row)
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    am = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding == "left" else slice(0, len(r))
-        ids[i, sl], am[i, sl] = torch.tensor(r), 1
+    ids, am = pad_rows(rows, padding)
     out = dict(input_ids=ids, attention_mask=am)
     if image_sizes:
         tiles = [image_size_to_num_patches(z, model.config.image_grid_pinpoints, s) for z in image_sizes]
