@@ -23,6 +23,9 @@ test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m slow
 
 demo: setup
+	$(VENV)/bin/python -m vltok.demos.compare
+
+example: setup
 	$(VENV)/bin/python -m vltok.demos.example
 
-.PHONY: setup test test-slow demo
+.PHONY: setup test test-slow demo example
