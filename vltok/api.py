@@ -21,7 +21,6 @@ class PatchHandle:
         self.family = adapter_cls.family
         self._undo: list = []
         self.stats: dict = {}
-        self._n_layers = _llm_layers(model)
 
     # -- stats (called by adapters) ----------------------------------------------------------------------------
     def _start_call(self):
@@ -86,13 +85,6 @@ class PatchHandle:
 
     def __repr__(self):
         return f"PatchHandle({self.method.name!r}, keep={self.method.keep}, family={self.family!r})"
-
-
-def _llm_layers(model) -> int | None:
-    if getattr(model, "config", None) is None:   # plain image models (timm): no LLM
-        return None
-    cfg = getattr(model.config, "text_config", model.config)
-    return getattr(cfg, "num_hidden_layers", None)
 
 
 def _check_keep(keep) -> float:

@@ -45,7 +45,8 @@ def shrink_placeholders(input_ids: torch.Tensor, token_id: int, native: list[int
     if len(native) != len(new):
         raise ValueError("native and new must list one count per image")
     is_ph = input_ids == token_id
-    total = int(is_ph.sum())
+    per_row = is_ph.sum(1).tolist()   # the one host sync for the counts
+    total = sum(per_row)
     if total == sum(new) and sum(new) != sum(native):
         return None
     if total != sum(native):
@@ -59,7 +60,6 @@ def shrink_placeholders(input_ids: torch.Tensor, token_id: int, native: list[int
     B, L = input_ids.shape
     dev = input_ids.device
     # each sample's placeholders must consist of whole images (checked on the host with B numbers)
-    per_row = is_ph.sum(1).tolist()
     bounds, acc = {0}, 0
     for n in native:
         acc += n
