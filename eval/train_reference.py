@@ -29,11 +29,15 @@ from vltok import reference as R
 from . import runner, shapes
 
 RECIPES = {
-    # (a) produced the committed delta (run 1); (b) was tried second and scored lower (run 2)
+    # (a) produced the first delta (run 1); (b) was tried second and scored lower (run 2). Both put the questions
+    # of an image in one chat as consecutive turns. (c) puts them side by side as independent first turns that share
+    # the image prefix ("fanout", see FanoutSet), so every answer is supervised exactly as it is asked at test time.
     "a": {"warmup": 100, "max_q": 6, "schedule": "cosine", "standardize": False, "proj_out_scale": 1.0,
-          "lm_bf16": False},
+          "lm_bf16": False, "layout": "turns"},
     "b": {"warmup": 50, "max_q": 8, "schedule": "flat", "standardize": True, "proj_out_scale": 0.3,
-          "lm_bf16": True},
+          "lm_bf16": True, "layout": "turns"},
+    "c": {"warmup": 30, "min_q": 4, "max_q": 10, "schedule": "flat", "standardize": False, "proj_out_scale": 1.0,
+          "lm_bf16": False, "layout": "fanout"},
 }
 TYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.0, "exist": 1.0, "position": 1.5, "relation": 1.5,
                 "located_attribute": 1.5, "grounding": 2.0, "text": 2.5}
@@ -152,17 +156,72 @@ class Encoder:
 class TrainSet(torch.utils.data.Dataset):
     """Index i -> train scene ``offset + i`` with 1-6 questions; types drawn with TYPE_WEIGHTS."""
 
-    def __init__(self, processor, n: int, offset: int = 0, max_q: int = 6):
+    def __init__(self, processor, n: int, offset: int = 0, max_q: int = 6, min_q: int = 1):
         self.enc = Encoder(processor)
-        self.n, self.offset, self.max_q = n, offset, max_q
+        self.n, self.offset, self.max_q, self.min_q = n, offset, max_q, min_q
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        image, qs = shapes.train_sample(self.offset + i, "train", (1, self.max_q), TYPE_WEIGHTS)
+        image, qs = shapes.train_sample(self.offset + i, "train", (self.min_q, self.max_q), TYPE_WEIGHTS)
         ids, labels, pix = self.enc(image, qs)
         return ids, labels, pix, [q["type"] for q in qs]
+
+
+class FanoutSet(TrainSet):
+    """Like :class:`TrainSet`, but the 1..max_q questions of an image become independent single-turn branches after
+    ONE shared prefix (chat header + image tokens). Branch k holds ``\n<question><|im_end|>\n<|im_start|>assistant
+    \n<answer><|im_end|>``, its positions continue from the prefix (as if it were the only question) and it sees the
+    prefix and itself only (:func:`collate_fanout` builds the mask). Item: ids, labels, pix, types, segment ids
+    (0 = prefix, k = branch k), position ids."""
+
+    def __getitem__(self, i):
+        image, qs = shapes.train_sample(self.offset + i, "train", (self.min_q, self.max_q), TYPE_WEIGHTS)
+        ids, labels, pix = None, [], None
+        segs, pos = [], []
+        for k, q in enumerate(qs, 1):
+            x, y, px = self.enc(image, [q])
+            img_end = int((x == self.enc.image_id).nonzero().max()) + 1
+            if ids is None:
+                ids, labels, pix = [x[:img_end]], [y[:img_end]], px
+                segs.append(torch.zeros(img_end, dtype=torch.long))
+                pos.append(torch.arange(img_end))
+            elif not torch.equal(x[:img_end], ids[0]):
+                raise AssertionError("questions of one image must share the tokens up to the image's end")
+            ids.append(x[img_end:])
+            labels.append(y[img_end:])
+            segs.append(torch.full((len(x) - img_end,), k, dtype=torch.long))
+            pos.append(torch.arange(img_end, len(x)))
+        return torch.cat(ids), torch.cat(labels), pix, [q["type"] for q in qs], torch.cat(segs), torch.cat(pos)
+
+
+def fanout_mask(segs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, L) segment ids (0 = shared prefix, k > 0 = branch k, -1 = padding) -> (B, 1, L, L) attention mask:
+    query i sees key j <= i when j is in the prefix or in i's own branch; a padding row sees itself only.
+    Boolean (True = attend) when ``dtype`` is None, else additive (0 / dtype's min) in ``dtype``."""
+    n = segs.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segs.device).tril()
+    qs, ks = segs[:, :, None], segs[:, None, :]
+    allow = causal & ((ks == 0) | (ks == qs)) & (qs >= 0) & (ks >= 0)
+    allow |= torch.eye(n, dtype=torch.bool, device=segs.device)
+    allow = allow[:, None]
+    if dtype is None:
+        return allow
+    return torch.zeros(allow.shape, dtype=dtype, device=segs.device).masked_fill(~allow, torch.finfo(dtype).min)
+
+
+def collate_fanout(batch, pad_id: int):
+    """Right-padded batch of :class:`FanoutSet` items: ids, labels, segment ids (-1 on padding), position ids,
+    pixel values, types."""
+    n = max(len(b[0]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    segs = torch.full((len(batch), n), -1, dtype=torch.long)
+    pos = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (x, y, _, _, sg, ps) in enumerate(batch):
+        ids[i, :len(x)], labels[i, :len(y)], segs[i, :len(x)], pos[i, :len(x)] = x, y, sg, ps
+    return ids, labels, segs, pos, torch.stack([b[2] for b in batch]), [b[3] for b in batch]
 
 
 def collate(batch, pad_id: int):
@@ -220,6 +279,42 @@ def save_delta(model, loras: dict[str, LoRALinear], vision_layers: list[int], pa
     return path.stat().st_size
 
 
+def load_trainable(model, loras: dict[str, LoRALinear], path) -> int:
+    """Copy a saved delta's projector, LoRA A/B (unmerged) and vision weights into a model being trained."""
+    from safetensors import safe_open
+
+    inner = model.model
+    proj = inner.multi_modal_projector.state_dict()
+    vis_map = R.dinov2_key_map(inner.vision_tower)
+    vis = inner.vision_tower.state_dict()
+    n = 0
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        meta = f.metadata() or {}
+        for k in f.keys():
+            kind, rest = k.split(".", 1)
+            v = f.get_tensor(k)
+            if kind == "projector":
+                dst = proj[rest]
+            elif kind == "vision":
+                dst = vis[vis_map[rest]]
+            elif kind == "lora":
+                name, ab = rest.rsplit(".", 1)
+                if name not in loras:
+                    raise KeyError(f"{path}: LoRA for {name!r}, which this model does not have")
+                dst = getattr(loras[name], ab)
+                if dst.shape != v.shape:
+                    raise ValueError(f"{path}: LoRA {name}.{ab} has shape {tuple(v.shape)}, this run "
+                                     f"{tuple(dst.shape)}; resume with --rank {meta.get('lora_rank')}")
+            else:
+                raise KeyError(f"{path}: unknown key {k!r}")
+            dst.copy_(v.to(dst.dtype))
+            n += 1
+    scale = float(meta.get("lora_scale", "nan"))
+    if loras and abs(scale - next(iter(loras.values())).scale) > 1e-9:
+        raise ValueError(f"{path} was trained with LoRA scale {scale}; pass --rank/--alpha to match it")
+    return n
+
+
 def _make_test(folder: str, n: int) -> None:
     tmp = Path(str(folder) + ".partial")
     shapes.generate(tmp, n=n, seed=0, split="test")
@@ -236,11 +331,15 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=64.0)
     ap.add_argument("--vision-layers", type=int, default=3, help="last DINOv2 layers to fine-tune (0 = frozen)")
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default="a",
-                    help="a: the committed delta's recipe; b: the second attempt (worse, see eval/results/README.md)")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="c",
+                    help="a / b: the first two runs (consecutive chat turns); c: fan-out branches (see RECIPES)")
+    ap.add_argument("--resume", default=None,
+                    help="start from this delta (projector, LoRA A/B, vision layers) instead of a fresh init")
     ap.add_argument("--warmup", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--max-q", type=int, default=None, help="questions per training image: 1..max-q turns")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-offset", type=int, default=0,
+                    help="first train scene (a resumed run should continue where its parent stopped)")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast (default on cuda)")
@@ -289,6 +388,9 @@ def main(argv=None):
     for p in proj_params:
         p.requires_grad_(True)
     loras = add_lora(inner.language_model, args.rank, args.alpha)
+    if args.resume:
+        resumed = load_trainable(model, loras, args.resume)
+        print(f"resumed from {args.resume}: {resumed} tensors", flush=True)
     lora_params = [p for l in loras.values() for p in (l.A, l.B)]
     vis_layers = vision_layers_to_train(model, args.vision_layers) if args.vision_layers > 0 else []
     for i in vis_layers:
@@ -305,7 +407,9 @@ def main(argv=None):
     print(f"trainable params: {n_train / 1e6:.2f} M (projector {sum(p.numel() for p in proj_params)}, "
           f"LoRA r={args.rank} on {len(loras)} linears, vision layers {vis_layers})", flush=True)
 
-    data = TrainSet(processor, args.steps * args.batch_size, offset=0, max_q=args.max_q)
+    fanout = recipe["layout"] == "fanout"
+    data = (FanoutSet if fanout else TrainSet)(processor, args.steps * args.batch_size, offset=args.data_offset,
+                                               max_q=args.max_q, min_q=min(args.max_q, recipe.get("min_q", 1)))
     std_hook = None
     if recipe["standardize"]:  # (b) per-channel feature standardisation before the projector (held-apart seeds)
         stats_set = TrainSet(processor, 64, offset=10**8, max_q=1)
@@ -316,7 +420,7 @@ def main(argv=None):
     pad_id = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        collate_fn=partial(collate, pad_id=pad_id), pin_memory=dev.type == "cuda", drop_last=True,
+        collate_fn=partial(collate_fanout if fanout else collate, pad_id=pad_id), pin_memory=dev.type == "cuda", drop_last=True,
         persistent_workers=False, prefetch_factor=4 if args.workers else None)
 
     log_path = Path(args.log)
@@ -335,10 +439,22 @@ def main(argv=None):
     t_train = time.time()
     stopped_early = None
     step = 0
-    for step, (ids, labels, mask, pix, types) in enumerate(loader, 1):
-        ids, labels, mask = ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), mask.to(dev)
+    sdpa = getattr(model.config.text_config, "_attn_implementation", None) == "sdpa"
+    for step, batch in enumerate(loader, 1):
+        if fanout:
+            ids, labels, segs, pos, pix, types = batch
+            segs, pos = segs.to(dev, non_blocking=True), pos.to(dev, non_blocking=True)
+            mask = fanout_mask(segs, None if sdpa else torch.float32)
+        else:
+            ids, labels, mask, pix, types = batch
+            pos = None
+            mask = mask.to(dev)
+        ids, labels = ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         pix = pix.to(dev, non_blocking=True)
         frac = step / args.steps
+        if args.max_minutes is not None:  # a time-capped run still reaches the end of its schedule
+            budget = 60 * args.max_minutes - (t_train - t_start)
+            frac = max(frac, (time.time() - t_train) / max(1.0, budget))
         warm = min(1.0, step / max(1, args.warmup))
         if recipe["schedule"] == "cosine":  # (a) cosine from 1 to 0.1
             decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
@@ -347,7 +463,7 @@ def main(argv=None):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * warm * decay
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = inner(input_ids=ids, pixel_values=pix, attention_mask=mask).last_hidden_state
+            hidden = inner(input_ids=ids, pixel_values=pix, attention_mask=mask, position_ids=pos).last_hidden_state
             tgt = labels[:, 1:]
             sel = tgt != -100
             logits = model.lm_head(hidden[:, :-1][sel]).float()
@@ -385,7 +501,8 @@ def main(argv=None):
     train_s = time.time() - t_train
     meta = {"format": "vltok-ref-delta/1", "lora_scale": args.alpha / args.rank, "lora_rank": args.rank,
             "vision_feature_layer": model.config.vision_feature_layer, "steps": step, "seed": args.seed,
-            "batch_size": args.batch_size, "vision_layers": ",".join(map(str, vis_layers))}
+            "batch_size": args.batch_size, "vision_layers": ",".join(map(str, vis_layers)),
+            "recipe": args.recipe, "resumed_from": args.resume or "", "data_offset": args.data_offset}
     size = save_delta(model, loras, vis_layers, Path(args.out), meta, standardize=std_hook)
     done = {"done": True, "steps": step, "stopped_early_at": stopped_early, "train_seconds": round(train_s, 1),
             "delta_bytes": size, "delta": str(args.out)}

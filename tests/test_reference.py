@@ -190,6 +190,46 @@ def test_training_encoder_matches_the_processor(base_ref):
     assert proc.tokenizer.decode(ids[labels != -100]) == q["answer"] + "<|im_end|>"
 
 
+def test_fanout_mask_sees_prefix_and_own_branch_only():
+    segs = torch.tensor([[0, 0, 1, 1, 2, 2, 2, -1]])
+    m = T.fanout_mask(segs)[0, 0]
+    assert m[3].tolist() == [True, True, True, True, False, False, False, False]
+    assert m[6].tolist() == [True, True, False, False, True, True, True, False]
+    assert m[7].tolist() == [False] * 7 + [True]  # padding sees itself only (no empty softmax rows)
+    add = T.fanout_mask(segs, torch.float32)[0, 0]
+    assert torch.equal(add == 0, m)
+
+
+@needs_ref
+def test_fanout_branches_equal_single_question_sequences(base_ref):
+    """Each branch of a fan-out row gives the logits of its question asked alone (the test-time prompt): the
+    shared prefix, positions and mask are exact, for a padded batch under sdpa (bool mask) and eager (additive)."""
+    model, proc = base_ref
+    ds = T.FanoutSet(proc, n=40, max_q=5)
+    idx = [i for i in range(40) if len(ds[i][3]) >= 3][:2]
+    items = [ds[i] for i in idx]
+    ids, labels, segs, pos, pix, types = T.collate_fanout(items, proc.tokenizer.pad_token_id)
+    assert min(len(it[0]) for it in items) < ids.shape[1]  # one row is padded
+    enc = T.Encoder(proc)
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        mask = T.fanout_mask(segs, None if impl == "sdpa" else torch.float32)
+        with torch.no_grad():
+            fan = model(input_ids=ids, pixel_values=pix, attention_mask=mask, position_ids=pos).logits
+        b = min(range(2), key=lambda j: len(items[j][0]))  # the padded row
+        image, qs = shapes.train_sample(idx[b], "train", (1, 5), T.TYPE_WEIGHTS)
+        for k, q in enumerate(qs, 1):
+            x, y, px = enc(image, [q])
+            with torch.no_grad():
+                one = model(input_ids=x[None], pixel_values=px[None]).logits[0]
+            sel = (segs[b] == k).nonzero().flatten()
+            n_pre = int((segs[b] == 0).sum())
+            assert len(sel) == len(x) - n_pre
+            torch.testing.assert_close(fan[b, sel], one[n_pre:], atol=2e-4, rtol=1e-4)
+            assert torch.equal(labels[b, sel], y[n_pre:])
+    model.set_attn_implementation("sdpa")
+
+
 @needs_ref
 def test_dinov2_matches_onnxruntime(base_ref):
     ort = pytest.importorskip("onnxruntime")
