@@ -3,7 +3,9 @@ feed the selected feature layer. Data is generated on the fly from the ``train``
 
     python -m vltok.eval.train_reference --device cuda --steps 1400 --out assets/vltok-ref-delta.safetensors
 
-Everything is seeded: scene ``i`` of step ``s`` is train seed ``s * batch + i``, and LoRA / projector init use
+The committed delta was trained in three time-capped segments, each resuming from the last (``--resume``,
+``--data-offset``); eval/results/README.md has the exact commands and the accuracy after each.
+Everything is seeded: scene ``i`` of step ``s`` is train seed ``offset + s * batch + i``, and LoRA / projector init use
 ``--seed``. (GPU kernels are not bit-deterministic, so a rerun matches to rounding, not bit for bit.)
 The delta holds ``projector.*`` (fp32), ``lora.<LM linear>.A/.B`` (fp16; merged into the weights at load) and
 ``vision.<hub Dinov2 key>`` (fp16); see :func:`vltok.reference.apply_delta`.
@@ -337,6 +339,8 @@ def main(argv=None):
                     help="start from this delta (projector, LoRA A/B, vision layers) instead of a fresh init")
     ap.add_argument("--warmup", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--max-q", type=int, default=None, help="questions per training image: 1..max-q turns")
+    ap.add_argument("--type-weight", action="append", default=[], metavar="TYPE=W",
+                    help="sampling weight of a question type (repeatable), e.g. --type-weight count=3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-offset", type=int, default=0,
                     help="first train scene (a resumed run should continue where its parent stopped)")
@@ -353,6 +357,11 @@ def main(argv=None):
     ap.add_argument("--eval-batch", type=int, default=64)
     args = ap.parse_args(argv)
     recipe = RECIPES[args.recipe]
+    for tw in args.type_weight:
+        name, _, w = tw.partition("=")
+        if name not in TYPE_WEIGHTS or not w:
+            ap.error(f"--type-weight {tw!r}: expected TYPE=W with TYPE one of {sorted(TYPE_WEIGHTS)}")
+        TYPE_WEIGHTS[name] = float(w)
     args.warmup = recipe["warmup"] if args.warmup is None else args.warmup
     args.max_q = recipe["max_q"] if args.max_q is None else args.max_q
 
@@ -420,14 +429,16 @@ def main(argv=None):
     pad_id = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        collate_fn=partial(collate_fanout if fanout else collate, pad_id=pad_id), pin_memory=dev.type == "cuda", drop_last=True,
+        collate_fn=partial(collate_fanout if fanout else collate, pad_id=pad_id), pin_memory=dev.type == "cuda",
+        drop_last=True,
         persistent_workers=False, prefetch_factor=4 if args.workers else None)
 
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")
     config = {k: v for k, v in vars(args).items()}
-    config.update(torch=torch.__version__, device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+    config.update(type_weights=dict(TYPE_WEIGHTS), torch=torch.__version__,
+                  device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                   trainable_params=n_train, vision_layers_trained=vis_layers,
                   vision_feature_layer=model.config.vision_feature_layer)
     import transformers
