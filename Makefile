@@ -28,4 +28,12 @@ demo: setup
 example: setup
 	$(VENV)/bin/python -m vltok.demos.example
 
-.PHONY: setup test test-slow demo example
+# every method x keep on the reference VLM (GPU: ~10 min on an H100 at 28 questions per type x region cell)
+QUALITY_DATA ?= data/shapes-test
+QUALITY_OUT ?= eval/results/quality
+QUALITY_ARGS ?= --per-cell 28
+quality: setup
+	test -f $(QUALITY_DATA)/questions.jsonl || $(VENV)/bin/vltok shapes $(QUALITY_DATA) --n 2268 --seed 0
+	$(VENV)/bin/python -m vltok.eval.quality $(QUALITY_DATA) --out $(QUALITY_OUT) $(QUALITY_ARGS)
+
+.PHONY: setup test test-slow demo example quality

@@ -38,11 +38,13 @@ def kept_shares(model, processor, items, methods=METHODS, keep=0.16):
         with vltok.patched(model, name, keep=keep, **kw) as h:
             for scene, rec in items:
                 inp = processor(images=[render(scene)], text=[prompt(rec["question"])], return_tensors="pt")
+                dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
+                inp = {k: (v.to(dev, dt) if torch.is_floating_point(v) else v.to(dev)) for k, v in inp.items()}
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     model(**inp)
                 secs += time.perf_counter() - t0
-                ids = inp["input_ids"][0]
+                ids = inp["input_ids"][0].cpu()
                 img = (ids == processor.image_token_id).nonzero().flatten()
                 g = int(round(img.numel() ** 0.5))
                 kept = torch.isin(img, h.inllm_kept_columns[0].cpu()).nonzero().flatten()   # raster indices
@@ -66,12 +68,13 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=24, help="items of the shapes test split")
     ap.add_argument("--keep", type=float, default=0.16)
     ap.add_argument("--delta", default="auto", help="'auto' (the trained delta if present), 'none', or a path")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     import vltok.reference as ref
 
     from .shapes import test_item
 
-    model, processor = ref.load(delta={"auto": True, "none": False}.get(args.delta, args.delta))
+    model, processor = ref.load(device=args.device, delta={"auto": True, "none": False}.get(args.delta, args.delta))
     print("trained delta:", ref.default_delta_path() if args.delta == "auto" else args.delta, flush=True)
     items = [test_item(i) for i in range(args.n)]
     print(json.dumps(dict(n=args.n, keep=args.keep, results=kept_shares(model, processor, items, keep=args.keep)),
