@@ -208,14 +208,15 @@ def main(argv=None) -> int:
             results.append({"method": m, "keep": k, "patch": patch, "error": f"{type(e).__name__}: {e}"})
             msg = f"refused: {type(e).__name__}: {e}"
         print(f"[{i}/{len(runs)}] {m} keep={k:g}: {msg} ({time.time() - t:.1f} s)", flush=True)
-    dev = results[0].get("gpu") or args.device
-    v = results[0].get("versions", {})
-    header = (f"# Quality tables: vltok-ref on shapes ({len(records)} questions, "
-              f"{args.per_cell or 'all'} per type x region cell)\n\n"
-              f"Device {dev}, {dtype}, greedy, batch {args.batch_size}; torch {v.get('torch')}, transformers "
-              f"{v.get('transformers')}; sweep {time.time() - t0:.0f} s. Command: `python -m vltok.eval.quality "
-              + " ".join(argv if argv is not None else sys.argv[1:]) + "`.\n")
-    write_all(results, methods, args.out, header, [r["id"] for r in records])
+        dev = results[0].get("gpu") or args.device
+        v = results[0].get("versions", {})
+        header = (f"# Quality tables: vltok-ref on shapes ({len(records)} questions, "
+                  f"{args.per_cell or 'all'} per type x region cell)\n\n"
+                  f"Device {dev}, {dtype}, greedy, batch {args.batch_size}; torch {v.get('torch')}, transformers "
+                  f"{v.get('transformers')}; {i} of {len(runs)} runs, {time.time() - t0:.0f} s. Command: "
+                  "`python -m vltok.eval.quality " + " ".join(argv if argv is not None else sys.argv[1:]) + "`.\n")
+        if results[0]["method"] == "full" and "error" not in results[0]:  # rewritten after every run: a cut
+            write_all(results, methods, args.out, header, [r["id"] for r in records])  # sweep keeps its tables
     if not args.no_plot:
         plot([r for r in results if "error" not in r], Path(args.out).with_suffix(".png"))
     print(Path(args.out).with_suffix(".md").read_text())
