@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--delta", default=None, help="reference delta (default: the committed one)")
     ap.add_argument("--out", default="eval/results/quality")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in OUT.json, do the rest")
     ap.add_argument("--arg", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="extra keyword for one method, value parsed as JSON (repeatable)")
     args = ap.parse_args(argv)
@@ -194,9 +195,19 @@ def main(argv=None) -> int:
     model, processor = reference.load(device=args.device, dtype=getattr(torch, dtype),
                                       delta=args.delta if args.delta else True)
     results: list[dict] = []
+    ids = [r["id"] for r in records]
+    done_path = Path(args.out).with_suffix(".json")
+    if args.resume and done_path.exists():
+        old = json.loads(done_path.read_text())
+        if old.get("question_ids") != ids:
+            ap.error(f"--resume: {done_path} was measured on other questions; remove it or change --out")
+        results = [r for r in old["runs"] if "error" not in r]
+        print(f"resuming: {len(results)} runs kept from {done_path}", flush=True)
     t0 = time.time()
     runs = plan(methods, args.keeps)
     for i, (m, k) in enumerate(runs, 1):
+        if any(r["method"] == m and abs(r["keep"] - k) < 1e-9 for r in results):
+            continue
         patch = None if m == "full" else {"method": m, "keep": k, **extra.get(m, {})}
         t = time.time()
         try:
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
                   f"{v.get('transformers')}; {i} of {len(runs)} runs, {time.time() - t0:.0f} s. Command: "
                   "`python -m vltok.eval.quality " + " ".join(argv if argv is not None else sys.argv[1:]) + "`.\n")
         if results[0]["method"] == "full" and "error" not in results[0]:  # rewritten after every run: a cut
-            write_all(results, methods, args.out, header, [r["id"] for r in records])  # sweep keeps its tables
+            write_all(results, methods, args.out, header, ids)  # sweep keeps its tables
     if not args.no_plot:
         plot([r for r in results if "error" not in r], Path(args.out).with_suffix(".png"))
     print(Path(args.out).with_suffix(".md").read_text())
