@@ -73,6 +73,8 @@ class LlavaAdapter(PlaceholderAdapter):
         that layer's output is otherwise unused by LLaVA (vision_feature_layer=-2), so only two rows are extra."""
         from vltok.inllm import attention_rows
 
+        from .hf_vit import attention_parts
+
         vc = self.model.config.vision_config
         n_special = _n_special_tokens(vc)
         if n_special == 0:   # SigLIP: no CLS token, so no CLS attention
@@ -81,16 +83,15 @@ class LlavaAdapter(PlaceholderAdapter):
         enc = getattr(tower, "vision_model", tower).encoder
         last = (getattr(enc, "layers", None) or enc.layer)[-1]
         attn = getattr(last, "self_attn", None) or last.attention
-        scale = getattr(attn, "scaling", None) or attn.scale
+        q_lin, k_lin, _, _, _, hd, scale = attention_parts(attn)
         cap = {}
-        hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
-                 attn.k_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("k", o))]
+        hooks = [q_lin.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
+                 k_lin.register_forward_hook(lambda m, a, o: cap.__setitem__("k", o))]
 
         def done(module, args, out):
             q, k = cap.pop("q", None), cap.pop("k", None)
             if q is None or k is None:
                 return
-            hd = attn.head_dim
             T = k.shape[1]
             ok = torch.ones(1, T, dtype=torch.bool, device=k.device)
             engine.set_saliency([attention_rows(q[i, :1].view(1, -1, hd), k[i].view(T, -1, hd), ok,
