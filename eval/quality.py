@@ -48,11 +48,13 @@ def by_answer_length(records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: order.get(r["type"], len(order)))
 
 
-def plan(methods: list[str], keeps: list[float]) -> list[tuple[str, float]]:
-    """(method, keep) runs: the full model once, then every method at every keep < 1 and at its natural budgets."""
+def plan(methods: list[str], keeps: list[float], natural: bool = True) -> list[tuple[str, float]]:
+    """(method, keep) runs: the full model once, then every method at every keep < 1 and (``natural``) at its
+    natural budgets."""
     runs = [("full", 1.0)]
     for m in methods:
-        ks = sorted({k for k in keeps if k < 1.0} | {round(k, 6) for k in NATURAL.get(m, ())}, reverse=True)
+        nat = NATURAL.get(m, ()) if natural else ()
+        ks = sorted({k for k in keeps if k < 1.0} | {round(k, 6) for k in nat}, reverse=True)
         runs += [(m, k) for k in ks]
     return runs
 
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="eval/results/quality")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in OUT.json, do the rest")
+    ap.add_argument("--no-natural", action="store_true",
+                    help="only --keeps (e.g. a trained variant that exists for one budget)")
     ap.add_argument("--arg", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="extra keyword for one method, value parsed as JSON (repeatable)")
     args = ap.parse_args(argv)
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
         results = [r for r in old["runs"] if "error" not in r]
         print(f"resuming: {len(results)} runs kept from {done_path}", flush=True)
     t0 = time.time()
-    runs = plan(methods, args.keeps)
+    runs = plan(methods, args.keeps, natural=not args.no_natural)
     for i, (m, k) in enumerate(runs, 1):
         if any(r["method"] == m and abs(r["keep"] - k) < 1e-9 for r in results):
             continue

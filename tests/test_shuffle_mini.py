@@ -213,3 +213,18 @@ def test_trained_projector_refused_where_the_adapter_cannot_run_it():
     with pytest.raises(vltok.IncompatibleError, match="trained projector"):
         vltok.patch(m, "tokenshuffle", keep=0.25, projector=proj)
     assert vltok.get_handle(m) is None and "forward" not in m.__dict__
+
+
+def _square(step):
+    return {"x": torch.full((2,), float(step * step))}
+
+
+def test_prefetched_batches_equal_direct_calls_in_order_and_after_a_jump():
+    from vltok.train import Prefetched
+
+    pf = Prefetched(_square, workers=2)
+    try:
+        got = [float(pf(s)["x"][0]) for s in (0, 1, 2, 3, 7, 8)]
+    finally:
+        pf.close()
+    assert got == [0.0, 1.0, 4.0, 9.0, 49.0, 64.0]

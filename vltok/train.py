@@ -140,19 +140,70 @@ def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, s
 
 
 # -- data --------------------------------------------------------------------------------------------------------
-def shapes_batches(processor, batch_size: int, device=None, offset: int = 0):
-    """The reference VLM's training stream (shapes ``train`` split): step s uses scenes offset + s*batch + i."""
+def shapes_batches(processor, batch_size: int, device=None, offset: int = 0, workers: int = 0):
+    """The reference VLM's training stream (shapes ``train`` split): step s uses scenes offset + s*batch + i.
+    ``workers`` > 0 renders the next batches in that many forked processes (same batches, same order)."""
     from vltok.eval.train_reference import TrainSet, collate
 
     ds = TrainSet(processor, n=1 << 62, offset=offset)
     pad = processor.tokenizer.pad_token_id or 0
 
-    def batch_at(step):
+    def cpu_batch(step):
         ids, labels, mask, pix, _ = collate([ds[step * batch_size + i] for i in range(batch_size)], pad)
-        b = dict(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels)
+
+    make = Prefetched(cpu_batch, workers) if workers else cpu_batch
+
+    def batch_at(step):
+        b = make(step)
         return {k: v.to(device) for k, v in b.items()} if device is not None else b
 
     return batch_at
+
+
+_PREFETCH: dict = {}
+
+
+def _prefetch_call(step):
+    return _PREFETCH["fn"](step)
+
+
+class Prefetched:
+    """``fn(step)`` computed ahead in forked worker processes (at most ``2 * workers`` steps ahead) for steps
+    s, s+1, ... in order; a call out of sequence restarts there. Results equal ``fn(step)`` (fn must be
+    deterministic by step)."""
+
+    def __init__(self, fn, workers: int):
+        self.fn, self.workers = fn, workers
+        self.pool = None
+        self.pending: list = []   # [(step, AsyncResult)] in step order
+        self.next = None
+
+    def __call__(self, step: int):
+        if self.pool is None or step != self.next:
+            self.close()
+            import multiprocessing as mp
+
+            _PREFETCH["fn"] = self.fn
+            self.pool = mp.get_context("fork").Pool(self.workers)
+            self.pending, self.next = [], step
+        end = self.pending[-1][0] + 1 if self.pending else step
+        while len(self.pending) < 2 * self.workers:
+            self.pending.append((end, self.pool.apply_async(_prefetch_call, (end,))))
+            end += 1
+        got, res = self.pending.pop(0)
+        assert got == step
+        self.next = step + 1
+        return res.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+            self.pending = []
+
+    def __del__(self):
+        self.close()
 
 
 def llava_json_batches(processor, path: str, image_folder: str, batch_size: int, device=None):
@@ -228,6 +279,7 @@ def register(sub):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--workers", type=int, default=0, help="processes rendering shapes batches ahead")
     p.set_defaults(func=_cli)
 
 
@@ -242,8 +294,10 @@ def _cli(args):
 
         model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(args.device)
         processor = AutoProcessor.from_pretrained(args.model)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     if args.data == "shapes":
-        batch_at = shapes_batches(processor, args.batch_size, args.device)
+        batch_at = shapes_batches(processor, args.batch_size, args.device, workers=args.workers)
     else:
         batch_at = llava_json_batches(processor, args.data, args.image_folder, args.batch_size, args.device)
     eval_fn = None
