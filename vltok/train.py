@@ -168,6 +168,10 @@ def _prefetch_call(step):
     return _PREFETCH["fn"](step)
 
 
+def _prefetch_init():
+    torch.set_num_threads(1)   # a forked child must not reuse the parent's intra-op thread pool (it can hang)
+
+
 class Prefetched:
     """``fn(step)`` computed ahead in forked worker processes (at most ``2 * workers`` steps ahead) for steps
     s, s+1, ... in order; a call out of sequence restarts there. Results equal ``fn(step)`` (fn must be
@@ -185,7 +189,7 @@ class Prefetched:
             import multiprocessing as mp
 
             _PREFETCH["fn"] = self.fn
-            self.pool = mp.get_context("fork").Pool(self.workers)
+            self.pool = mp.get_context("fork").Pool(self.workers, initializer=_prefetch_init)
             self.pending, self.next = [], step
         end = self.pending[-1][0] + 1 if self.pending else step
         while len(self.pending) < 2 * self.workers:
