@@ -5,6 +5,9 @@
 DCT low-pass: torch dense GEMM (one cuBLAS call on the cached basis) vs the Triton kernel; floor = bytes moved
 (input read once, output written once, basis once) / measured device-to-device copy bandwidth.
 CGSM matching: torch reference (materialises S) vs Triton (tiled, never stores S), bf16 metric.
+Token gather (vltok.kernels.gather, --only gather): one gather per tensor (torch) vs one fused Triton launch for the
+hidden, cos, sin and position-id rows of the kept tokens; the engine keeps Triton as the default on CUDA only if
+it is not slower here.
 Times are medians of triton.testing.do_bench (CUDA events), correctness checked on fresh random inputs each case.
 """
 from __future__ import annotations
@@ -73,9 +76,35 @@ def bench_cgsm(rows):
         print(rows[-1], flush=True)
 
 
+def bench_gather(bw, rows):
+    """Token compaction at a cut: hidden rows plus cos / sin / position-id rows; torch = one gather per tensor."""
+    from triton.testing import do_bench
+
+    from vltok.kernels.gather import gather_rows
+
+    for (B, S, D, k, hd) in [(1, 675, 4096, 199, 128), (8, 675, 4096, 199, 128), (8, 675, 4096, 110, 128),
+                             (1, 2980, 4096, 600, 128), (8, 2980, 4096, 600, 128), (8, 675, 4096, 600, 128)]:
+        x = torch.randn(B, S, D, device="cuda", dtype=torch.bfloat16)
+        cos = torch.randn(1, S, hd, device="cuda", dtype=torch.bfloat16)
+        sin = torch.randn_like(cos)
+        pid = torch.arange(S, device="cuda")[None]
+        idx = torch.stack([torch.randperm(S, device="cuda")[:k].sort().values for _ in range(B)])
+        args = (x, idx, cos, sin, idx, pid)
+        a, b = gather_rows(*args, impl="torch"), gather_rows(*args, impl="triton")
+        same = all(torch.equal(p, q) for p, q in zip(a, b))
+        t = {impl: do_bench(lambda: gather_rows(*args, impl=impl), warmup=25, rep=100, return_mode="median")
+             for impl in ("torch", "triton")}
+        floor_ms = 2 * (B * k * (D + 2 * hd) * 2 + B * k * 8) / bw * 1e3   # read + write the kept rows
+        rows.append(("gather", f"B={B} S={S} D={D} k={k} +cos/sin/pid", t["torch"] * 1e3, t["triton"] * 1e3,
+                     floor_ms * 1e3, t["triton"] / floor_ms, t["torch"] / t["triton"], f"equal {same}"))
+        print(rows[-1], flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", nargs="+", choices=("dct", "cgsm", "gather"), default=("dct", "cgsm", "gather"),
+                    help="run only these kernels' benchmarks")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -83,8 +112,12 @@ def main(argv=None):
 
     bw = copy_bandwidth()
     rows = []
-    bench_dct(bw, rows)
-    bench_cgsm(rows)
+    if "dct" in args.only:
+        bench_dct(bw, rows)
+    if "cgsm" in args.only:
+        bench_cgsm(rows)
+    if "gather" in args.only:
+        bench_gather(bw, rows)
     md = [f"# vltok kernel micro-benchmarks\n\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
           f"triton {triton.__version__}; measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write). "
           "Medians of triton.testing.do_bench.\n",

@@ -79,6 +79,31 @@ class _Sample:
     images: list = field(default_factory=list)      # per image: [abs positions (current survivors), raster indices]
 
 
+@dataclass
+class _Slot:
+    """Image j of every sample, batched (used when all samples have the same grids, the usual batch): current
+    survivors as absolute columns ``pos`` [B, n_cur] and raster indices ``raster`` [B, n_cur], both ascending."""
+
+    pos: torch.Tensor
+    raster: torch.Tensor
+    n: int
+    grid: tuple[int, int] | None
+    extra: int
+    image: int
+    saliency: torch.Tensor | None   # [B, n]
+
+
+@dataclass
+class BatchView:
+    """What ``select_batch`` sees of one image slot at one cut, for G samples at once: ``raster`` [G, n_cur]
+    (ascending per row), ``saliency`` [G, n] or None. Every row has the same grid, native count and survivor count."""
+
+    grid: tuple[int, int] | None
+    n: int
+    raster: torch.Tensor
+    saliency: torch.Tensor | None = None
+
+
 def gather_seq(t: torch.Tensor, idx: torch.Tensor, seq_axis: int) -> torch.Tensor:
     """Gather ``t`` on its sequence axis with per-sample indices ``idx`` [B, S'] (batch axis = the axis before).
 
@@ -126,6 +151,24 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tensor, scale
     logits = torch.einsum("rhd,khd->hrk", q.float(), k) * scale
     logits = logits.masked_fill(~key_ok[None], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(0)
+
+
+def attention_rows_batched(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tensor | None, scale: float):
+    """:func:`attention_rows` for a batch: q [B, R, H, hd], k [B, K, H_kv, hd], key_ok [B, R, K] bool or None (all
+    keys) -> [B, R, K] fp32, mean over heads."""
+    H, H_kv = q.shape[2], k.shape[2]
+    k = k.float().repeat_interleave(H // H_kv, dim=2) if H != H_kv else k.float()
+    logits = torch.einsum("brhd,bkhd->bhrk", q.float(), k) * scale
+    if key_ok is not None:
+        logits = logits.masked_fill(~key_ok[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(1)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, S, ...] gathered on axis 1 with idx [B, S'] (one launch)."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
 
 
 class InLLMEngine:
@@ -215,8 +258,9 @@ class InLLMEngine:
                       key=lambda c: c.layer)
         B = am.shape[0]
         dev = am.device
+        slots = self._slots(layout, dev)
         samples = []
-        for imgs in layout:
+        for imgs in (layout if slots is None else ()):
             s = _Sample()
             for im in imgs:
                 n = int(im.positions.numel())
@@ -225,7 +269,31 @@ class InLLMEngine:
         self._call = dict(S=S, cuts={c.layer: c for c in cuts}, samples=samples, am=am.to(dev),
                           keep=torch.arange(S, device=dev).expand(B, S), per_layer={}, layer_keep={},
                           dead=torch.zeros(B, S, dtype=torch.bool, device=dev), layer_dead={},
-                          scoring=0.0, n0=sum(sizes[0]), cache=None)
+                          scoring=0.0, n0=sum(sizes[0]), cache=None, slots=slots, layout=layout, has_dead=False,
+                          rel=None, gathered=None, text_rows=None)
+
+    def _slots(self, layout, dev):
+        """Batched image slots when every sample holds the same grids and the method selects a slot at once
+        (``select_batch``); None for the per-sample path (ragged batches, or a ``select`` replaced on the instance,
+        which the engine then honours)."""
+        sel = self.method.in_llm
+        if getattr(sel, "select_batch", None) is None or "select" in vars(sel):
+            return None
+        first = layout[0]
+        if any(len(imgs) != len(first) for imgs in layout):
+            return None
+        slots = []
+        for j, im0 in enumerate(first):
+            col = [imgs[j] for imgs in layout]
+            n = im0.positions.numel()
+            if any(im.positions.numel() != n or im.grid != im0.grid or im.extra != im0.extra or im.image != im0.image
+                   or im.protected is not None or (im.saliency is None) != (im0.saliency is None) for im in col):
+                return None
+            pos = torch.stack([im.positions.reshape(-1) for im in col]).to(dev, torch.long)   # one copy
+            sal = torch.stack([im.saliency for im in col]).to(dev) if im0.saliency is not None else None
+            slots.append(_Slot(pos, torch.arange(n, device=dev).expand(len(col), n), n, im0.grid, im0.extra,
+                               im0.image, sal))
+        return slots
 
     def _capture_hook(self, i, which):
         def hook(module, args, out):
@@ -266,40 +334,81 @@ class InLLMEngine:
             c["cache"] = kwargs["past_key_values"]
             _check_cache(c["cache"], self.method.name)
         hidden = args[0] if args else kwargs["hidden_states"]
+        kw = dict(kwargs)
         if i in c["cuts"]:
             t0 = time.perf_counter()
-            prev = c["keep"]
-            new = self._cut(c["cuts"][i], kwargs)
-            rel = torch.stack([torch.searchsorted(prev[b], new[b]) for b in range(new.shape[0])])
-            hidden = gather_seq(hidden, rel, -2)
+            new, rel = self._cut(c["cuts"][i], kwargs)
             c["keep"] = new
+            hidden = self._gather_at_cut(hidden, rel, new, kw)
             c["scoring"] += time.perf_counter() - t0
-        c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
+        if c["slots"] is not None:
+            c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
+        else:
+            c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
         if c["keep"].shape[1] == c["S"]:
             return None
         keep = c["keep"]
         c["layer_keep"][i] = keep
-        kw = dict(kwargs)
-        pe = kw.get("position_embeddings")
-        if pe is not None:
-            kw["position_embeddings"] = tuple(gather_seq(t, keep, -2) for t in pe)
-        pid = kw.get("position_ids")
-        if isinstance(pid, torch.Tensor):
-            kw["position_ids"] = (None if self.adapter.model.config._attn_implementation.startswith("flash")
-                                  else gather_seq(pid, keep, -1))
-        m = kw.get("attention_mask")
-        if isinstance(m, torch.Tensor):
-            m = gather_mask(m, keep if m.dim() == 4 else None, keep)
-        dead = c["dead"].gather(1, keep)
-        if bool(dead.any()):
-            c["layer_dead"][i] = dead
-            m = self._mask_dead(m, dead, prefill=True)
-        if "attention_mask" in kw or m is not None:
-            kw["attention_mask"] = m
+        # HF hands every layer the same loop-level position embeddings / ids / mask: gather them once per cut
+        g = c["gathered"]
+        pe, pid, m = kw.get("position_embeddings"), kw.get("position_ids"), kw.get("attention_mask")
+        if g is None or g["keep"] is not keep or g["src"][0] is not (pe[0] if pe is not None else None) \
+                or g["src"][1] is not pid or g["src"][2] is not m:
+            out, dead = self._gather_loop_kwargs(kw, keep)
+            g = c["gathered"] = dict(keep=keep, src=(pe[0] if pe is not None else None, pid, m), out=out, dead=dead)
+        if g["dead"] is not None:
+            c["layer_dead"][i] = g["dead"]
+        kw.update(g["out"])
         if args:
             return (hidden, *args[1:]), kw
         kw["hidden_states"] = hidden
         return args, kw
+
+    def _gather_at_cut(self, hidden, rel, keep, kw):
+        """Hidden rows of the survivors and, in the same launch (vltok.kernels.gather), the loop-level cos / sin and
+        position-id rows of the new columns, which every layer up to the next cut reuses."""
+        from vltok.kernels.gather import gather_rows
+
+        pe = kw.get("position_embeddings")
+        pid = kw.get("position_ids") if isinstance(kw.get("position_ids"), torch.Tensor) else None
+        if self.adapter.model.config._attn_implementation.startswith("flash"):
+            pid = None
+        if pid is not None and pid.dim() != 2:
+            pid = None
+        if pe is not None and not (len(pe) == 2 and pe[0].dim() == 3 and pe[0].shape[0] in (1, keep.shape[0])):
+            pe = None                                    # (Qwen's [3, B, S, hd] goes through gather_seq)
+        hidden, cos, sin, pid_out = gather_rows(hidden, rel, *(pe or (None, None)), keep, pid)
+        self._call["pre_gathered"] = (keep, pe[0] if pe is not None else None, (cos, sin), pid, pid_out)
+        return hidden
+
+    def _gather_loop_kwargs(self, kw, keep):
+        c = self._call
+        out = {}
+        pre = c.pop("pre_gathered", None)
+        if pre is not None and pre[0] is not keep:
+            pre = None
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            if pre is not None and pre[1] is pe[0]:
+                out["position_embeddings"] = pre[2]
+            else:
+                out["position_embeddings"] = tuple(gather_seq(t, keep, -2) for t in pe)
+        pid = kw.get("position_ids")
+        if isinstance(pid, torch.Tensor):
+            if self.adapter.model.config._attn_implementation.startswith("flash"):
+                out["position_ids"] = None
+            else:
+                out["position_ids"] = pre[4] if pre is not None and pre[3] is pid else gather_seq(pid, keep, -1)
+        m = kw.get("attention_mask")
+        if isinstance(m, torch.Tensor):
+            m = gather_mask(m, keep if m.dim() == 4 else None, keep)
+        dead = None
+        if c["has_dead"]:   # known on the host: the per-sample path padded a sample with filler columns at this cut
+            dead = c["dead"].gather(1, keep)
+            m = self._mask_dead(m, dead, prefill=True)
+        if "attention_mask" in kw or m is not None:
+            out["attention_mask"] = m
+        return out, dead
 
     def _mask_dead(self, m, dead, prefill, q=1):
         """Mask the key columns ``dead`` [B, K] (filler columns) in a gathered mask, building one if it is None."""
@@ -316,8 +425,9 @@ class InLLMEngine:
             return m & ~dead[:, None, None, :]
         return m.masked_fill(dead[:, None, None, :], torch.finfo(m.dtype).min)
 
-    def _cut(self, cut: Cut, kwargs) -> torch.Tensor:
-        """Score the current survivors from layer cut.layer-1's q/k and return the new kept columns [B, S']."""
+    def _cut(self, cut: Cut, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score the current survivors from layer cut.layer-1's q/k; return the new kept columns [B, S'] and their
+        indices into the current sequence [B, S']."""
         c = self._call
         q_out, k_out = self._captured.get("q"), self._captured.get("k")
         if q_out is None or k_out is None:
@@ -327,6 +437,102 @@ class InLLMEngine:
         B, Sc = q_out.shape[:2]
         q = q_out.view(B, Sc, -1, hd)
         k = k_out.view(B, Sc, -1, hd)
+        if c["slots"] is not None:
+            out = self._cut_batched(cut, kwargs, q, k, attn)
+            if out is not None:
+                return out
+            c["samples"] = self._samples_from_slots()   # the method cannot select this cut batched
+            c["slots"] = None
+        prev = c["keep"]
+        new = self._cut_per_sample(cut, kwargs, q, k, attn)
+        return new, torch.searchsorted(prev.contiguous(), new)
+
+    def _cut_batched(self, cut, kwargs, q, k, attn):
+        """The cut for batched slots: a fixed number of launches for the whole batch, no host sync (every count
+        is known on the host from the shapes). Returns None when the method declines (``select_batch`` -> None)."""
+        c = self._call
+        prev = c["keep"].contiguous()
+        B, Sc = prev.shape
+        dev = prev.device
+        slots = c["slots"]
+        cur = [torch.searchsorted(prev, sl.pos) for sl in slots]          # current indices of each slot's tokens
+        vis = cur[0] if len(cur) == 1 else torch.cat(cur, 1)
+        ar = torch.arange(Sc, device=dev)
+        amc = c["am"].gather(1, prev).bool()
+        last = torch.where(amc, ar, -1).amax(1, keepdim=True)             # the last real column
+        valid = None
+        if cut.query == "last":
+            rows = last
+        else:                                                             # real columns after the sample's images
+            rows_abs, valid = self._text_rows()
+            rows = torch.searchsorted(prev, rows_abs).clamp(max=Sc - 1)
+            anyv = valid.any(1, keepdim=True)                             # none: the last real column instead
+            rows = torch.cat([torch.where(anyv, rows[:, :1], last), rows[:, 1:]], 1)
+            valid = torch.cat([valid[:, :1] | ~anyv, valid[:, 1:]], 1)
+        keys = vis if cut.softmax == "visual" else None                    # None: every current column
+        qr = _take(q, rows)
+        kk = k if keys is None else _take(k, keys)
+        if cut.rope:
+            pe = kwargs["position_embeddings"]
+            at_rows = prev.gather(1, rows)
+            at_keys = prev if keys is None else prev.gather(1, keys)
+            cr, sr = (gather_seq(t, at_rows, -2) for t in pe)
+            ck, sk = (gather_seq(t, at_keys, -2) for t in pe)
+            # rows and keys have different lengths: rotate each as "q" (the one-head "k" is a throw-away)
+            qr = self.adapter.apply_rope(qr.transpose(1, 2), qr[:, :, :1].transpose(1, 2), cr, sr)[0].transpose(1, 2)
+            kk = self.adapter.apply_rope(kk.transpose(1, 2), kk[:, :, :1].transpose(1, 2), ck, sk)[0].transpose(1, 2)
+        ok = None if keys is not None else amc[:, None, :] & (ar[None, None, :] <= rows[:, :, None])
+        probs = attention_rows_batched(qr, kk, ok, attn.scaling)          # [B, R, K]
+        if keys is None:
+            probs = probs.gather(2, vis[:, None, :].expand(-1, probs.shape[1], -1))
+        if valid is not None:                                             # padded query rows score nothing
+            probs = torch.where(valid[:, :, None], probs, 0.0)
+        sels, off = [], 0
+        for sl in slots:
+            n_cur = sl.pos.shape[1]
+            sel = self.method.in_llm.select_batch(cut, BatchView(sl.grid, sl.n, sl.raster, sl.saliency),
+                                                  probs[:, :, off:off + n_cur])
+            if sel is None:
+                return None
+            sels.append(sel.to(dev))
+            off += n_cur
+        keepmask = torch.ones(B, Sc, dtype=torch.bool, device=dev).scatter_(1, vis, False)
+        for sl, cj, sel in zip(slots, cur, sels):
+            keepmask.scatter_(1, cj.gather(1, sel), True)
+            sl.pos, sl.raster = sl.pos.gather(1, sel), sl.raster.gather(1, sel)
+        S_new = Sc - vis.shape[1] + sum(sel.shape[1] for sel in sels)
+        rel = torch.sort(keepmask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :S_new]   # kept
+        c["has_dead"] = False
+        return prev.gather(1, rel), rel
+
+    def _text_rows(self):
+        """Per sample, the columns after its last visual token [B, R] (padded) and which are real tokens [B, R];
+        computed once per call from the layout's positions (host tensors from split_runs: no sync)."""
+        c = self._call
+        if c["text_rows"] is None:
+            S, dev = c["S"], c["am"].device
+            last = _last_visual(c["layout"])
+            R = max(1, S - 1 - min(last))
+            rows = torch.tensor(last)[:, None] + 1 + torch.arange(R)
+            inside = rows <= S - 1
+            rows = rows.clamp(max=S - 1).to(dev)
+            valid = inside.to(dev) & c["am"].gather(1, rows).bool()
+            c["text_rows"] = (rows, valid)
+        return c["text_rows"]
+
+    def _samples_from_slots(self):
+        c = self._call
+        out = []
+        for b, imgs in enumerate(c["layout"]):
+            s = _Sample()
+            s.images = [[sl.pos[b], sl.raster[b], im] for sl, im in zip(c["slots"], imgs)]
+            out.append(s)
+        return out
+
+    def _cut_per_sample(self, cut, kwargs, q, k, attn):
+        """The general cut (ragged batches): per sample, filler columns where samples keep different counts."""
+        c = self._call
+        Sc = q.shape[1]
         prev = c["keep"]
         if cut.rope:
             pe = kwargs["position_embeddings"]
@@ -369,14 +575,16 @@ class InLLMEngine:
             new_rows.append((prev[b], live))
         # samples that kept fewer columns are padded with some of their dropped columns, marked dead: masked as
         # keys in every later layer and at decode, so the batch stays rectangular (spec feather.md §9 (b))
-        width = max(int(live.sum()) for _, live in new_rows)
+        counts = [int(live.sum()) for _, live in new_rows]
+        width = max(counts)
         out = []
-        for b, (row, live) in enumerate(new_rows):
-            fill = (~live).nonzero().flatten()[:width - int(live.sum())]
+        for b, ((row, live), n) in enumerate(zip(new_rows, counts)):
+            fill = (~live).nonzero().flatten()[:width - n]
             live = live.clone()
             live[fill] = True
             c["dead"][b, row[fill]] = True
             out.append(row[live])
+        c["has_dead"] = any(n < width for n in counts)   # the new columns hold fillers: mask them from now on
         return torch.stack(out)
 
     def _lm_end(self, module, args, kwargs, output):
@@ -384,6 +592,9 @@ class InLLMEngine:
         self._decode = None
         if c is None:
             return None
+        if c["slots"] is not None:   # the same grids in every sample: per-image counts from the slots' shapes
+            c["samples"] = [_Sample([[sl.pos[b], None, im] for sl, im in zip(c["slots"], imgs)])
+                            for b, imgs in enumerate(c["layout"])]
         L, N = self.n_layers, c["n0"] + sum(im.extra for _, _, im in c["samples"][0].images)
         counts = [c["per_layer"].get(i, N) for i in range(L)]
         cache = c["cache"]
@@ -411,15 +622,23 @@ class InLLMEngine:
                 cur = torch.arange(c["S"], device=final.device).expand(final.shape[0], -1)
             if cur.shape[1] == final.shape[1]:
                 continue
-            rel = torch.stack([torch.searchsorted(cur[b], final[b]) for b in range(final.shape[0])])
+            rel = torch.searchsorted(cur.contiguous(), final)
             layer = cache.layers[i]
             idx = rel.to(layer.keys.device)[:, None, :, None]
             layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
             c["layer_keep"][i] = final
-            dead = c["dead"].gather(1, final)
-            if bool(dead.any()):
-                c["layer_dead"][i] = dead
+            if c["has_dead"]:   # the final columns hold fillers (known on the host)
+                c["layer_dead"][i] = c["dead"].gather(1, final)
+
+
+def _last_visual(layout) -> list[int]:
+    """Per sample, the last visual column: free for split_runs' host positions (one read-back if a family's layout
+    lives on the device)."""
+    return torch.stack([torch.stack([im.positions.max() for im in imgs]).max() for imgs in layout]).tolist()
+
+
+_last_visual._vltok_host = 0   # host-side work (eval/profile_vltok.py counts its read-backs: none)
 
 
 def _per_image(sample, count) -> list[int]:
@@ -446,9 +665,10 @@ def _check_cache(cache, name):
 
 def split_runs(input_ids: torch.Tensor, token_id: int, counts: list[int]) -> list[list[torch.Tensor]]:
     """Per sample, the columns of each item's placeholder run: item j owns the next ``counts[j]`` columns holding
-    ``token_id`` in row-major order (the order models splice features in)."""
+    ``token_id`` in row-major order (the order models splice features in). The columns are host tensors: the ids
+    are read back once (one copy instead of a ``nonzero`` sync per sample); the engine moves them in one copy."""
     out, j = [], 0
-    for row in input_ids:
+    for row in input_ids.cpu():
         pos = (row == token_id).nonzero().flatten()
         runs, used = [], 0
         while used < pos.numel():
@@ -466,3 +686,6 @@ def split_runs(input_ids: torch.Tensor, token_id: int, counts: list[int]) -> lis
     if j != len(counts):
         raise IncompatibleError(f"{len(counts)} images but {j} placeholder runs (id {token_id}) in input_ids")
     return out
+
+
+split_runs._vltok_host = 1   # works on one host copy of the ids (eval/profile_vltok.py counts one read-back)

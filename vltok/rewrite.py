@@ -28,9 +28,10 @@ class Rewrite:
 def padding_side(attention_mask: torch.Tensor | None, default: str) -> str:
     if attention_mask is None or attention_mask.dim() != 2:
         return default
-    if bool((attention_mask[:, 0] == 0).any()):
+    left, right = torch.stack([(attention_mask[:, 0] == 0).any(), (attention_mask[:, -1] == 0).any()]).tolist()
+    if left:   # (one host sync for both ends)
         return "left"
-    if bool((attention_mask[:, -1] == 0).any()):
+    if right:
         return "right"
     return default
 
@@ -96,9 +97,8 @@ def shrink_placeholders(input_ids: torch.Tensor, token_id: int, native: list[int
     col = keep.long().cumsum(1) - 1
     if side == "left":
         col = col + (new_len - n_keep)
-    b_idx, p_idx = keep.nonzero(as_tuple=True)
-    cols = torch.full((B, new_len), -1, dtype=torch.long, device=dev)
-    cols[b_idx, col[b_idx, p_idx]] = p_idx
+    cols = torch.full((B, new_len + 1), -1, dtype=torch.long, device=dev)   # dropped columns land in the spare
+    cols = cols.scatter_(1, torch.where(keep, col, new_len), pos)[:, :new_len]   # last one (no nonzero sync)
     valid = cols >= 0
     gather = cols.clamp(min=0)
     out = {}

@@ -8,7 +8,7 @@ from ..errors import IncompatibleError
 from ..inllm import Cut
 from ..registry import register
 from ..stages import Method
-from .feather import _check, top_by_score
+from .feather import _check, top_by_score, top_by_score_rows
 
 
 class FastVPruner:
@@ -37,6 +37,10 @@ class FastVPruner:
 
     def select(self, cut, view, scores):
         return top_by_score(scores.mean(0), self.count(view.n, cut.params[0]))
+
+    def select_batch(self, cut, view, scores):
+        """select() for G samples at once: scores [G, R, n_cur] -> [G, k] ascending (no host sync)."""
+        return top_by_score_rows(scores.mean(1), self.count(view.n, cut.params[0]))
 
 
 

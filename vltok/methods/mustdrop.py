@@ -25,7 +25,7 @@ from ..errors import IncompatibleError
 from ..inllm import Cut
 from ..registry import register
 from ..stages import Method
-from .feather import top_by_score
+from .feather import top_by_score, top_by_score_rows
 
 KEEP_MODES = ("flops", "layer_avg", "final")
 MODES = ("budget", "reference")
@@ -157,6 +157,27 @@ class MustDropPruner:
         n_key = int(prot.sum()) if prot is not None else 0
         n = stage_counts(view.n, rho, n_stages, math.ceil(key_rate * view.n - 1e-9) if keys is not None else 0)
         return budget_keep(share, peak, max(n[cut.stage], n_key), self.thr, prot)
+
+    def select_batch(self, cut, view, scores):
+        """select() for G samples at once (vltok.inllm.BatchView), budget mode: scores [G, R, n_cur] (padded query
+        rows are zero) -> [G, k] ascending, no host sync. The reference rule's counts depend on the data: None (the
+        engine then goes sample by sample)."""
+        if self.mode != "budget":
+            return None
+        rho, key_rate, n_stages = cut.params
+        share, peak = scores.sum(1), scores.amax(1)
+        # the key set is never dropped, so all of its ceil(key_rate * n) tokens are among the survivors
+        n_key = math.ceil(key_rate * view.n - 1e-9) if view.saliency is not None and key_rate > 0 else 0
+        n = max(stage_counts(view.n, rho, n_stages, n_key)[cut.stage], n_key)
+        g, i = self.thr
+        s = torch.maximum(share / (g * share.sum(1, keepdim=True).clamp_min(1e-30)), peak / i)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        if n_key:   # protected first (stable: the rest stays in score order, ties to the lower index)
+            keys = top_by_score_rows(view.saliency, n_key)
+            prot = torch.zeros_like(view.saliency, dtype=torch.bool).scatter_(1, keys, True).gather(1, view.raster)
+            first = torch.sort(prot.gather(1, order).to(torch.uint8), dim=1, descending=True, stable=True).indices
+            order = order.gather(1, first)
+        return order[:, :n].sort(dim=1).values
 
 
 class MustDropDecode:

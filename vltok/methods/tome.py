@@ -60,30 +60,29 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, metr
     """One ToMe round. x [B, N, C], size [B, N, 1], pos [B, N] (smallest original index of each group),
     metric [B, N, d] normalised. Returns (x, size, pos) with N - r tokens. Inputs are not modified."""
     B, N, C = x.shape
-    dev = x.device
-    a_idx = torch.arange(0, N, 2, device=dev)
-    b_idx = torch.arange(1, N, 2, device=dev)
-    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)            # [B, Na, Nb]
-    scores = scores.masked_fill((a_idx < n_protected)[None, :, None], float("-inf"))
-    scores = scores.masked_fill((b_idx < n_protected)[None, None, :], float("-inf"))
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)             # [B, Na, Nb]: A = even, B = odd
+    if n_protected:   # protected tokens are positions < n_protected: the first ceil(p/2) of A, floor(p/2) of B
+        scores[:, :(n_protected + 1) // 2] = float("-inf")
+        scores[:, :, :n_protected // 2] = float("-inf")
     best, best_b = scores.max(-1)                                              # [B, Na]
     edge = best.argsort(dim=-1, descending=True, stable=True)
     src = edge[:, :r]                                                          # A positions that merge
     unm = edge[:, r:].sort(dim=-1).values                                      # A positions that stay
     dst = best_b.gather(1, src)                                                # their B partners
 
-    u = (x * size).to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x * size
-    ua, ub = u[:, a_idx], u[:, b_idx]
-    sa, sb = size[:, a_idx], size[:, b_idx]
-    pa, pb = pos[:, a_idx], pos[:, b_idx]
-    gsrc = src[..., None]
-    ub = ub.scatter_add(1, dst[..., None].expand(-1, -1, C), ua.gather(1, gsrc.expand(-1, -1, C)))
-    sb = sb.scatter_add(1, dst[..., None], sa.gather(1, gsrc))
+    xa, xb = x[:, ::2], x[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    pa, pb = pos[:, ::2], pos[:, 1::2]
+    gsrc, gdst = src[..., None], dst[..., None]
+    s_src = sa.gather(1, gsrc)
+    u_src = xa.gather(1, gsrc.expand(-1, -1, C)) * s_src                      # size space (fp32 for half inputs)
+    ub = (xb * sb).scatter_add_(1, gdst.expand(-1, -1, C), u_src)
+    sb = sb.scatter_add(1, gdst, s_src)
     pb = pb.scatter_reduce(1, dst, pa.gather(1, src), reduce="amin")
-    touched = torch.zeros(B, b_idx.numel(), 1, dtype=torch.bool, device=dev).scatter_(1, dst[..., None], True)
-    xb = torch.where(touched, (ub / sb).to(x.dtype), x[:, b_idx])            # untouched tokens stay bit-exact
+    touched = torch.zeros(B, xb.shape[1], 1, dtype=torch.bool, device=x.device).scatter_(1, gdst, True)
+    xb = torch.where(touched, (ub / sb).to(x.dtype), xb)                      # untouched tokens stay bit-exact
     gunm = unm[..., None]
-    x_out = torch.cat([x[:, a_idx].gather(1, gunm.expand(-1, -1, C)), xb], 1)
+    x_out = torch.cat([xa.gather(1, gunm.expand(-1, -1, C)), xb], 1)
     s_out = torch.cat([sa.gather(1, gunm), sb], 1)
     p_out = torch.cat([pa.gather(1, unm), pb], 1)
     if order == "raster":

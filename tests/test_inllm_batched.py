@@ -1,0 +1,119 @@
+"""The in-LLM engine's batched path (all samples with the same grids): the same selections as the per-sample path,
+and no host sync inside vltok during a forward (counted at the dispatcher by vltok.eval.profile_vltok)."""
+import pytest
+import torch
+
+import vltok
+from test_inllm import batch, tiny_llava_deep
+from vltok.eval.profile_vltok import count_syncs
+from vltok.inllm import BatchView, Cut, ImageView
+
+METHODS = [("fastv", dict(keep=0.5, K=2)), ("feather", dict(keep=0.5)), ("feather", dict(keep=0.3, stride=2)),
+           ("fastv", dict(keep=0.5, K=1, rope=False))]
+
+
+def run(m, inp, method, kw, per_sample):
+    with vltok.patched(m, method, **kw) as h:
+        if per_sample:   # a select() set on the instance is honoured: the engine goes sample by sample
+            h.method.in_llm.select = h.method.in_llm.select
+        out = m(**inp).logits
+        gen = m.generate(**inp, max_new_tokens=3, do_sample=False)
+        return out, h.inllm_prefill_columns, gen, dict(h.stats)
+
+
+@pytest.mark.parametrize("kind", ["b1", "b2-left", "b2-right"])
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_batched_path_equals_per_sample_path(kind, method, kw):
+    m = tiny_llava_deep("sdpa")
+    inp = batch(m, kind)
+    out_b, cols_b, gen_b, st_b = run(m, inp, method, kw, per_sample=False)
+    out_s, cols_s, gen_s, st_s = run(m, inp, method, kw, per_sample=True)
+    assert cols_b.keys() == cols_s.keys() and cols_b
+    for layer in cols_b:
+        assert torch.equal(cols_b[layer], cols_s[layer])
+    assert (out_b - out_s).abs().max() < 1e-5 and torch.equal(gen_b, gen_s)
+    for key in ("tokens_per_layer", "images", "tokens_out", "flops_keep", "llm_input_tokens"):
+        assert st_b[key] == st_s[key]
+
+
+@pytest.mark.parametrize("method,kw", METHODS[:2])
+def test_forward_has_no_host_sync_inside_vltok(method, kw):
+    m = tiny_llava_deep("sdpa")
+    inp = batch(m, "b2-left")
+    with vltok.patched(m, method, **kw) as h, torch.no_grad():
+        with count_syncs(h) as c:
+            m(**inp)
+        assert h.stats["prune_layers"]
+    # the one read-back of input_ids that locates the placeholder runs; nothing in the hooks
+    assert c.where == {"split_runs readback": 1}, c.where
+
+
+def test_the_counter_sees_syncs():
+    """The counter is not blind: the per-sample path (a select() set on the instance) syncs in the hooks."""
+    m = tiny_llava_deep("sdpa")
+    inp = batch(m, "b2-left")
+    with vltok.patched(m, "fastv", keep=0.5, K=2) as h, torch.no_grad():
+        h.method.in_llm.select = h.method.in_llm.select
+        with count_syncs(h) as c:
+            m(**inp)
+    assert c.count > 4 and "aten.nonzero.default" in c.where
+
+
+@pytest.mark.parametrize("grid,n,stride,a", [((8, 8), 64, 3, 0.3), ((6, 10), 60, 2, 0.5), (None, 50, 3, 0.2),
+                                            ((8, 8), 64, 3, 0.05)])
+def test_feather_and_fastv_select_batch_equal_select_row_by_row(grid, n, stride, a):
+    g = torch.Generator().manual_seed(n)
+    m = vltok.api.build_method("feather", 0.3, a=a, stride=stride).in_llm
+    scores = (torch.rand(5, 1, n, generator=g) * 8).floor() / 8   # many ties
+    raster = torch.arange(n).expand(5, n)
+    c1 = Cut(3, stage=0, params=(a, a * a))
+    got = m.select_batch(c1, BatchView(grid, n, raster), scores)
+    for r in range(5):
+        assert torch.equal(got[r], m.select(c1, ImageView(grid, n, raster[r]), scores[r]))
+    # stage 2 on a partial raster
+    part = torch.stack([torch.randperm(n, generator=g)[:n // 2].sort().values for _ in range(5)])
+    c2 = Cut(5, stage=1, params=(a, 0.4))
+    got = m.select_batch(c2, BatchView(grid, n, part), scores[:, :, :n // 2])
+    for r in range(5):
+        assert torch.equal(got[r], m.select(c2, ImageView(grid, n, part[r]), scores[r, :, :n // 2]))
+    # stage 1 on a partial raster is declined (the engine then goes sample by sample)
+    assert m.select_batch(c1, BatchView(grid, n, part), scores[:, :, :n // 2]) is None
+    f = vltok.api.build_method("fastv", 0.3, keep_mode="final").in_llm
+    cf = Cut(2, params=(8,))
+    got = f.select_batch(cf, BatchView(grid, n, raster), scores)
+    for r in range(5):
+        assert torch.equal(got[r], f.select(cf, ImageView(grid, n, raster[r]), scores[r]))
+
+
+def test_engine_with_the_triton_gather_equals_torch(monkeypatch):
+    pytest.importorskip("triton")
+    import vltok.kernels.gather as kg
+
+    m = tiny_llava_deep("eager")
+    inp = batch(m, "b2-right")
+    with vltok.patched(m, "feather", keep=0.5) as h:
+        want = m(**inp).logits
+        calls = []
+        orig = kg.gather_rows
+
+        def triton_gather(*a, **k):
+            calls.append(1)
+            return orig(*a, **dict(k, impl="triton"))
+
+        monkeypatch.setattr(kg, "gather_rows", triton_gather)
+        got = m(**inp).logits
+    assert len(calls) == len(h.stats["prune_layers"]) == 2 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["b1", "b2-left", "b2-right"])
+def test_mustdrop_batched_equals_per_sample_with_key_set_and_decode_eviction(kind):
+    m = tiny_llava_deep("sdpa")
+    inp = batch(m, kind)
+    kw = dict(keep=0.4, key_rate=0.1)
+    out_b, cols_b, gen_b, st_b = run(m, inp, "mustdrop", kw, per_sample=False)
+    out_s, cols_s, gen_s, st_s = run(m, inp, "mustdrop", kw, per_sample=True)
+    assert len(cols_b) >= 2 and cols_b.keys() == cols_s.keys()
+    for layer in cols_b:
+        assert torch.equal(cols_b[layer], cols_s[layer])
+    assert (out_b - out_s).abs().max() < 1e-5 and torch.equal(gen_b, gen_s)
+    assert st_b["tokens_per_layer"] == st_s["tokens_per_layer"]
