@@ -289,7 +289,7 @@ class InLLMEngine:
             if any(im.positions.numel() != n or im.grid != im0.grid or im.extra != im0.extra or im.image != im0.image
                    or im.protected is not None or (im.saliency is None) != (im0.saliency is None) for im in col):
                 return None
-            pos = torch.stack([im.positions.reshape(-1) for im in col]).to(dev, torch.long)   # one copy
+            pos = _to_device(torch.stack([im.positions.reshape(-1) for im in col]).long(), dev)
             sal = torch.stack([im.saliency for im in col]).to(dev) if im0.saliency is not None else None
             slots.append(_Slot(pos, torch.arange(n, device=dev).expand(len(col), n), n, im0.grid, im0.extra,
                                im0.image, sal))
@@ -515,8 +515,8 @@ class InLLMEngine:
             R = max(1, S - 1 - min(last))
             rows = torch.tensor(last)[:, None] + 1 + torch.arange(R)
             inside = rows <= S - 1
-            rows = rows.clamp(max=S - 1).to(dev)
-            valid = inside.to(dev) & c["am"].gather(1, rows).bool()
+            rows = _to_device(rows.clamp(max=S - 1), dev)
+            valid = _to_device(inside, dev) & c["am"].gather(1, rows).bool()
             c["text_rows"] = (rows, valid)
         return c["text_rows"]
 
@@ -630,6 +630,14 @@ class InLLMEngine:
             c["layer_keep"][i] = final
             if c["has_dead"]:   # the final columns hold fillers (known on the host)
                 c["layer_dead"][i] = c["dead"].gather(1, final)
+
+
+def _to_device(t: torch.Tensor, dev) -> torch.Tensor:
+    """A small host tensor to ``dev`` without a host sync: a blocking host-to-device copy waits for the stream, so
+    CUDA copies go through pinned memory, asynchronously (the caching host allocator keeps the buffer alive)."""
+    if torch.device(dev).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
 
 
 def _last_visual(layout) -> list[int]:

@@ -21,12 +21,12 @@ KEEP_MODES = ("flops", "final")
 A_MIN = 0.2   # below this stage-1 attention share the plan is mostly grid: move the layers earlier (spec §6.1)
 
 
-def uniform_grid(grid: tuple[int, int] | None, n: int, stride: int) -> torch.Tensor:
+def uniform_grid(grid: tuple[int, int] | None, n: int, stride: int, device=None) -> torch.Tensor:
     """Raster indices of the [::stride, ::stride] sub-grid of an (h, w) grid (1-D stride**2 without a grid)."""
     if grid is None:
-        return torch.arange(0, n, stride * stride)
+        return torch.arange(0, n, stride * stride, device=device)
     h, w = grid
-    rows, cols = torch.arange(0, h, stride), torch.arange(0, w, stride)
+    rows, cols = torch.arange(0, h, stride, device=device), torch.arange(0, w, stride, device=device)
     return (rows[:, None] * w + cols[None, :]).flatten()
 
 
@@ -151,7 +151,8 @@ class FeatherPruner:
             return top_by_score_rows(s, stage2_count(view.raster.shape[1], s2))
         if view.raster.shape[1] != view.n:   # stage 1 runs on the full raster; anything else goes per sample
             return None
-        u = uniform_grid(view.grid, view.n, self.stride).to(s.device)   # ascending, = local indices here
+        u = uniform_grid(view.grid, view.n, self.stride, s.device)   # ascending, = local indices here (made on
+        # the device: a host-to-device copy would synchronise)
         n1 = stage1_count(view.n, u.numel(), a)
         G = s.shape[0]
         if u.numel() >= n1:
