@@ -5,9 +5,11 @@ from vltok.errors import UnsupportedModelError
 
 from .blip import Blip2Adapter, BlipAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .timm_vit import TimmVitAdapter
+from .video_llava import VideoLlavaAdapter
 
 SUPPORTED = {
     "LlavaForConditionalGeneration": LlavaAdapter,
@@ -18,6 +20,8 @@ SUPPORTED = {
     "BlipForQuestionAnswering": BlipAdapter,
     "Blip2ForConditionalGeneration": Blip2Adapter,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
+    "LlavaNextVideoForConditionalGeneration": LlavaNextVideoAdapter,
+    "VideoLlavaForConditionalGeneration": VideoLlavaAdapter,
     "VisionTransformer": TimmVitAdapter,   # timm (checked in attach)
 }
 

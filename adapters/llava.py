@@ -163,21 +163,9 @@ class LlavaAdapter(PlaceholderAdapter):
 
         def pre_hook(module, args, kwargs):
             x = args[0] if args else kwargs["image_features"]
-            n_tok = x.shape[1]
-            grid = getattr(self, "_grid", None)
-            h, w = grid if grid and grid[0] * grid[1] == n_tok - prefix else infer_grid(n_tok, prefix)
-            plan = reducer.plan(h, w)
-            if plan.identity:
-                for _ in range(x.shape[0]):
-                    self.handle._record_image(n_tok, n_tok, [(h, w)], [(h, w)])
+            y = self._reduce_images(x, prefix)
+            if y is x:
                 return None
-            t0 = time.perf_counter()
-            y = reducer.reduce(x[:, prefix:], plan)
-            if prefix:
-                y = torch.cat([x[:, :prefix], y], dim=1)
-            self.handle._add_seconds(time.perf_counter() - t0)
-            for _ in range(x.shape[0]):
-                self.handle._record_image(n_tok, y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
             if args:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "image_features": y}
@@ -185,6 +173,26 @@ class LlavaAdapter(PlaceholderAdapter):
         h = self.model.model.multi_modal_projector.register_forward_pre_hook(pre_hook, with_kwargs=True)
         undo.append(h.remove)
         self._install_method_projector(reducer, prefix, undo)
+
+    def _reduce_images(self, x, prefix: int):
+        """The projector's input [n_images, prefix + h*w, C] -> each image's grid reduced (x itself if unchanged)."""
+        reducer = self.method.pre_llm
+        n_tok = x.shape[1]
+        grid = getattr(self, "_grid", None)
+        h, w = grid if grid and grid[0] * grid[1] == n_tok - prefix else infer_grid(n_tok, prefix)
+        plan = reducer.plan(h, w)
+        if plan.identity:
+            for _ in range(x.shape[0]):
+                self.handle._record_image(n_tok, n_tok, [(h, w)], [(h, w)])
+            return x
+        t0 = time.perf_counter()
+        y = reducer.reduce(x[:, prefix:], plan)
+        if prefix:
+            y = torch.cat([x[:, :prefix], y], dim=1)
+        self.handle._add_seconds(time.perf_counter() - t0)
+        for _ in range(x.shape[0]):
+            self.handle._record_image(n_tok, y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
+        return y
 
     def _install_method_projector(self, reducer, prefix, undo):
         """A reducer with a trained ``projector`` (e.g. tokenshuffle's) replaces the model's projector: its

@@ -20,14 +20,100 @@ from .base import set_instance_attr
 from .llava import LlavaNextAdapter
 
 
-class LlavaOnevisionAdapter(LlavaNextAdapter):
-    family = "llava_onevision"
-    stages = ("pre_llm",)
+class FrameVideos:
+    """Videos as frames of one h x w grid each (LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA): ``keep`` applies per
+    frame. Per frame the placeholder run holds ``frame_prefix`` tokens that are never reduced (Video-LLaVA's CLS)
+    and then the grid in raster order; ``video_extra`` tokens close each video (OneVision's newline). The family
+    says where the frames' grids are (``frame_grid``) and calls ``reduce_frames`` on them."""
+
     pixel_keys = ("pixel_values", "pixel_values_videos")
+    frame_prefix = 0
+    video_extra = 0
+
+    def frame_grid(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def image_counts(self, call):
+        return super().image_counts(call) if call.get("pixel_values") is not None else ([], [])
+
+    def visual_layout(self, call):
+        """In-LLM stage: the family's image grids (if any), then one grid per video frame (``video_layout``)."""
+        images = super().visual_layout(call) if call.get("pixel_values") is not None else \
+            [[] for _ in range(call["input_ids"].shape[0])]
+        return self.video_layout(call, images)
+
+    def video_counts(self, call) -> tuple[list[int], list[int]]:
+        pv = call["pixel_values_videos"]
+        (h, w), pre, extra = self.frame_grid(), self.frame_prefix, self.video_extra
+        count = self.method.pre_llm.plan(h, w).count
+        frames = pv.shape[1]
+        return [frames * (pre + h * w) + extra] * pv.shape[0], [frames * (pre + count) + extra] * pv.shape[0]
+
+    def placeholder_runs(self, call):
+        cfg = self.model.config
+        runs = []
+        if call.get("pixel_values") is not None:
+            runs.append((cfg.image_token_id, *self.image_counts(call)))
+        if call.get("pixel_values_videos") is not None:
+            self._frames = call["pixel_values_videos"].shape[1]
+            runs.append((cfg.video_token_id, *self.video_counts(call)))
+        return runs
+
+    def reduce_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """x [videos * frames, frame_prefix + h*w, D] -> each frame's grid reduced; one stats entry per video."""
+        (h, w), pre, extra = self.frame_grid(), self.frame_prefix, self.video_extra
+        reducer = self.method.pre_llm
+        plan = reducer.plan(h, w)
+        frames = getattr(self, "_frames", None) or x.shape[0]
+        if x.shape[1] != pre + h * w:
+            raise IncompatibleError(f"video frames have {x.shape[1]} tokens, expected {pre} + {h}x{w}; this "
+                                    "checkpoint's frame layout is not supported")
+        if plan.identity:
+            y = x
+        else:
+            t0 = time.perf_counter()
+            g = x[:, pre:]
+            if plan.grid is not None:
+                y = reducer.reduce(g, plan)
+            else:
+                idx = selected_indices(reducer, g, plan)
+                y = g.gather(1, idx[..., None].expand(-1, -1, g.shape[-1]).to(g.device))
+            if pre:
+                y = torch.cat([x[:, :pre], y], dim=1)
+            self.handle._add_seconds(time.perf_counter() - t0)
+        for _ in range(x.shape[0] // frames):
+            self.handle._record_image(frames * x.shape[1] + extra, frames * y.shape[1] + extra, [(frames, h, w)],
+                                      [(frames, *plan.grid) if plan.grid else (frames, plan.count)])
+        return y
+
+    def video_layout(self, call, per_sample: list) -> list:
+        """In-LLM stage: append each video's frames (one grid each; prefix and closing tokens are never pruned) to
+        the per-sample lists of image grids, numbered after the sample's images."""
+        from vltok.inllm import VisualImage, split_runs
+
+        pv = call.get("pixel_values_videos")
+        if pv is None:
+            return per_sample
+        (h, w), pre, extra, frames = self.frame_grid(), self.frame_prefix, self.video_extra, pv.shape[1]
+        runs = split_runs(call["input_ids"], self.model.config.video_token_id,
+                          [frames * (pre + h * w) + extra] * pv.shape[0])
+        out = []
+        for imgs, row in zip(per_sample, runs):
+            imgs, nxt = list(imgs), max((im.image for im in imgs), default=-1) + 1
+            for j, r in enumerate(row):
+                per_frame = r[:frames * (pre + h * w)].view(frames, pre + h * w)
+                imgs += [VisualImage(f[pre:], (h, w), image=nxt + j, extra=pre + (extra if i == frames - 1 else 0))
+                         for i, f in enumerate(per_frame)]
+            out.append(sorted(imgs, key=lambda im: int(im.positions[0])))
+        return out
+
+
+class LlavaOnevisionAdapter(FrameVideos, LlavaNextAdapter):
+    family = "llava_onevision"
+    stages = ("pre_llm", "in_llm", "decode")
+    video_extra = 1   # the newline closing each video
     not_applicable = {
         "vision": "vltok's LLaVA-OneVision adapter does not hook the SigLIP layers (anyres packing follows the tower)",
-        "in_llm": "the in-LLM engine's OneVision layout (image grids + per-frame video grids) is not wired yet",
-        "decode": "the in-LLM engine's OneVision layout (image grids + per-frame video grids) is not wired yet",
     }
 
     def _unpadded(self, image_size) -> tuple[int, int]:
@@ -48,56 +134,32 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def _pooled(self) -> int:
         return math.ceil(self._tile() / 2)
 
-    def image_counts(self, call):
-        if call.get("pixel_values") is None:
-            return [], []
+    def _check_one_image_per_sample(self, call):
         bni = call.get("batch_num_images")
         if bni is not None and any(int(n) > 1 for n in bni):
             raise IncompatibleError(
                 "LLaVA-OneVision samples with several images (batch_num_images > 1) skip anyres patching; vltok "
                 "supports one image per sample with LLaVA-OneVision for now (pass images in separate samples)")
+
+    def image_counts(self, call):
+        self._check_one_image_per_sample(call)
         return super().image_counts(call)
 
-    def video_counts(self, call) -> tuple[list[int], list[int]]:
-        pv = call["pixel_values_videos"]
-        frames, p = pv.shape[1], self._pooled()
-        count = self.method.pre_llm.plan(p, p).count
-        return [frames * p * p + 1] * pv.shape[0], [frames * count + 1] * pv.shape[0]
+    def visual_layout(self, call):
+        """In-LLM stage: per image the LLaVA-NeXT grids (base tile, downscaled map without its newlines), then one
+        grid per pooled video frame; newlines are extras, never pruned."""
+        self._check_one_image_per_sample(call)
+        return super().visual_layout(call)
 
-    def placeholder_runs(self, call):
-        cfg = self.model.config
-        runs = []
-        if call.get("pixel_values") is not None:
-            runs.append((cfg.image_token_id, *self.image_counts(call)))
-        if call.get("pixel_values_videos") is not None:
-            self._frames = call["pixel_values_videos"].shape[1]
-            runs.append((cfg.video_token_id, *self.video_counts(call)))
-        return runs
+    def frame_grid(self):
+        return self._pooled(), self._pooled()
 
     def install(self, undo):
         super().install(undo)
         inner = self.model.model
         orig_pool = inner.apply_pooling
-        reducer = self.method.pre_llm
 
         def apply_pooling(image_features):
-            x = orig_pool(image_features)                       # [videos * frames, p*p, D]
-            p = self._pooled()
-            plan = reducer.plan(p, p)
-            frames = getattr(self, "_frames", None) or x.shape[0]
-            if plan.identity:
-                y = x
-            else:
-                t0 = time.perf_counter()
-                if plan.grid is not None:
-                    y = reducer.reduce(x, plan)
-                else:
-                    idx = selected_indices(reducer, x, plan)
-                    y = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]).to(x.device))
-                self.handle._add_seconds(time.perf_counter() - t0)
-            for _ in range(x.shape[0] // frames):
-                self.handle._record_image(frames * p * p + 1, frames * y.shape[1] + 1, [(frames, p, p)],
-                                          [(frames, *plan.grid) if plan.grid else (frames, plan.count)])
-            return y
+            return self.reduce_frames(orig_pool(image_features))   # [videos * frames, p*p, D], pooled
 
         set_instance_attr(inner, "apply_pooling", apply_pooling, undo)

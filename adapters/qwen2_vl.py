@@ -13,6 +13,10 @@ M-RoPE: ``get_rope_index`` is wrapped on the instance (the caller's ``image_grid
   expanded back to its native length) and the kept tokens keep their original (t, h, w); ``rope_deltas`` becomes
   the original delta plus the number of removed tokens, so decoding continues after the unpruned length.
 The ViT itself always sees the native grid.
+Caller-supplied 3-D ``position_ids`` ([3, B, S], or [4, B, S] with the text row first) are shrunk in ``prepare``:
+selection methods keep the caller's values on the kept tokens (each kept visual token carries the positions of the
+token it was selected from); resampling methods recompute them on the compressed grid copy, which is only defined
+when they are the model's own positions (anything else is refused with the fix named).
 """
 from __future__ import annotations
 
@@ -138,6 +142,29 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     # -- M-RoPE ----------------------------------------------------------------------------------------------
     def _selection_positions(self, orig, input_ids, mm_token_type_ids, grids, attention_mask, kwargs):
         """Original 3-D positions of the kept tokens: expand each run to native length, compute, gather."""
+        B, L = input_ids.shape
+        am, rows, maps = self._native_columns(input_ids, mm_token_type_ids, grids, attention_mask)
+        Ln = max(map(len, rows))
+        n_types = torch.zeros(B, Ln, dtype=mm_token_type_ids.dtype, device=input_ids.device)
+        n_mask = torch.zeros(B, Ln, dtype=torch.long, device=input_ids.device)
+        for b, r in enumerate(rows):
+            n_types[b, :len(r)] = torch.tensor(r, dtype=n_types.dtype)
+            n_mask[b, :len(r)] = 1
+        n_ids = n_types.long()
+        pos_n, delta_n = orig(n_ids, mm_token_type_ids=n_types, image_grid_thw=grids[1], video_grid_thw=grids[2],
+                              attention_mask=n_mask, **kwargs)
+        pos = torch.zeros(3, B, L, dtype=pos_n.dtype, device=pos_n.device)
+        delta = delta_n.clone()
+        for b in range(B):
+            idx = torch.tensor(maps[b], dtype=torch.long, device=pos_n.device)
+            pos[:, b, am[b].to(pos_n.device)] = pos_n[:, b, idx]
+            delta[b] = delta_n[b] + (len(rows[b]) - len(maps[b]))
+        return pos, delta
+
+    def _native_columns(self, input_ids, mm_token_type_ids, grids, attention_mask):
+        """For a call whose visual runs were shrunk by a selection method: per sample, the token types of the
+        native sequence (each run expanded back, real tokens only) and, per real token of the shrunk row, the
+        index of the native real token it carries (a kept visual token: the one the method selected)."""
         reducer = self.method.pre_llm
         B, L = input_ids.shape
         am = attention_mask.bool() if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
@@ -178,22 +205,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
                 i += keep_idx.numel()
             rows.append(native_types)
             maps.append(col_map)
-        Ln = max(map(len, rows))
-        n_types = torch.zeros(B, Ln, dtype=mm_token_type_ids.dtype, device=input_ids.device)
-        n_mask = torch.zeros(B, Ln, dtype=torch.long, device=input_ids.device)
-        for b, r in enumerate(rows):
-            n_types[b, :len(r)] = torch.tensor(r, dtype=n_types.dtype)
-            n_mask[b, :len(r)] = 1
-        n_ids = n_types.long()
-        pos_n, delta_n = orig(n_ids, mm_token_type_ids=n_types, image_grid_thw=grids[1], video_grid_thw=grids[2],
-                              attention_mask=n_mask, **kwargs)
-        pos = torch.zeros(3, B, L, dtype=pos_n.dtype, device=pos_n.device)
-        delta = delta_n.clone()
-        for b in range(B):
-            idx = torch.tensor(maps[b], dtype=torch.long, device=pos_n.device)
-            pos[:, b, am[b].to(pos_n.device)] = pos_n[:, b, idx]
-            delta[b] = delta_n[b] + (len(rows[b]) - len(maps[b]))
-        return pos, delta
+        return am, rows, maps
 
     def _probe_indices(self, kind, j, t, h, w, plan) -> list[torch.Tensor]:
         """Kept raster indices per frame of item j. Selections made at reduction time are used when the features
@@ -243,7 +255,65 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     def prepare(self, call, default_side):
         if not self._in_generate:
             self._kept, self._probed = {}, {}
-        return super().prepare(call, default_side)
+        pos = call.get("position_ids")
+        if not (isinstance(pos, torch.Tensor) and pos.dim() == 3):
+            return super().prepare(call, default_side)
+        if pos.shape[0] not in (3, 4):
+            raise IncompatibleError(f"3-D position_ids must be [3, B, S] (t, h, w) or [4, B, S] (text row first); "
+                                    f"got {list(pos.shape)}")
+        # the caller's own M-RoPE positions ([3, B, S], or [4, B, S] with the text row first): the base rewrite
+        # would rebuild them as 1-D, so take them out and shrink them here, consistently with the placeholders
+        grids = [g for g in (call.get("image_grid_thw"), call.get("video_grid_thw")) if g is not None]
+        plans = [self.method.pre_llm.plan(h, w) for g in grids for _, h, w in self._frames(g)] \
+            if self.method.pre_llm is not None else []
+        selection = any(p.grid is None for p in plans)
+        if plans and not selection and not all(p.identity for p in plans):
+            self._check_own_positions(pos, call)   # before anything runs: nothing half-applied
+        new, rw = super().prepare({k: v for k, v in call.items() if k != "position_ids"}, default_side)
+        new["position_ids"] = pos if rw is None else self._shrink_mrope(pos, call, new, selection)
+        return new, rw
+
+    def _check_own_positions(self, pos, call) -> None:
+        """Resampling methods recompute positions on the compressed grid copy; that stands in for the caller's
+        positions only when they are the model's own for these inputs."""
+        inner, ids, am = self.model.model, call["input_ids"], call.get("attention_mask")
+        real = (am if am is not None else torch.ones_like(ids)).bool().to(pos.device)
+        own, _ = type(inner).get_rope_index(inner, ids, mm_token_type_ids=call.get("mm_token_type_ids"),
+                                            image_grid_thw=call.get("image_grid_thw"),
+                                            video_grid_thw=call.get("video_grid_thw"), attention_mask=am)
+        own = own.to(pos.device)
+        if pos.shape[0] == 4:
+            own = torch.cat([(real.long().cumsum(-1) - 1)[None], own])
+        if not torch.equal(pos[:, real], own[:, real]):
+            raise IncompatibleError(
+                f"{self.method.name} resamples each grid, so caller-supplied M-RoPE position_ids have no counterpart "
+                "on the compressed grid (vltok computes compact positions of the new grid, which is defined only for "
+                "the model's own positions); pass no position_ids, or use a selection method (e.g. 'random'), whose "
+                "kept tokens keep the positions you pass")
+
+    def _shrink_mrope(self, pos, call, new, selection: bool) -> torch.Tensor:
+        """Selection methods: each kept token keeps the caller's positions of the token it was selected from.
+        Resampling methods (positions checked to be the model's own): recomputed on the compressed grid copy."""
+        am, ids = call.get("attention_mask"), call["input_ids"]
+        if selection:
+            real = (am if am is not None else torch.ones_like(ids)).bool().to(pos.device)
+            am_new, rows, maps = self._native_columns(new["input_ids"], new["mm_token_type_ids"],
+                                                      {1: call.get("image_grid_thw"), 2: call.get("video_grid_thw")},
+                                                      new.get("attention_mask"))
+            out = torch.ones(pos.shape[0], *new["input_ids"].shape, dtype=pos.dtype, device=pos.device)
+            for b in range(ids.shape[0]):
+                cols = real[b].nonzero().flatten()   # the caller's real columns = the native tokens
+                out[:, b, am_new[b].to(pos.device)] = pos[:, b, cols[torch.tensor(maps[b], device=pos.device)]]
+            return out
+        small, _ = self.model.model.get_rope_index(new["input_ids"], mm_token_type_ids=new["mm_token_type_ids"],
+                                        image_grid_thw=call.get("image_grid_thw"),
+                                        video_grid_thw=call.get("video_grid_thw"),
+                                        attention_mask=new.get("attention_mask"))
+        if pos.shape[0] == 4:
+            am_new = new.get("attention_mask", torch.ones_like(new["input_ids"]))
+            text = (am_new.long().cumsum(-1) - 1).masked_fill(am_new == 0, 1)
+            small = torch.cat([text[None].to(small.device), small])
+        return small.to(pos.dtype)
 
     def _check_probed(self, kind: str) -> None:
         """Selections that positions were computed from (generate) must be the ones the reduction made."""
@@ -252,8 +322,9 @@ class Qwen2VLAdapter(PlaceholderAdapter):
             if j < len(got) and got[j] and any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(idx, got[j])):
                 raise IncompatibleError(
                     f"method {self.method.name!r} selects data-dependent tokens before the LLM; Qwen2-VL's "
-                    "generate() computes M-RoPE positions before the vision tower runs, so vltok cannot give the "
-                    "kept tokens their original positions there; use model(...) or a resampling method")
+                    "generate() (and vltok, for caller-supplied position_ids) computes M-RoPE positions before the "
+                    "vision tower runs, so vltok cannot give the kept tokens their original positions there; use "
+                    "model(...) without position_ids, or a resampling method")
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -38,6 +38,16 @@ def _llava_next():
         image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
 
 
+def _llava_next_video():
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    return LlavaNextVideoForConditionalGeneration, LlavaNextVideoConfig(
+        vision_config=CLIP_L_336, text_config=LLAMA_7B, image_token_index=32001, video_token_index=32000,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=False, spatial_pool_mode="average", spatial_pool_stride=2,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+
+
 def _qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -74,6 +84,7 @@ def _blip2_opt():
 
 
 MODELS = {"llava-1.5-7b": (_llava_15, "llava"), "llava-next-7b": (_llava_next, "llava_next"),
+          "llava-next-video-7b": (_llava_next_video, "llava_next_video"),
           "qwen2-vl-7b": (_qwen2_vl, "qwen2_vl"), "qwen2.5-vl-7b": (_qwen2_5_vl, "qwen2_vl"),
           "blip2-opt-2.7b": (_blip2_opt, "blip2")}
 

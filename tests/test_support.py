@@ -14,7 +14,7 @@ from vltok import support
 from vltok.adapters import SUPPORTED
 from tiny import IMG, llava_inputs, llava_next_inputs
 from tiny_families import (VID, blip_inputs, deep_llava, onevision_inputs, qwen_inputs, tiny_blip, tiny_blip2,
-                           tiny_onevision, tiny_qwen)
+                           tiny_next_video, tiny_onevision, tiny_qwen, tiny_video_llava)
 
 
 def _llm_probe(module_of):
@@ -68,8 +68,17 @@ FAMILIES = {
         lambda: tiny_qwen("2.5", layers=6), lambda m: qwen_inputs(m, QWEN_PROMPTS, QWEN_IMAGES, QWEN_VIDEOS),
         {"pad_token_id": 0}, _llm_probe(lambda m: m.model.language_model)),
     "LlavaOnevisionForConditionalGeneration": (
-        tiny_onevision, lambda m: onevision_inputs(m, [[1, -1, 5, -2], [1, 2, 3, -1, 9, -2, 4]], [[80, 120], [64, 64]],
-                                                   frames=2), {}, _llm_probe(lambda m: m.model.language_model)),
+        lambda: tiny_onevision(layers=6), lambda m: onevision_inputs(m, [[1, -1, 5, -2], [1, 2, 3, -1, 9, -2, 4]],
+                                                                      NEXT_SIZES, frames=2), {},
+        _llm_probe(lambda m: m.model.language_model)),
+    "LlavaNextVideoForConditionalGeneration": (
+        lambda: tiny_next_video(layers=6), lambda m: onevision_inputs(m, [[1, -1, 5, -2], [1, 2, 3, -1, 9, -2, 4]],
+                                                                      NEXT_SIZES, frames=2), {},
+        _llm_probe(lambda m: m.model.language_model)),
+    "VideoLlavaForConditionalGeneration": (
+        lambda: tiny_video_llava(layers=6), lambda m: onevision_inputs(m, [[1, -1, 5, -2], [1, 2, 3, -1, 9, -2, 4]],
+                                                                       [0, 0], frames=2), {},
+        _llm_probe(lambda m: m.model.language_model)),
     "BlipForConditionalGeneration": (
         lambda: tiny_blip("caption"), lambda m: blip_inputs(m, [[1, 5, 6, 7], [1, 8]]), {},
         _memory_probe(lambda m: m.text_decoder)),

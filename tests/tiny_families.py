@@ -142,12 +142,12 @@ SIGLIPV = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_si
                num_attention_heads=4, image_size=64, patch_size=8)
 
 
-def tiny_onevision(attn="sdpa", seed=0, max_tiles=9):
+def tiny_onevision(attn="sdpa", seed=0, max_tiles=9, layers=2):
     """8x8 tiles, videos pooled to 4x4 per frame; ``max_tiles`` sets anyres_max_N (1 forces the map downscale)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = LlavaOnevisionConfig(vision_config=SIGLIPV, text_config=dict(LLAMA, model_type="qwen2"),
+    cfg = LlavaOnevisionConfig(vision_config=SIGLIPV, text_config=dict(LLAMA, model_type="qwen2", num_hidden_layers=layers),
                                image_token_index=IMG, video_token_index=VID, image_grid_pinpoints=PINPOINTS,
                                vision_feature_layer=-1, vision_feature_select_strategy="full",
                                vision_aspect_ratio=f"anyres_max_{max_tiles}")
@@ -157,23 +157,29 @@ def tiny_onevision(attn="sdpa", seed=0, max_tiles=9):
 
 
 def onevision_inputs(model, prompts, image_sizes=(), frames=0, seed=0, padding="left", counts=None):
-    """-1 = next image (anyres, count from the model's own packing), -2 = next video of ``frames`` frames."""
+    """-1 = next image, -2 = next video of ``frames`` frames; placeholder counts from the model's own feature
+    functions (what its forward checks). Anyres families (OneVision, LLaVA-NeXT-Video) take one (H, W) per image in
+    ``image_sizes``; fixed-size ones (Video-LLaVA) one entry per image (its value unused)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
     s = vc.image_size
+    anyres = getattr(model.config, "image_grid_pinpoints", None) is not None
     if counts is None:
         with torch.no_grad():
             counts = []
-            if image_sizes:
+            if image_sizes and anyres:
                 tiles = [image_size_to_num_patches(z, model.config.image_grid_pinpoints, s) for z in image_sizes]
                 pv = torch.zeros(len(image_sizes), max(tiles), 3, s, s)
                 feats = model.model.get_image_features(pv, torch.tensor(image_sizes)).pooler_output
                 counts += [f.shape[0] for f in feats]
+            elif image_sizes:
+                counts += [model.model.get_image_features(torch.zeros(1, 3, s, s)).pooler_output.shape[1]] * len(image_sizes)
             n_vid = sum(t == -2 for p in prompts for t in p)
             if n_vid:
-                counts += [model.model.get_video_features(torch.zeros(1, frames, 3, s, s)).pooler_output.shape[1]] * n_vid
+                f = model.model.get_video_features(torch.zeros(1, frames, 3, s, s)).pooler_output
+                counts += [f.reshape(-1, f.shape[-1]).shape[0]] * n_vid   # Video-LLaVA: [frames, 1 + h*w, D]
     n_img = len(image_sizes)
     rows, ji, jv = [], 0, 0
     for p in prompts:
@@ -190,12 +196,41 @@ def onevision_inputs(model, prompts, image_sizes=(), frames=0, seed=0, padding="
         rows.append(row)
     ids, am = pad_rows(rows, padding)
     out = dict(input_ids=ids, attention_mask=am)
-    if image_sizes:
+    if image_sizes and anyres:
         tiles = [image_size_to_num_patches(z, model.config.image_grid_pinpoints, s) for z in image_sizes]
         pv = torch.randn(len(image_sizes), max(tiles), 3, s, s, generator=g)
         for i, t in enumerate(tiles):
             pv[i, t:] = 0
         out["pixel_values"], out["image_sizes"] = pv, torch.tensor(image_sizes)
+    elif image_sizes:
+        out["pixel_values"] = torch.randn(len(image_sizes), 3, s, s, generator=g)
     if jv:
         out["pixel_values_videos"] = torch.randn(jv, frames, 3, s, s, generator=g)
     return out
+
+
+def tiny_next_video(attn="sdpa", seed=0, layers=2, pool="average"):
+    """LLaVA-NeXT-Video: CLIP 8x8 tiles (anyres images as LLaVA-NeXT), video frames pooled to 4x4 by the resampler."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(vision_config=CLIPV, text_config=dict(LLAMA, num_hidden_layers=layers),
+                               image_token_index=IMG, video_token_index=VID, image_grid_pinpoints=PINPOINTS,
+                               vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               spatial_pool_stride=2, spatial_pool_mode=pool)
+    m = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    return m
+
+
+def tiny_video_llava(attn="sdpa", seed=0, layers=2):
+    """Video-LLaVA: CLIP towers with 8x8 grids; images 64 tokens, video frames 1 + 64 (CLS kept per frame)."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = VideoLlavaConfig(vision_config=CLIPV, text_config=dict(LLAMA, num_hidden_layers=layers),
+                           image_token_index=IMG, video_token_index=VID, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", image_seq_length=64, video_seq_length=4 * 65)
+    m = VideoLlavaForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    return m

@@ -1,0 +1,55 @@
+"""Video-LLaVA (VideoLlavaForConditionalGeneration): separate image and video towers, one shared projector.
+
+Images: ``image_tower``, CLS dropped by strategy "default" -> an h x w grid per image, reduced before the projector
+as in LLaVA-1.5 (the same projector pre-hook). Videos: ``video_tower`` on every frame (8 for the released
+checkpoint); ``get_video_features`` ignores the select strategy, so each frame keeps its CLS: frames x (1 + h*w)
+placeholders (8 x 257 = 2056). The projector pre-hook knows which tower fed it (``get_video_features`` is wrapped
+on the instance) and reduces each frame's grid, CLS kept (``keep`` per frame).
+"""
+from __future__ import annotations
+
+import functools
+
+from .base import PlaceholderAdapter, set_instance_attr
+from .llava import LlavaAdapter, _n_special_tokens
+from .llava_onevision import FrameVideos
+
+
+class VideoLlavaAdapter(FrameVideos, LlavaAdapter):
+    family = "video_llava"
+    stages = ("pre_llm", "in_llm", "decode")
+    runs_method_projector = False
+    not_applicable = {
+        "vision": "vltok's Video-LLaVA adapter does not hook the layers of its two CLIP towers (not wired yet)",
+    }
+    install_saliency = PlaceholderAdapter.install_saliency   # two towers: no single CLS-attention score is wired
+
+    @property
+    def frame_prefix(self) -> int:
+        """Tokens before each frame's grid: the video path keeps every special token of the tower (CLS)."""
+        return _n_special_tokens(self.model.config.vision_config)
+
+    def frame_grid(self):
+        t = self.model.config.vision_config.image_size // self._patch()
+        return t, t
+
+    def _reduce_images(self, x, prefix):
+        if self._kind == "video":
+            return self.reduce_frames(x)
+        return super()._reduce_images(x, prefix)
+
+    def install(self, undo):
+        inner = self.model.model
+        orig = inner.get_video_features
+        self._kind = "image"
+
+        @functools.wraps(orig)   # generate() pre-encodes through this, picking arguments by the signature's names
+        def get_video_features(*args, **kwargs):
+            self._kind = "video"
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self._kind = "image"
+
+        set_instance_attr(inner, "get_video_features", get_video_features, undo)
+        super().install(undo)   # the projector pre-hook (self._reduce_images per call)
