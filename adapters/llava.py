@@ -65,6 +65,11 @@ class LlavaAdapter(PlaceholderAdapter):
         pv, p, pre = call["pixel_values"], self._patch(), _prefix(self.model)
         h, w = pv.shape[-2] // p, pv.shape[-1] // p
         n = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]
+        if self.method.vision is not None:   # merged in the encoder: the survivors (raster order), no grid
+            count = h * w - sum(self._vision_schedule(h * w))
+            runs = split_runs(call["input_ids"], self.image_token_id(), [pre + count] * n)
+            return [[VisualImage(r[pre:], None, image=j, extra=pre, native=h * w) for j, r in enumerate(row)]
+                    for row in runs]
         runs = split_runs(call["input_ids"], self.image_token_id(), [pre + h * w] * n)
         return [[VisualImage(r[pre:], (h, w), image=j, extra=pre) for j, r in enumerate(row)] for row in runs]
 
@@ -94,8 +99,11 @@ class LlavaAdapter(PlaceholderAdapter):
                 return
             T = k.shape[1]
             ok = torch.ones(1, T, dtype=torch.bool, device=k.device)
-            engine.set_saliency([attention_rows(q[i, :1].view(1, -1, hd), k[i].view(T, -1, hd), ok,
-                                                scale)[0, n_special:] for i in range(k.shape[0])])
+            run = getattr(self, "_vision_run", None)   # a vision stage merged tokens: the proportional bias
+            size = run.size if run is not None and run.size is not None and self.method.vision.prop_attn else None
+            engine.set_saliency([attention_rows(q[i, :1].view(1, -1, hd), k[i].view(T, -1, hd), ok, scale,
+                                                None if size is None else size[i, :, 0].log())[0, n_special:]
+                                 for i in range(k.shape[0])])
 
         hooks.append(tower.register_forward_hook(done))
         undo.extend(h.remove for h in hooks)
@@ -112,6 +120,8 @@ class LlavaAdapter(PlaceholderAdapter):
         h, w = pv.shape[-2] // p, pv.shape[-1] // p
         self._grid = (h, w)
         if self.method.vision is not None:
+            if hasattr(self.method.vision, "decide"):   # data-dependent count: probe the encoder up to its merge
+                self._probe_vision(pv, h * w)
             count = h * w - sum(self._vision_schedule(h * w))
         else:
             count = self.method.pre_llm.plan(h, w).count
@@ -120,9 +130,26 @@ class LlavaAdapter(PlaceholderAdapter):
         return [pre + h * w] * n, [pre + count] * n
 
     # -- vision-encoder stage (ToMe, CrossGET): merges inside the CLIP / SigLIP / DINOv2 tower's layers ----------
-    def _vision_schedule(self, n_patches: int) -> list[int]:
-        """r per layer for the layers whose output reaches the projector (vision_feature_layer)."""
+    def _probe_vision(self, pixel_values, n_patches: int) -> None:
+        """A merge count that depends on the image (MustDrop's threshold): run the tower up to the merge layer
+        now, so the placeholder runs can shrink before the model runs; the next tower call uses this count."""
+        from vltok.vision import probe_vision
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            r = probe_vision(self._vision_run, lambda: self.model.model.vision_tower(pixel_values, return_dict=True))
+        layer = self.method.vision.merge_layer
+        self._probed = (n_patches, [0] * layer + [r])
+        self.handle._add_seconds(time.perf_counter() - t0)
+
+    def _vision_schedule(self, n_patches: int) -> list[int] | None:
+        """r per layer for the layers whose output reaches the projector (vision_feature_layer); None when the
+        count depends on the image and no probe ran (the encoder then decides at the merge layer)."""
         from .hf_vit import encoder_layers
+
+        probed = getattr(self, "_probed", None)
+        if probed is not None and probed[0] == n_patches:
+            return probed[1]
 
         vfl = self.model.config.vision_feature_layer
         if not isinstance(vfl, int):
@@ -145,6 +172,7 @@ class LlavaAdapter(PlaceholderAdapter):
         n_patches = (vc.image_size // vc.patch_size) ** 2
 
         def on_done(run):
+            self._probed = None   # a probed count serves one encoder call
             n_in = prefix + run.counts[0] - n_special
             n_out = prefix + run.counts[-1] - n_special
             for _ in range(run.size.shape[0] if run.size is not None else 0):
@@ -152,8 +180,10 @@ class LlavaAdapter(PlaceholderAdapter):
             self.handle.stats["vision_tokens_per_layer"] = list(run.counts)
             self.handle._add_seconds(run.seconds)
 
-        install_vision(encoder_layers(tower), split_layer, self.method.vision, self._vision_schedule, n_special,
-                       undo, attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done, nominal=n_patches)
+        self._vision_run = install_vision(encoder_layers(tower), split_layer, self.method.vision,
+                                          self._vision_schedule, n_special, undo,
+                                          attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done,
+                                          nominal=n_patches)
 
     def install(self, undo):
         if self.method.vision is not None:

@@ -1,4 +1,5 @@
-"""MustDrop stages 2 (prefill dual-attention filtering) and 3 (decode KV eviction) on tiny random LLaVA-1.5."""
+"""MustDrop stages 2 (prefill dual-attention filtering) and 3 (decode KV eviction) on tiny random LLaVA-1.5 (stage 1
+off; stage 1 and the three stages together: test_mustdrop_vision.py)."""
 import math
 import warnings
 
@@ -12,7 +13,8 @@ from tiny import IMG, llava_inputs
 from vltok.methods.mustdrop import (budget_keep, dual_scores, key_set, mustdrop_keep_eq, pruning_layers_for,
                                     reference_keep, solve_mustdrop, stage_counts)
 
-KW = dict(keep=0.5, pruning_layers=(1, 3))   # criterion after layers 1 and 3 of 6: cuts before layers 2 and 4
+KW = dict(keep=0.5, pruning_layers=(1, 3), stages=("prefill", "decode"))   # criterion after layers 1 and 3 of 6:
+#                                                                             cuts before layers 2 and 4
 
 
 def test_reference_rule_on_a_fixed_attention_tensor():
@@ -102,7 +104,7 @@ def test_decode_stage_evicts_and_generate_equals_reference(attn, kind):
 def test_without_decode_stage_the_cache_keeps_per_layer_lengths():
     m = tiny_llava_deep()
     inp = batch(m, "b1")
-    with vltok.patched(m, "mustdrop", stages=("prefill",), **KW) as h:
+    with vltok.patched(m, "mustdrop", **dict(KW, stages=("prefill",))) as h:
         out = m(**inp, use_cache=True)
         n = h.stats["tokens_per_layer"]
     S, n_text = inp["input_ids"].shape[1], inp["input_ids"].shape[1] - 64
@@ -114,7 +116,7 @@ def test_key_set_from_cls_attention_is_never_dropped():
     m = tiny_llava_deep()
     inp = batch(m, "b2-left")
     seen = []
-    with vltok.patched(m, "mustdrop", keep=0.5, pruning_layers=(1, 3), key_rate=0.25) as h:
+    with vltok.patched(m, "mustdrop", **KW, key_rate=0.25) as h:
         sel = h.method.in_llm.select
 
         def spy(cut, view, scores):
@@ -150,7 +152,7 @@ def test_batch_equals_singles_and_reference_mode():
             new = both[i, inp["input_ids"].shape[1]:]
             assert torch.equal(new[:single.numel()], single)
     one = batch(m, "b1")
-    with vltok.patched(m, "mustdrop", keep=0.5, mode="reference", pruning_layers=(1, 3), thr=(0.5, 0.05)) as h:
+    with vltok.patched(m, "mustdrop", **KW, mode="reference", thr=(0.5, 0.05)) as h:
         out = m(**one).logits
         n = h.stats["tokens_per_layer"]
         cols, final = h.inllm_prefill_columns, h.inllm_kept_columns
@@ -160,8 +162,8 @@ def test_batch_equals_singles_and_reference_mode():
 
 
 def test_bad_options():
-    with pytest.raises(vltok.VltokError, match="vision stage"):
-        vltok.api.build_method("mustdrop", 0.3, stages=("vision", "prefill"))
+    with pytest.raises(ValueError, match="stages"):
+        vltok.api.build_method("mustdrop", 0.3, stages=("vision",))
     with pytest.raises(ValueError, match="mode"):
         vltok.api.build_method("mustdrop", 0.3, mode="thresholds")
     m = tiny_llava_deep()

@@ -44,6 +44,7 @@ class VisualImage:
     saliency: torch.Tensor | None = None   # [n] a vision-side score per token (LLaVA: CLS attention, last ViT layer)
     image: int = 0    # which image of the sample this grid belongs to (LLaVA-NeXT: two grids per image)
     extra: int = 0    # that image's placeholder tokens outside every grid (NeXT newlines, a kept CLS): never pruned
+    native: int | None = None   # tokens of this grid before a vision stage merged some (None: no vision stage)
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,17 @@ def rotate_half_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
-def attention_rows(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean over heads of softmax(q kᵀ · scale) restricted to ``key_ok`` keys, fp32.
+def attention_rows(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tensor, scale: float,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over heads of softmax(q kᵀ · scale + bias) restricted to ``key_ok`` keys, fp32.
 
-    q [R, H, hd], k [K, H_kv, hd] (GQA keys are repeated to H heads), key_ok [R, K] bool -> [R, K]."""
+    q [R, H, hd], k [K, H_kv, hd] (GQA keys are repeated to H heads), key_ok [R, K] bool, bias [K] (e.g. a vision
+    encoder's log token sizes) -> [R, K]."""
     H, H_kv = q.shape[1], k.shape[1]
     k = k.float().repeat_interleave(H // H_kv, dim=1)
     logits = torch.einsum("rhd,khd->hrk", q.float(), k) * scale
+    if bias is not None:
+        logits = logits + bias.float()
     logits = logits.masked_fill(~key_ok[None], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(0)
 
@@ -254,7 +259,10 @@ class InLLMEngine:
     def _start_prefill(self, S, layout, am):
         sizes = [[int(im.positions.numel()) for im in imgs] for imgs in layout]
         first = [(int(im.positions.numel()), im.grid) for im in layout[0]]
-        cuts = sorted((c for c in self.method.in_llm.plan(self.n_layers, first) if 1 <= c.layer < self.n_layers),
+        kw = {}
+        if any(im.native is not None for im in layout[0]):   # a vision stage merged tokens: keep is relative to
+            kw["native"] = [im.native or n for im, (n, _) in zip(layout[0], first)]   # the native count
+        cuts = sorted((c for c in self.method.in_llm.plan(self.n_layers, first, **kw) if 1 <= c.layer < self.n_layers),
                       key=lambda c: c.layer)
         B = am.shape[0]
         dev = am.device

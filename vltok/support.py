@@ -14,25 +14,56 @@ from . import registry
 BEGIN, END = "<!-- support-matrix:begin (python -m vltok.support --write) -->", "<!-- support-matrix:end -->"
 
 
+def _optional(method, stage) -> bool:
+    """A stage the method can run without (``optional`` on its stage object, e.g. MustDrop's stage 1)."""
+    return getattr(getattr(method, stage, None), "optional", False)
+
+
 def incompatibility(adapter_cls, method) -> str | None:
     """None when an adapter can run a method (a built ``Method``, or just its stages), else the reason, from the
-    adapter's code: a stage it does not provide, or a vision-side score it cannot give (``needs_saliency``)."""
+    adapter's code: a stage it does not provide (unless the method marks that stage optional)."""
     stages = method.stages if hasattr(method, "stages") else tuple(method)
-    missing = [s for s in stages if s not in adapter_cls.stages]
+    missing = [s for s in stages if s not in adapter_cls.stages and not _optional(method, s)]
     if not missing:
         if getattr(getattr(method, "pre_llm", None), "projector", None) is not None and \
                 not getattr(adapter_cls, "runs_method_projector", False):
             return (f"brings a trained projector, which vltok's {adapter_cls.family} adapter cannot run in place of "
                     "the model's (LLaVA-1.5 only); use the training-free mode (no projector=)")
-        needs = getattr(getattr(method, "in_llm", None), "needs_saliency", False)
-        if needs and not _gives_saliency(adapter_cls):
-            return (f"needs a vision-side token score (CLS attention) for its key set, which vltok's "
-                    f"{adapter_cls.family} adapter does not provide (pass key_rate=0 to run without it)")
         return None
     reasons = getattr(adapter_cls, "not_applicable", {})
     why = "; ".join(reasons[s] for s in missing if s in reasons)
     return (f"works in stage(s) {', '.join(missing)}, which vltok's {adapter_cls.family} adapter does not provide "
             f"(it provides: {', '.join(adapter_cls.stages)})" + (f": {why}" if why else ""))
+
+
+def limitations(adapter_cls, method) -> str | None:
+    """For a method that runs on an adapter: what of it does not apply there (None when all of it does), e.g.
+    an optional stage the family lacks, or a key set without a vision-side score (the engine warns then)."""
+    if not hasattr(method, "stages"):
+        return None
+    parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
+    out = []
+    if parts:
+        out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")
+    if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
+        out.append("key set not applicable: no vision-side CLS score (runs as key_rate=0)")
+    if not out:
+        return None
+    runs = [s for s in method.stages if s not in parts]
+    return "; ".join(out) + f"; stage(s) {', '.join(runs)} run"
+
+
+def without_optional_stages(adapter_cls, method):
+    """The method without the optional stages the adapter lacks (with a warning naming them)."""
+    drop = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
+    if not drop:
+        return method
+    import dataclasses
+    import warnings
+
+    warnings.warn(f"{method.name}: stage(s) {', '.join(drop)} not applicable on vltok's {adapter_cls.family} "
+                  "adapter; running the other stages", stacklevel=3)
+    return dataclasses.replace(method, **{s: None for s in drop})
 
 
 def _gives_saliency(adapter_cls) -> bool:
@@ -57,18 +88,24 @@ def families() -> dict[str, list[str]]:
     return out
 
 
-def matrix() -> dict[tuple[str, str], str | None]:
-    """(method, family) -> None when it works (with the method's default options), else the reason it does not."""
+def matrix(notes: bool = False) -> dict:
+    """(method, family) -> None when it works (with the method's default options), else the reason it does not;
+    with ``notes``: (method, family) -> (reason, limitation) (limitation: what does not apply where it works)."""
     from vltok.adapters import SUPPORTED
 
     adapters = {a.family: a for a in SUPPORTED.values()}
-    return {(name, fam): incompatibility(adapters[fam], default_method(name))
-            for name in registry.methods() for fam in adapters}
+    out = {}
+    for name in registry.methods():
+        m = default_method(name)
+        for fam, ad in adapters.items():
+            reason = incompatibility(ad, m)
+            out[(name, fam)] = (reason, None if reason else limitations(ad, m)) if notes else reason
+    return out
 
 
 def markdown() -> str:
     fams = families()
-    table = matrix()
+    table = matrix(notes=True)
     names = list(registry.methods())
     head = "| method | stages | " + " | ".join(f"`{f}`" for f in fams) + " |"
     lines = [head, "|" + "---|" * (len(fams) + 2)]
@@ -76,9 +113,12 @@ def markdown() -> str:
     for name in names:
         cells = []
         for fam in fams:
-            reason = table[(name, fam)]
-            if reason is None:
+            reason, limit = table[(name, fam)]
+            if reason is None and limit is None:
                 cells.append("works")
+            elif reason is None:
+                k = notes.setdefault(limit, len(notes) + 1)
+                cells.append(f"works [{k}]")
             else:
                 k = notes.setdefault(reason, len(notes) + 1)
                 cells.append(f"n/a [{k}]")

@@ -8,7 +8,13 @@ A method's ``vision`` object (ToMe, CrossGET) implements
   (tokens each one stands for), pos [B, N] (smallest original index in its group), keys [B, N, H, d] of this
   layer's attention, query [B, H, d] the first token's query (CLS) or None, ``n_protected`` leading tokens
   (CLS, registers) that must stay untouched and in place;
-* ``prop_attn`` (bool) and ``needs_query`` (bool).
+* ``prop_attn`` (bool) and ``needs_query`` (bool);
+* optional ``after_mlp`` (bool): merge after the layer's MLP (the full layer's output) instead of between the
+  attention residual and the MLP (MustDrop's window merge after layer 0);
+* optional data-dependent count (MustDrop's similarity threshold): ``schedule`` returns None and the merger has
+  ``merge_layer`` (int) and ``decide(x, size, keys, query, n_protected) -> r``, evaluated on the merge layer's
+  tokens. An adapter that must know the count before the model runs calls :func:`probe_vision`, which runs the
+  encoder up to that layer and stops there; the adapter then hands the probed schedule to the real call.
 
 An adapter describes one encoder family with a :class:`LayerSplit` per layer: the attention half (with residual)
 called with an additive bias, the MLP half (with residual), the q/k projections to hook and the head count. This
@@ -44,6 +50,8 @@ class VisionRun:
     """Per-call state of one patched encoder (reset at layer 0)."""
 
     def __init__(self):
+        self.probing = False
+        self.decide = False
         self.reset(None)
 
     def reset(self, x):
@@ -53,6 +61,24 @@ class VisionRun:
         self.capture = False
         self.counts = [] if x is None else [x.shape[1]]
         self.seconds = 0.0
+
+
+class _Probed(Exception):
+    def __init__(self, r):
+        self.r = r
+
+
+def probe_vision(run: VisionRun, call_encoder: Callable) -> int:
+    """Run the patched encoder (``call_encoder()``) only up to a data-dependent merger's ``merge_layer`` and return
+    the r its ``decide`` picks there (nothing is merged, the rest of the encoder does not run)."""
+    run.probing = True
+    try:
+        call_encoder()
+    except _Probed as p:
+        return p.r
+    finally:
+        run.probing = False
+    raise RuntimeError("vltok: the vision encoder never reached the merging layer while probing the merge count")
 
 
 def size_bias(size: torch.Tensor, dtype) -> torch.Tensor:
@@ -73,15 +99,19 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
 
     pad = lambda sch: list(sch) + [0] * (len(layers) - len(sch))
     schedule_fn = schedule if callable(schedule) else None
-    schedule = pad(schedule_fn(nominal) if schedule_fn else schedule)
+    data_dependent = hasattr(merger, "decide")
+    schedule = schedule_fn(nominal) if schedule_fn else schedule
+    schedule = pad(schedule or [])
     run = VisionRun()
-    if not any(schedule):
+    if not any(schedule) and not data_dependent:
         return run
     if merger.prop_attn and attn_impl is not None and "flash" in attn_impl:
         raise IncompatibleError(
             f"proportional attention adds a log-size bias to the vision encoder's attention, which {attn_impl} "
             "cannot take; load the model with attn_implementation='sdpa' (or 'eager'), or pass prop_attn=False")
     first = 0 if schedule_fn else next(i for i, r in enumerate(schedule) if r)
+    after_mlp = getattr(merger, "after_mlp", False)
+    decide_at = getattr(merger, "merge_layer", -1)
 
     for i, layer in enumerate(layers):
         parts = split(layer)
@@ -104,26 +134,30 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
             if _i == 0:
                 run.reset(hidden_states)
                 if schedule_fn is not None:
-                    schedule[:] = pad(schedule_fn(hidden_states.shape[1] - n_protected))
+                    sch = None if run.probing else schedule_fn(hidden_states.shape[1] - n_protected)
+                    run.decide = sch is None   # data-dependent count: decided at the merge layer
+                    schedule[:] = pad(sch or [])
+            deciding = run.decide and _i == decide_at
             r = schedule[_i]
-            if _i < first:
+            if _i < first or (not r and not deciding and run.size is None):   # nothing merged yet: original layer
                 out = _orig(hidden_states, *args, **kwargs)
                 run.counts.append(out.shape[1])
+                if _i == len(layers) - 1 and on_done is not None:
+                    on_done(run)
                 return out
             bias = None
             if run.size is not None and merger.prop_attn:
                 bias = size_bias(run.size, hidden_states.dtype)
-            run.capture = bool(r)
+            run.capture = bool(r) or deciding
             try:
                 x = _parts.attn(hidden_states, bias)
             finally:
                 run.capture = False
-            if r:
+            if after_mlp:
+                x = _parts.mlp(x)
+            if r or deciding:
                 t0 = time.perf_counter()
                 B, N, _ = x.shape
-                if run.size is None:
-                    run.size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
-                    run.pos = torch.arange(N, device=x.device).expand(B, N)
                 H = _parts.n_heads
                 k = run.k
                 if _parts.qk_fused:
@@ -133,10 +167,18 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
                     k = k.view(B, N, H, -1)
                     q = run.q.view(B, N, H, -1) if run.q is not None else None
                 query = q[:, 0] if (q is not None and n_protected > 0 and merger.needs_query) else None
-                x, run.size, run.pos = merger.merge(x, run.size, run.pos, k, query, r, n_protected)
+                if deciding:
+                    r = schedule[_i] = merger.decide(x, run.size, k, query, n_protected)
+                    if run.probing:
+                        raise _Probed(r)
+                if r:
+                    if run.size is None:
+                        run.size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
+                        run.pos = torch.arange(N, device=x.device).expand(B, N)
+                    x, run.size, run.pos = merger.merge(x, run.size, run.pos, k, query, r, n_protected)
                 run.q = run.k = None
                 run.seconds += time.perf_counter() - t0
-            out = _parts.mlp(x)
+            out = x if after_mlp else _parts.mlp(x)
             run.counts.append(out.shape[1])
             if _i == len(layers) - 1 and on_done is not None:
                 on_done(run)
