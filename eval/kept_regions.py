@@ -31,6 +31,7 @@ def kept_shares(model, processor, items, methods=METHODS, keep=0.16):
     from .shapes import render
 
     out = {}
+    dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
     for name, kw in methods:
         counts = torch.zeros(3, dtype=torch.long)
         per_cut = {}
@@ -38,7 +39,6 @@ def kept_shares(model, processor, items, methods=METHODS, keep=0.16):
         with vltok.patched(model, name, keep=keep, **kw) as h:
             for scene, rec in items:
                 inp = processor(images=[render(scene)], text=[prompt(rec["question"])], return_tensors="pt")
-                dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
                 inp = {k: (v.to(dev, dt) if torch.is_floating_point(v) else v.to(dev)) for k, v in inp.items()}
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vltok
-from tiny import CLIPV, IMG, LLAMA, llava_inputs, tiny_llava
+from tiny import CLIPV, IMG, LLAMA, clip_attention_ref, llava_inputs, tiny_llava
 from vltok.methods.crossget import cgsm_match, cgsm_merge, importance
 from vltok.methods.tome import bipartite_merge, round_sizes, spread_schedule
 from vltok.vision import size_bias
@@ -220,15 +220,8 @@ def manual_tower(m, pixel_values, merger, schedule, n_prot):
     x = vt.pre_layrnorm(vt.embeddings(pixel_values))
     size = pos = None
     for i, layer in enumerate(vt.encoder.layers[:len(schedule)]):
-        at = layer.self_attn
-        h = layer.layer_norm1(x)
-        B, N, C = h.shape
-        H = at.num_heads
-        q, k, v = (p(h).view(B, N, H, -1).transpose(1, 2) for p in (at.q_proj, at.k_proj, at.v_proj))
-        logits = q @ k.transpose(-1, -2) * at.scale
-        if size is not None:
-            logits = logits + size.log().transpose(1, 2)[:, None]
-        x = x + at.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+        x, q, k, _ = clip_attention_ref(layer, x, size)
+        B, N, _ = x.shape
         if schedule[i]:
             if size is None:
                 size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)

@@ -10,7 +10,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import vltok
 from test_inllm import PROMPTS
-from tiny import CLIPV, IMG, LLAMA, llava_inputs
+from tiny import CLIPV, IMG, LLAMA, clip_attention_ref, llava_inputs
 from vltok.methods.mustdrop import guard_mask, pick_windows, window_groups, window_merge, window_scores
 
 
@@ -177,16 +177,8 @@ def manual_features(m, pixel_values, thr, key_rate, r_w=None):
     size = None
     used = len(vt.encoder.layers) - 1   # vision_feature_layer = -2
     for i, layer in enumerate(vt.encoder.layers):
-        at = layer.self_attn
-        hN = layer.layer_norm1(x)
-        B, N, C = hN.shape
-        H = at.num_heads
-        q, k, v = (p(hN).view(B, N, H, -1).transpose(1, 2) for p in (at.q_proj, at.k_proj, at.v_proj))
-        logits = q @ k.transpose(-1, -2) * at.scale
-        if size is not None:
-            logits = logits + size.log().transpose(1, 2)[:, None]
-        probs = logits.softmax(-1)
-        x = x + at.out_proj((probs @ v).transpose(1, 2).reshape(B, N, C))
+        x, _, _, probs = clip_attention_ref(layer, x, size)
+        B, N, _ = x.shape
         x = x + layer.mlp(layer.layer_norm2(x))
         if i == 0:
             groups = window_groups(9, 9, 3)

@@ -96,3 +96,17 @@ def llava_next_inputs(model, prompts, image_sizes, seed=0, padding="left", count
     for i, t in enumerate(tiles):
         pv[i, t:] = 0
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_sizes=torch.tensor(image_sizes))
+
+
+def clip_attention_ref(layer, x, size=None):
+    """One CLIP encoder layer's attention half written out (eager math, proportional bias log(size) when given):
+    returns (x after the attention residual, q, k, probs), q / k / probs per head [B, H, N, .]."""
+    at = layer.self_attn
+    h = layer.layer_norm1(x)
+    B, N, C = h.shape
+    q, k, v = (p(h).view(B, N, at.num_heads, -1).transpose(1, 2) for p in (at.q_proj, at.k_proj, at.v_proj))
+    logits = q @ k.transpose(-1, -2) * at.scale
+    if size is not None:
+        logits = logits + size.log().transpose(1, 2)[:, None]
+    probs = logits.softmax(-1)
+    return x + at.out_proj((probs @ v).transpose(1, 2).reshape(B, N, C)), q, k, probs
