@@ -55,7 +55,7 @@ def kept_shares(model, processor, items, methods=METHODS, keep=0.16):
                     per_cut.setdefault(layer, torch.zeros(3, dtype=torch.long))
                     per_cut[layer] += torch.tensor(thirds(k // g, g))
                 flops.append(h.stats["flops_keep"])
-        out[name] = dict(share_top_mid_bottom=[round(float(c) / max(n_kept, 1), 3) for c in counts],
+        out[name if not kw else f"{name} {json.dumps(kw)}"] = dict(share_top_mid_bottom=[round(float(c) / max(n_kept, 1), 3) for c in counts],
                          share_per_cut={l: [round(float(x) / max(int(c.sum()), 1), 3) for x in c]
                                         for l, c in per_cut.items()},
                          kept_per_image=n_kept / len(items), flops_keep=sum(flops) / len(flops),
@@ -69,7 +69,16 @@ def main(argv=None):
     ap.add_argument("--keep", type=float, default=0.16)
     ap.add_argument("--delta", default="auto", help="'auto' (the trained delta if present), 'none', or a path")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--method", action="append", default=[], metavar="NAME[=JSON]",
+                    help="a method and its keywords as a JSON object, e.g. 'feather={\"s2\": 1.0}' (repeatable; "
+                         "default: fastv and feather with their defaults)")
     args = ap.parse_args(argv)
+    methods = METHODS
+    if args.method:
+        methods = []
+        for spec in args.method:
+            name, _, kw = spec.partition("=")
+            methods.append((name, json.loads(kw) if kw else {}))
     import vltok.reference as ref
 
     from .shapes import test_item
@@ -77,7 +86,7 @@ def main(argv=None):
     model, processor = ref.load(device=args.device, delta={"auto": True, "none": False}.get(args.delta, args.delta))
     print("trained delta:", ref.default_delta_path() if args.delta == "auto" else args.delta, flush=True)
     items = [test_item(i) for i in range(args.n)]
-    print(json.dumps(dict(n=args.n, keep=args.keep, results=kept_shares(model, processor, items, keep=args.keep)),
+    print(json.dumps(dict(n=args.n, keep=args.keep, results=kept_shares(model, processor, items, methods, keep=args.keep)),
                      indent=1))
 
 
