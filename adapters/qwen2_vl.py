@@ -256,7 +256,8 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         if not self._in_generate:
             self._kept, self._probed = {}, {}
         pos = call.get("position_ids")
-        if not (isinstance(pos, torch.Tensor) and pos.dim() == 3):
+        no_pixels = all(call.get(k) is None for k in getattr(self, "pixel_keys", (self.pixel_key,)))
+        if not (isinstance(pos, torch.Tensor) and pos.dim() == 3) or no_pixels:   # (decode steps: no pixels)
             return super().prepare(call, default_side)
         if pos.shape[0] not in (3, 4):
             raise IncompatibleError(f"3-D position_ids must be [3, B, S] (t, h, w) or [4, B, S] (text row first); "
@@ -267,11 +268,18 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         plans = [self.method.pre_llm.plan(h, w) for g in grids for _, h, w in self._frames(g)] \
             if self.method.pre_llm is not None else []
         selection = any(p.grid is None for p in plans)
-        if plans and not selection and not all(p.identity for p in plans):
+        if plans and not selection and not all(p.identity for p in plans) and not self._already_reduced(call):
             self._check_own_positions(pos, call)   # before anything runs: nothing half-applied
         new, rw = super().prepare({k: v for k, v in call.items() if k != "position_ids"}, default_side)
         new["position_ids"] = pos if rw is None else self._shrink_mrope(pos, call, new, selection)
         return new, rw
+
+    def _already_reduced(self, call) -> bool:
+        """True when every placeholder run already has its reduced length: the inner forward of generate(), whose
+        positions (transformers <= 5.17 computes them in generate and passes them in) came from the wrapped
+        ``get_rope_index`` on these reduced inputs."""
+        ids = call["input_ids"]
+        return all(int((ids == tok).sum()) == sum(new) != sum(native) for tok, native, new in self.placeholder_runs(call))
 
     def _check_own_positions(self, pos, call) -> None:
         """Resampling methods recompute positions on the compressed grid copy; that stands in for the caller's

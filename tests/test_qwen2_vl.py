@@ -34,7 +34,7 @@ def frames(grid):
 ])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_resampling_equals_unpatched_model_on_reduced_features_and_compressed_grid(version, method, fn, padding):
-    """Reference: the UNPATCHED model fed hand-reduced features (mm_encoder_outputs) and a compressed grid copy
+    """Reference: the UNPATCHED model fed hand-reduced features (its feature calls replaced on the instance) and a compressed grid copy
     (t, 2 r_h, 2 r_w) for its own M-RoPE computation."""
     m = tiny_qwen(version)
     keep = 0.3
@@ -51,11 +51,18 @@ def test_resampling_equals_unpatched_model_on_reduced_features_and_compressed_gr
             small[kind].append([t, 2 * r_h, 2 * r_w])
             counts.append(t * r_h * r_w)
     ref_inp = qwen_inputs(m, PROMPTS, IMAGES, VIDEOS, padding=padding, reduced=counts)
-    with torch.no_grad():
-        ref = m(input_ids=ref_inp["input_ids"], attention_mask=ref_inp["attention_mask"],
-                mm_token_type_ids=ref_inp["mm_token_type_ids"],
-                image_grid_thw=torch.tensor(small["image"]), video_grid_thw=torch.tensor(small["video"]),
-                mm_encoder_outputs={k: BaseModelOutputWithPooling(pooler_output=tuple(v)) for k, v in red.items()})
+    # the unpatched model's own feature calls return the hand-reduced features (an instance attribute for the
+    # reference forward only; transformers 5.17 has no mm_encoder_outputs argument, 5.23 has)
+    m.model.get_image_features = lambda *a, **k: BaseModelOutputWithPooling(pooler_output=tuple(red["image"]))
+    m.model.get_video_features = lambda *a, **k: BaseModelOutputWithPooling(pooler_output=tuple(red["video"]))
+    try:
+        with torch.no_grad():
+            ref = m(input_ids=ref_inp["input_ids"], attention_mask=ref_inp["attention_mask"],
+                    mm_token_type_ids=ref_inp["mm_token_type_ids"], pixel_values=inp["pixel_values"],
+                    pixel_values_videos=inp["pixel_values_videos"],
+                    image_grid_thw=torch.tensor(small["image"]), video_grid_thw=torch.tensor(small["video"]))
+    finally:
+        del m.model.get_image_features, m.model.get_video_features
     with vltok.patched(m, method, keep=keep) as h:
         out = m(**inp)
     for k in inp:
