@@ -59,6 +59,27 @@ def plan(methods: list[str], keeps: list[float], natural: bool = True) -> list[t
     return runs
 
 
+def parse_variants(specs: list[str], registered) -> dict[str, tuple[str, dict]]:
+    """``LABEL=METHOD:JSON`` -> {label: (method, keywords)}: a configured method measured as its own row."""
+    out = {}
+    for v in specs:
+        label, _, rest = v.partition("=")
+        base, _, kw = rest.partition(":")
+        if not label or base not in registered:
+            raise ValueError(f"--variant {v!r}: expected LABEL=METHOD:JSON with a registered METHOD "
+                             f"({', '.join(sorted(registered))})")
+        if label in registered or label in out:
+            raise ValueError(f"--variant {v!r}: the label {label!r} is already a method or another variant")
+        try:
+            kwargs = json.loads(kw) if kw else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant {v!r}: the keywords are not JSON ({e})") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--variant {v!r}: the keywords must be a JSON object")
+        out[label] = (base, kwargs)
+    return out
+
+
 def compact(res: dict, method: str, keep: float) -> dict:
     """A result without per-question text: the score, stats and one '0'/'1' per question (in ``ids`` order)."""
     out = {k: v for k, v in res.items() if k != "predictions"}
@@ -175,11 +196,18 @@ def main(argv=None) -> int:
                     help="only --keeps (e.g. a trained variant that exists for one budget)")
     ap.add_argument("--arg", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="extra keyword for one method, value parsed as JSON (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD:JSON",
+                    help="a configured method measured as its own table row, e.g. "
+                         "'feather-1cut=feather:{\"layers\": [2, 3]}' (repeatable; the label joins --methods)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     methods = args.methods if args.methods is not None else sorted(vltok.methods())
-    methods = [m for m in methods if m not in args.skip]
-    unknown = sorted(set(methods) - set(vltok.methods()))
+    try:
+        variants = parse_variants(args.variant, vltok.methods())
+    except ValueError as e:
+        ap.error(str(e))
+    methods = [m for m in methods if m not in args.skip] + [v for v in variants if v not in args.skip]
+    unknown = sorted(set(methods) - set(vltok.methods()) - set(variants))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; registered: {sorted(vltok.methods())}")
     extra: dict[str, dict] = {}
@@ -212,7 +240,8 @@ def main(argv=None) -> int:
     for i, (m, k) in enumerate(runs, 1):
         if any(r["method"] == m and abs(r["keep"] - k) < 1e-9 for r in results):
             continue
-        patch = None if m == "full" else {"method": m, "keep": k, **extra.get(m, {})}
+        base, kw = variants.get(m, (m, {}))
+        patch = None if m == "full" else {"method": base, "keep": k, **kw, **extra.get(m, {})}
         t = time.time()
         try:
             res = runner.evaluate(model, processor, records, patch=patch, batch_size=args.batch_size,

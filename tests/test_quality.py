@@ -60,3 +60,15 @@ def test_plot_writes_a_png(tmp_path):
     res = [_result("full", 1.0, 0.8), _result("pool", 0.5, 0.7, flops=0.5), _result("pool", 0.16, 0.6, flops=0.17)]
     Q.plot(res, tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_are_labelled_configured_methods_and_bad_specs_name_the_problem():
+    from vltok.eval.quality import parse_variants
+
+    reg = {"feather": None, "fastv": None}
+    v = parse_variants(['feather-1cut=feather:{"layers": [2, 3], "s2": 1.0}', "fv=fastv"], reg)
+    assert v == {"feather-1cut": ("feather", {"layers": [2, 3], "s2": 1.0}), "fv": ("fastv", {})}
+    for bad, word in (("x=nope:{}", "registered"), ("fastv=feather:{}", "already"), ("y=feather:{oops", "JSON"),
+                      ("z=feather:[1]", "object")):
+        with pytest.raises(ValueError, match=word):
+            parse_variants([bad], reg)
