@@ -74,6 +74,13 @@ def make_inputs(model, family: str, batch: int, device, seed=0, grid=None):
         out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == img).int(),
                    pixel_values=torch.randn(batch * t * h * w, patch_dim, generator=g),
                    image_grid_thw=torch.tensor([[t, h, w]] * batch))
+    elif family == "blip2":   # the query placeholders first (as the processor puts them), then the prompt
+        vc, img = cfg.vision_config, cfg.image_token_index
+        row = torch.cat([torch.full((cfg.num_query_tokens,), img), torch.tensor([2]), text(TEXT_BEFORE + TEXT_AFTER - 1)])
+        ids = row.masked_fill(row == 1, 5).expand(batch, -1).clone()
+        ids[:, :cfg.num_query_tokens] = img
+        out = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                   pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g))
     else:
         raise ValueError(f"no input builder for family {family!r}")
     dtype = model.dtype
@@ -189,7 +196,7 @@ def bench_model(name, methods, keeps, batches, n_new, reps, fast, model=None, fa
                         stats = dict(handle.stats)
                         r = measure(model, inputs, n_new, reps)
                         new_counts = prep = None
-                        if handle.method.pre_llm is not None and family != "qwen2_vl":
+                        if handle.method.pre_llm is not None and family not in ("qwen2_vl", "blip2"):
                             new_counts = handle.adapter.image_counts(inputs)[1]
                             prep, _ = handle.adapter.prepare(dict(inputs), default_side="left")
                         images = stats.get("images") or [{}]

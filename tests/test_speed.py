@@ -36,3 +36,19 @@ def test_qwen_rows_and_optimistic_ideal(monkeypatch):
     four = next(r for r in rows if r["method"] == "fourier")
     ideal = next(r for r in rows if r["method"] == "IDEAL")
     assert ideal["visual_tokens"] == four["visual_tokens"]
+
+
+def test_blip2_rows_reduce_the_vit_grid_and_have_no_ideal_row(monkeypatch):
+    from tiny_families import tiny_blip2
+
+    monkeypatch.setattr(speed, "TEXT_BEFORE", 5)   # the tiny OPT has few positions
+    monkeypatch.setattr(speed, "TEXT_AFTER", 6)
+    m = tiny_blip2()
+    rows = speed.bench_model("tiny-blip2", ["pool", "fastv"], [0.25], [2], n_new=2, reps=1, fast=False, model=m,
+                             family="blip2", device="cpu")
+    pool = next(r for r in rows if r["method"] == "pool")
+    assert "error" not in pool and pool["vltok_ms"] > 0
+    vc = m.config.vision_config
+    assert pool["visual_tokens"] < (vc.image_size // vc.patch_size) ** 2   # the ViT grid before the Q-Former
+    assert not any(r["method"] == "IDEAL" for r in rows)
+    assert not any(r["method"] == "fastv" for r in rows)   # refused by the support matrix: skipped, not a row
