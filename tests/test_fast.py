@@ -48,3 +48,34 @@ def test_graph_replay_matches_eager_on_gpu():
 def test_graphs_need_a_gpu_model():
     with pytest.raises(vltok.IncompatibleError, match="CUDA device"):
         PrefillGraph(tiny_llava(), graphs=True)
+
+
+def test_fast_path_checks_the_placeholder_run_and_padding():
+    m = tiny_llava()
+    inp = llava_inputs(m, [[1, 5, -1, 7, 8]])
+    fast = PrefillGraph(m, graphs=False)
+    ids = inp["input_ids"].clone()
+    img = m.config.image_token_id
+    first = int((ids[0] == img).nonzero()[0])
+    split = torch.cat([ids[:, :first + 3], torch.tensor([[5]]), ids[:, first + 3:]], 1)   # a text token inside the run
+    with pytest.raises(vltok.IncompatibleError, match="contiguous run"):
+        fast(input_ids=split, pixel_values=inp["pixel_values"])
+    with pytest.raises(vltok.IncompatibleError, match="contiguous run"):
+        fast(input_ids=ids[:, :-1].masked_fill(ids[:, :-1] == img, 5), pixel_values=inp["pixel_values"])
+    am = torch.ones_like(ids)
+    am[0, 0] = 0
+    with pytest.raises(vltok.IncompatibleError, match="padding"):
+        fast(input_ids=ids, pixel_values=inp["pixel_values"], attention_mask=am)
+
+
+@pytest.mark.parametrize("method,keep", [(None, None), ("pool", 0.25), ("tome", 0.5)])
+def test_fast_path_rewrites_the_run_wherever_it_sits(method, keep):
+    """The device-side rewrite: the run at another column and a longer prompt give the patched forward's logits."""
+    m = tiny_llava()
+    inp = llava_inputs(m, [[1, 5, 6, 9, 9, 9, -1, 7, 8, 4, 4]])
+    fast = PrefillGraph(m, graphs=False)
+    with vltok.patched(m, method or "pool", keep=keep or 1.0) as h:
+        ref = m(**inp).logits[:, -1]
+        out = fast(**inp)
+        assert h.stats["seq_len_in"] == inp["input_ids"].shape[1]
+    assert torch.allclose(out, ref, atol=1e-5)

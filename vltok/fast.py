@@ -5,8 +5,13 @@ saving of a shorter visual sequence. ``PrefillGraph(model)`` captures, per input
 vision path (with vltok's reduction, if the model is patched), splices the features into the token embeddings and
 runs the language model; calls replay it. Placeholder rewriting runs eagerly before the replay.
 
-Scope: LLaVA-1.5 (`LlavaForConditionalGeneration`), batch 1, no padding, patched with a pre-LLM method or not
-patched; it returns the last position's logits (the first generated token), i.e. it measures and serves TTFT.
+The placeholder rewrite runs on the device, inside the graph: one small device-to-host read per call checks the
+input (one contiguous run of the image's placeholders, no padding) and gives the run's first column; the shortened
+``input_ids`` are a gather whose source columns are computed from that column on the device, so a replay needs no
+host-side rewrite (the generic ``adapter.prepare`` costs a few ms of host time at batch 1).
+
+Scope: LLaVA-1.5 (`LlavaForConditionalGeneration`), batch 1, one image, no padding, patched with a pre-LLM method or
+not patched; it returns the last position's logits (the first generated token), i.e. it measures and serves TTFT.
 Other cases raise a clear error. For a model on the CPU (or with ``graphs=False``) the same function runs eagerly.
 """
 from __future__ import annotations
@@ -31,63 +36,92 @@ class PrefillGraph:
         self._entries: dict = {}
 
     def _prepare(self, input_ids, pixel_values, attention_mask):
-        call = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+        """Checks the call and returns (handle, first placeholder column, native run length, reduced length)."""
         handle = get_handle(self.model)
+        if handle is not None and (handle.method.in_llm is not None or handle.method.decode is not None):
+            raise IncompatibleError(f"the prefill fast path needs fixed per-layer lengths; method "
+                                    f"{handle.method.name!r} prunes inside the LLM: call the model eagerly")
+        ids = input_ids
+        if ids.dim() != 2 or ids.shape[0] != 1 or pixel_values.shape[0] != 1:
+            raise IncompatibleError("the prefill fast path takes batch 1 (one prompt, one image); batch larger "
+                                    "inputs through model(...) / model.generate(...)")
+        L = ids.shape[1]
+        is_ph = ids[0] == self.model.config.image_token_id
+        cols = torch.arange(L, device=ids.device)
+        padded = (attention_mask == 0).sum() if attention_mask is not None else torch.zeros((), device=ids.device)
+        n_ph, first, last, pads = torch.stack([is_ph.sum(), torch.where(is_ph, cols, L).min(),
+                                               torch.where(is_ph, cols, -1).max(),
+                                               padded.to(cols.dtype)]).tolist()   # the one host read
+        if pads:
+            raise IncompatibleError("the prefill fast path takes batch 1 without padding; pass an all-ones "
+                                    "attention_mask (or none)")
+        call = {"input_ids": ids, "pixel_values": pixel_values}
         if handle is not None:
-            if handle.method.in_llm is not None or handle.method.decode is not None:
-                raise IncompatibleError(f"the prefill fast path needs fixed per-layer lengths; method "
-                                        f"{handle.method.name!r} prunes inside the LLM: call the model eagerly")
-            call, _ = handle.adapter.prepare(call, default_side="left")
-        ids, am = call["input_ids"], call.get("attention_mask")
-        if ids.shape[0] != 1 or (am is not None and not bool(am.all())):
-            raise IncompatibleError("the prefill fast path takes batch 1 without padding; batch larger inputs "
-                                    "through model(...) / model.generate(...)")
-        return ids, call["pixel_values"], handle
+            native, new = handle.adapter.image_counts(call)
+        else:
+            native = new = [n_ph]
+        if len(native) != 1 or n_ph != native[0] or last - first + 1 != n_ph:
+            raise IncompatibleError(f"the prefill fast path needs the processor's input_ids: one contiguous run of "
+                                    f"{native[0] if native else '?'} image placeholders for the one image; got "
+                                    f"{n_ph} placeholder(s) in columns {first}..{last}")
+        return handle, first, native[0], new[0]
 
-    def _run(self, ids, pv, pos):
+    def _run(self, ids, pv, first, n: int, k: int):
+        """ids [1, L] with a run of n placeholders starting at column ``first`` (a 0-d device tensor) -> the last
+        position's logits of the model fed the run shortened to k (all on the device, no host sync)."""
         m = self.model
         cfg = m.config
+        L = ids.shape[1]
+        j = torch.arange(L - (n - k), device=ids.device)
+        src = j + (j >= first + k).long() * (n - k)    # columns after the shortened run come from n - k further on
+        new_ids = ids.index_select(1, src)
+        pos = first + torch.arange(k, device=ids.device)
         out = m.model.get_image_features(pixel_values=pv, vision_feature_layer=cfg.vision_feature_layer,
                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         feats = out.pooler_output
         feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2)
-        emb = m.get_input_embeddings()(ids)
+        emb = m.get_input_embeddings()(new_ids)
         emb = emb.index_copy(1, pos, feats[None].to(emb.dtype))
         hs = m.model.language_model(inputs_embeds=emb, use_cache=False).last_hidden_state
         return m.lm_head(hs[:, -1])
 
     @torch.no_grad()
     def __call__(self, input_ids, pixel_values, attention_mask=None) -> torch.Tensor:
-        ids, pv, handle = self._prepare(input_ids, pixel_values, attention_mask)
-        pos = (ids[0] == self.model.config.image_token_id).nonzero().flatten()
+        handle, first, n, k = self._prepare(input_ids, pixel_values, attention_mask)
+        if handle is not None:
+            handle._start_call()
+            L = input_ids.shape[1]
+            handle.stats["seq_len_in"], handle.stats["seq_len_out"] = L, L - (n - k)
         if not self.graphs:
-            return self._run(ids, pv, pos)
-        key = (tuple(ids.shape), tuple(pv.shape), pv.dtype, None if handle is None else id(handle))
+            return self._run(input_ids, pixel_values, torch.tensor(first, device=input_ids.device), n, k)
+        key = (tuple(input_ids.shape), tuple(pixel_values.shape), pixel_values.dtype, n, k,
+               None if handle is None else id(handle))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._capture(ids, pv, pos, handle)
+            entry = self._capture(input_ids, pixel_values, first, n, k, handle)
             self._entries[key] = entry
         else:
-            entry["ids"].copy_(ids)
-            entry["pv"].copy_(pv)
-            entry["pos"].copy_(pos)
+            entry["ids"].copy_(input_ids)
+            entry["pv"].copy_(pixel_values)
+            entry["first"].fill_(first)
             entry["graph"].replay()
             if handle is not None:   # the reduction ran inside the graph: report what it did at capture
-                for k in ("images", "tokens_in", "tokens_out", "keep_achieved", "flops_keep", "llm_input_tokens"):
-                    handle.stats[k] = entry["stats"][k]
+                for key_ in ("images", "tokens_in", "tokens_out", "keep_achieved", "flops_keep", "llm_input_tokens"):
+                    handle.stats[key_] = entry["stats"][key_]
         return entry["out"].clone()
 
-    def _capture(self, ids, pv, pos, handle):
-        entry = {"ids": ids.clone(), "pv": pv.clone(), "pos": pos.clone()}
+    def _capture(self, ids, pv, first, n, k, handle):
+        entry = {"ids": ids.clone(), "pv": pv.clone(), "first": torch.tensor(first, device=ids.device)}
+        args = (entry["ids"], entry["pv"], entry["first"], n, k)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):
-                self._run(entry["ids"], entry["pv"], entry["pos"])
+                self._run(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            entry["out"] = self._run(entry["ids"], entry["pv"], entry["pos"])
+            entry["out"] = self._run(*args)
         entry["graph"] = graph
         if handle is not None:
             entry["stats"] = {k: handle.stats.get(k) for k in ("images", "tokens_in", "tokens_out", "keep_achieved",
