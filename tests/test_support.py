@@ -116,9 +116,10 @@ def _vit_probe(m, inp, run):
 
 # a classifier has no generate(): gen kwargs None
 FAMILIES["VisionTransformer"] = (_tiny_timm_vit, lambda m: {"x": torch.randn(2, 3, 64, 64)}, None, _vit_probe)
+ROWS = {label: (name, opts) for label, name, opts in support.rows()}   # methods and their registered variants
 CASES = [pytest.param(method, cls, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(method, cls)]))
-         if (method, cls) in KNOWN else (method, cls) for method in vltok.methods() for cls in SUPPORTED]
-IDS = [f"{m}-{c}" for m in vltok.methods() for c in SUPPORTED]
+         if (method, cls) in KNOWN else (method, cls) for method in ROWS for cls in SUPPORTED]
+IDS = [f"{m.replace(' ', ':')}-{c}" for m in ROWS for c in SUPPORTED]
 
 
 def _outputs(out):
@@ -152,20 +153,21 @@ def test_method_on_family(method, cls):
     _, _, gen_kw, probe = FAMILIES[cls]
     m, inp, ref, ref_gen = _family(cls)
     family = SUPPORTED[cls]
-    reason = support.incompatibility(family, support.default_method(method))
+    method, opts = ROWS[method]
+    reason = support.incompatibility(family, support.default_method(method, **opts))
     if reason is not None:
         with pytest.raises(vltok.IncompatibleError) as e:
-            vltok.patch(m, method, keep=0.5)
+            vltok.patch(m, method, keep=0.5, **opts)
         assert reason in str(e.value), (reason, str(e.value))
         assert vltok.get_handle(m) is None and "forward" not in m.__dict__
         assert torch.equal(_outputs(m(**inp)), ref)
         return
     gi = _gen_inputs(cls, inp)
-    with vltok.patched(m, method, keep=1.0):
+    with vltok.patched(m, method, keep=1.0, **opts):
         assert torch.equal(_outputs(m(**inp)), ref), "keep=1.0 must be bit-identical"
         if gen_kw is not None:
             assert torch.equal(m.generate(**gi, max_new_tokens=3, do_sample=False, **gen_kw), ref_gen)
-    with vltok.patched(m, method, keep=0.5) as h:
+    with vltok.patched(m, method, keep=0.5, **opts) as h:
         n_text, n_llm = probe(m, inp, lambda: m(**inp))
         s = h.stats
         assert s["tokens_out"] < s["tokens_in"], s

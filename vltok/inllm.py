@@ -7,7 +7,7 @@ It knows neither a method nor a model family:
   sit (``visual_layout(call)`` -> per sample a list of :class:`VisualImage`);
 * the **method** (``Method.in_llm``) gives a plan per call (``plan(n_layers, [(n, grid) per image]) -> list[Cut]``)
   and picks the survivors of each image at each cut (``select(cut, view, scores [R, n_cur]) -> kept indices into
-  view.raster``); optionally
+  view.raster``, or a :class:`Merge`: kept indices plus replacement hidden rows for them); optionally
   ``Method.decode`` rewrites earlier layers' caches after prefill (``evict_from(cuts) -> first layer``).
 
 Mechanism (docs/architecture.md, "In-LLM stage"): forward pre-hooks (with kwargs) on every decoder layer gather the
@@ -62,6 +62,19 @@ class Cut:
     softmax: str = "visual"
     stage: int = 0          # index of this cut in the plan
     params: tuple = ()      # method-specific budget data handed back to select()
+    scores: bool = True     # False: no attention scores (select() gets None; no q/k is kept for this cut)
+    hidden: bool = False    # True: the views carry the image's current hidden rows (``view.hidden``)
+
+
+@dataclass
+class Merge:
+    """What ``select`` / ``select_batch`` may return instead of plain indices: the survivors ``indices`` (into
+    view.raster, ascending: [k], or [G, k] from select_batch) and their new hidden rows ``rows`` ([k, d] / [G, k, d],
+    any float dtype; cast to the model's). Each survivor keeps its ORIGINAL column (position ids, rotary rows, mask
+    rows and columns); only its hidden row at this cut is replaced (e.g. by the mean of a window it represents)."""
+
+    indices: torch.Tensor
+    rows: torch.Tensor
 
 
 @dataclass
@@ -73,6 +86,7 @@ class ImageView:
     raster: torch.Tensor
     protected: torch.Tensor | None = None
     saliency: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None   # [n_cur, d] the survivors' hidden rows at this cut (``Cut.hidden`` only)
 
 
 @dataclass
@@ -103,6 +117,7 @@ class BatchView:
     n: int
     raster: torch.Tensor
     saliency: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None   # [G, n_cur, d] (``Cut.hidden`` only)
 
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor, seq_axis: int) -> torch.Tensor:
@@ -306,7 +321,7 @@ class InLLMEngine:
     def _capture_hook(self, i, which):
         def hook(module, args, out):
             c = self._call
-            if c is not None and (i + 1) in c["cuts"]:
+            if c is not None and (i + 1) in c["cuts"] and c["cuts"][i + 1].scores:
                 self._captured[which] = out
         return hook
 
@@ -345,9 +360,11 @@ class InLLMEngine:
         kw = dict(kwargs)
         if i in c["cuts"]:
             t0 = time.perf_counter()
-            new, rel = self._cut(c["cuts"][i], kwargs)
+            new, rel, merged = self._cut(c["cuts"][i], kwargs, hidden)
             c["keep"] = new
             hidden = self._gather_at_cut(hidden, rel, new, kw)
+            if merged is not None:
+                hidden = _put_rows(hidden, new, merged)
             c["scoring"] += time.perf_counter() - t0
         if c["slots"] is not None:
             c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
@@ -433,29 +450,32 @@ class InLLMEngine:
             return m & ~dead[:, None, None, :]
         return m.masked_fill(dead[:, None, None, :], torch.finfo(m.dtype).min)
 
-    def _cut(self, cut: Cut, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score the current survivors from layer cut.layer-1's q/k; return the new kept columns [B, S'] and their
-        indices into the current sequence [B, S']."""
+    def _cut(self, cut: Cut, kwargs, hidden):
+        """Score the current survivors from layer cut.layer-1's q/k; return the new kept columns [B, S'], their
+        indices into the current sequence [B, S'] and the merged rows (None, or what :func:`_put_rows` takes)."""
         c = self._call
-        q_out, k_out = self._captured.get("q"), self._captured.get("k")
-        if q_out is None or k_out is None:
-            raise RuntimeError(f"vltok: no q/k captured at layer {cut.layer - 1}")
         attn = self._attn[cut.layer - 1]
-        hd = attn.head_dim
-        B, Sc = q_out.shape[:2]
-        q = q_out.view(B, Sc, -1, hd)
-        k = k_out.view(B, Sc, -1, hd)
+        q = k = None
+        if cut.scores:
+            q_out, k_out = self._captured.get("q"), self._captured.get("k")
+            if q_out is None or k_out is None:
+                raise RuntimeError(f"vltok: no q/k captured at layer {cut.layer - 1}")
+            B, Sc = q_out.shape[:2]
+            q = q_out.view(B, Sc, -1, attn.head_dim)
+            k = k_out.view(B, Sc, -1, attn.head_dim)
+        if not cut.hidden:
+            hidden = None
         if c["slots"] is not None:
-            out = self._cut_batched(cut, kwargs, q, k, attn)
+            out = self._cut_batched(cut, kwargs, q, k, attn, hidden)
             if out is not None:
                 return out
             c["samples"] = self._samples_from_slots()   # the method cannot select this cut batched
             c["slots"] = None
         prev = c["keep"]
-        new = self._cut_per_sample(cut, kwargs, q, k, attn)
-        return new, torch.searchsorted(prev.contiguous(), new)
+        new, merged = self._cut_per_sample(cut, kwargs, q, k, attn, hidden)
+        return new, torch.searchsorted(prev.contiguous(), new), merged
 
-    def _cut_batched(self, cut, kwargs, q, k, attn):
+    def _cut_batched(self, cut, kwargs, q, k, attn, hidden):
         """The cut for batched slots: a fixed number of launches for the whole batch, no host sync (every count
         is known on the host from the shapes). Returns None when the method declines (``select_batch`` -> None)."""
         c = self._call
@@ -465,6 +485,35 @@ class InLLMEngine:
         slots = c["slots"]
         cur = [torch.searchsorted(prev, sl.pos) for sl in slots]          # current indices of each slot's tokens
         vis = cur[0] if len(cur) == 1 else torch.cat(cur, 1)
+        probs = self._scores_batched(cut, kwargs, q, k, attn, prev, vis) if cut.scores else None
+        sels, merged, off = [], [], 0
+        for sl, cj in zip(slots, cur):
+            n_cur = sl.pos.shape[1]
+            view = BatchView(sl.grid, sl.n, sl.raster, sl.saliency, _take(hidden, cj) if hidden is not None else None)
+            sel = self.method.in_llm.select_batch(cut, view, probs[:, :, off:off + n_cur] if probs is not None else None)
+            if sel is None:
+                return None
+            if isinstance(sel, Merge):
+                merged.append((cj.gather(1, sel.indices.to(dev)), sel.rows))
+                sel = sel.indices
+            sels.append(sel.to(dev))
+            off += n_cur
+        keepmask = torch.ones(B, Sc, dtype=torch.bool, device=dev).scatter_(1, vis, False)
+        for sl, cj, sel in zip(slots, cur, sels):
+            keepmask.scatter_(1, cj.gather(1, sel), True)
+            sl.pos, sl.raster = sl.pos.gather(1, sel), sl.raster.gather(1, sel)
+        S_new = Sc - vis.shape[1] + sum(sel.shape[1] for sel in sels)
+        rel = torch.sort(keepmask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :S_new]   # kept
+        c["has_dead"] = False
+        if merged:   # current indices of the merged survivors -> their absolute columns
+            merged = (prev.gather(1, torch.cat([m[0] for m in merged], 1)), torch.cat([m[1] for m in merged], 1))
+        return prev.gather(1, rel), rel, merged or None
+
+    def _scores_batched(self, cut, kwargs, q, k, attn, prev, vis):
+        """[B, R, n_vis] attention of the cut's query rows to the slots' current visual columns ``vis``."""
+        c = self._call
+        B, Sc = prev.shape
+        dev = prev.device
         ar = torch.arange(Sc, device=dev)
         amc = c["am"].gather(1, prev).bool()
         last = torch.where(amc, ar, -1).amax(1, keepdim=True)             # the last real column
@@ -495,23 +544,7 @@ class InLLMEngine:
             probs = probs.gather(2, vis[:, None, :].expand(-1, probs.shape[1], -1))
         if valid is not None:                                             # padded query rows score nothing
             probs = torch.where(valid[:, :, None], probs, 0.0)
-        sels, off = [], 0
-        for sl in slots:
-            n_cur = sl.pos.shape[1]
-            sel = self.method.in_llm.select_batch(cut, BatchView(sl.grid, sl.n, sl.raster, sl.saliency),
-                                                  probs[:, :, off:off + n_cur])
-            if sel is None:
-                return None
-            sels.append(sel.to(dev))
-            off += n_cur
-        keepmask = torch.ones(B, Sc, dtype=torch.bool, device=dev).scatter_(1, vis, False)
-        for sl, cj, sel in zip(slots, cur, sels):
-            keepmask.scatter_(1, cj.gather(1, sel), True)
-            sl.pos, sl.raster = sl.pos.gather(1, sel), sl.raster.gather(1, sel)
-        S_new = Sc - vis.shape[1] + sum(sel.shape[1] for sel in sels)
-        rel = torch.sort(keepmask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :S_new]   # kept
-        c["has_dead"] = False
-        return prev.gather(1, rel), rel
+        return probs
 
     def _text_rows(self):
         """Per sample, the columns after its last visual token [B, R] (padded) and which are real tokens [B, R];
@@ -537,46 +570,60 @@ class InLLMEngine:
             out.append(s)
         return out
 
-    def _cut_per_sample(self, cut, kwargs, q, k, attn):
-        """The general cut (ragged batches): per sample, filler columns where samples keep different counts."""
+    def _cut_per_sample(self, cut, kwargs, q, k, attn, hidden):
+        """The general cut (ragged batches): per sample, filler columns where samples keep different counts.
+        Returns the new columns [B, S'] and the merged rows (a list per sample of (columns [R], rows [R, d]), or
+        None)."""
         c = self._call
-        Sc = q.shape[1]
         prev = c["keep"]
-        if cut.rope:
+        Sc = prev.shape[1]
+        if cut.scores and cut.rope:
             pe = kwargs["position_embeddings"]
             cos, sin = (gather_seq(t, prev, -2) for t in pe) if prev.shape[1] != pe[0].shape[-2] else pe
             qr, kr = self.adapter.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             q, k = qr.transpose(1, 2), kr.transpose(1, 2)
         am = gather_seq(c["am"], prev, -1).bool()
-        new_rows = []
+        new_rows, merged = [], []
         for b, s in enumerate(c["samples"]):
             pos_in_cur = [torch.searchsorted(prev[b], p) for p, _, _ in s.images]
             vis = torch.cat(pos_in_cur)
-            real = am[b].nonzero().flatten()
-            if cut.query == "last":
-                rows = real[-1:]
-            else:
-                rows = real[real > vis.max()]
-                if rows.numel() == 0:
+            probs = None
+            if cut.scores and vis.numel():
+                real = am[b].nonzero().flatten()
+                if cut.query == "last":
                     rows = real[-1:]
-            if cut.softmax == "visual":
-                keys = vis
-                ok = torch.ones(rows.numel(), keys.numel(), dtype=torch.bool, device=keys.device)
-            else:
-                keys = torch.arange(Sc, device=am.device)
-                ok = am[b][None, :] & (keys[None, :] <= rows[:, None])
-            probs = attention_rows(q[b, rows], k[b, keys], ok, attn.scaling)
-            if cut.softmax != "visual":
-                probs = probs[:, vis]
+                else:
+                    rows = real[real > vis.max()]
+                    if rows.numel() == 0:
+                        rows = real[-1:]
+                if cut.softmax == "visual":
+                    keys = vis
+                    ok = torch.ones(rows.numel(), keys.numel(), dtype=torch.bool, device=keys.device)
+                else:
+                    keys = torch.arange(Sc, device=am.device)
+                    ok = am[b][None, :] & (keys[None, :] <= rows[:, None])
+                probs = attention_rows(q[b, rows], k[b, keys], ok, attn.scaling)
+                if cut.softmax != "visual":
+                    probs = probs[:, vis]
             before = torch.cat([p for p, _, _ in s.images])
-            off = 0
+            off, cols, rows_new = 0, [], []
             for j, (p, raster, im) in enumerate(s.images):
                 n_cur = p.numel()
-                view = ImageView(im.grid, int(im.positions.numel()), raster, im.protected, im.saliency)
-                sel = self.method.in_llm.select(cut, view, probs[:, off:off + n_cur])
-                sel = sel.to(p.device).unique(sorted=True)
+                h_j = hidden[b, pos_in_cur[j]] if hidden is not None else None
+                view = ImageView(im.grid, int(im.positions.numel()), raster, im.protected, im.saliency, h_j)
+                sel = self.method.in_llm.select(cut, view, probs[:, off:off + n_cur] if probs is not None else None)
+                if isinstance(sel, Merge):
+                    idx = sel.indices.to(p.device)
+                    if idx.numel() > 1 and not bool((idx.diff() > 0).all()):
+                        raise RuntimeError(f"{self.method.name}: a Merge's indices must be strictly ascending")
+                    cols.append(p[idx])
+                    rows_new.append(sel.rows)
+                    sel = idx
+                else:
+                    sel = sel.to(p.device).unique(sorted=True)
                 s.images[j] = [p[sel], raster[sel], im]
                 off += n_cur
+            merged.append((torch.cat(cols), torch.cat(rows_new)) if cols else None)
             after = torch.cat([p for p, _, _ in s.images])
             dropped = before[~torch.isin(before, after)]
             live = ~torch.isin(prev[b], dropped) & ~c["dead"][b, prev[b]]
@@ -593,7 +640,7 @@ class InLLMEngine:
             c["dead"][b, row[fill]] = True
             out.append(row[live])
         c["has_dead"] = any(n < width for n in counts)   # the new columns hold fillers: mask them from now on
-        return torch.stack(out)
+        return torch.stack(out), (merged if any(m is not None for m in merged) else None)
 
     def _lm_end(self, module, args, kwargs, output):
         c, self._call = self._call, None
@@ -638,6 +685,21 @@ class InLLMEngine:
             c["layer_keep"][i] = final
             if c["has_dead"]:   # the final columns hold fillers (known on the host)
                 c["layer_dead"][i] = c["dead"].gather(1, final)
+
+
+def _put_rows(hidden: torch.Tensor, keep: torch.Tensor, merged) -> torch.Tensor:
+    """The gathered hidden states [B, S', d] with the rows of merged survivors replaced (a new tensor): ``merged``
+    is (absolute columns [B, R], rows [B, R, d]) from the batched cut, or per sample None / (columns [R], rows)."""
+    if isinstance(merged, tuple):
+        cols, rows = merged
+        idx = torch.searchsorted(keep.contiguous(), cols.to(keep.device)).to(hidden.device)
+        return hidden.scatter(1, idx[..., None].expand(-1, -1, hidden.shape[-1]), rows.to(hidden.dtype))
+    hidden = hidden.clone()
+    for b, m in enumerate(merged):
+        if m is not None:
+            hidden[b, torch.searchsorted(keep[b].contiguous(), m[0].to(keep.device)).to(hidden.device)] = \
+                m[1].to(hidden.dtype)
+    return hidden
 
 
 def _to_device(t: torch.Tensor, dev) -> torch.Tensor:

@@ -15,6 +15,9 @@ class MethodInfo:
     stages: tuple[str, ...]
     factory: Callable[..., Method] = field(repr=False, compare=False)
     trained_variant: bool = False
+    # options that make the method run in other stages (e.g. llavamini mode=early_fusion): (label, options) pairs,
+    # each a row of the support matrix (vltok/support.py)
+    variants: tuple = ()
 
     def __str__(self) -> str:
         return f"{self.name:<10} [{', '.join(self.stages)}] {self.description}"
@@ -23,9 +26,10 @@ class MethodInfo:
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
-def register(name: str, description: str, stages: tuple[str, ...], trained_variant: bool = False):
+def register(name: str, description: str, stages: tuple[str, ...], trained_variant: bool = False,
+             variants: tuple = ()):
     def deco(factory):
-        _REGISTRY[name] = MethodInfo(name, description, stages, factory, trained_variant)
+        _REGISTRY[name] = MethodInfo(name, description, stages, factory, trained_variant, tuple(variants))
         return factory
 
     return deco

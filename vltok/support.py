@@ -73,9 +73,19 @@ def _gives_saliency(adapter_cls) -> bool:
     return own is not None and own is not getattr(PlaceholderAdapter, "install_saliency", None)
 
 
-def default_method(name: str):
-    """The method as ``vltok.patch(model, name, keep=0.5)`` builds it (its default options)."""
-    return registry.get(name).factory(0.5)
+def default_method(name: str, **options):
+    """The method as ``vltok.patch(model, name, keep=0.5, **options)`` builds it (its default options)."""
+    return registry.get(name).factory(0.5, **options)
+
+
+def rows() -> list[tuple[str, str, dict]]:
+    """The matrix rows, (label, method name, options): every method with its default options, each followed by the
+    variants its registration names (label ``"llavamini mode=early_fusion"``)."""
+    out = []
+    for name, info in registry.methods().items():
+        out.append((name, name, {}))
+        out += [(f"{name} {label}", name, dict(opts)) for label, opts in info.variants]
+    return out
 
 
 def families() -> dict[str, list[str]]:
@@ -95,25 +105,24 @@ def matrix(notes: bool = False) -> dict:
 
     adapters = {a.family: a for a in SUPPORTED.values()}
     out = {}
-    for name in registry.methods():
-        m = default_method(name)
+    for label, name, opts in rows():
+        m = default_method(name, **opts)
         for fam, ad in adapters.items():
             reason = incompatibility(ad, m)
-            out[(name, fam)] = (reason, None if reason else limitations(ad, m)) if notes else reason
+            out[(label, fam)] = (reason, None if reason else limitations(ad, m)) if notes else reason
     return out
 
 
 def markdown() -> str:
     fams = families()
     table = matrix(notes=True)
-    names = list(registry.methods())
     head = "| method | stages | " + " | ".join(f"`{f}`" for f in fams) + " |"
     lines = [head, "|" + "---|" * (len(fams) + 2)]
     notes: dict[str, int] = {}
-    for name in names:
+    for label, name, opts in rows():
         cells = []
         for fam in fams:
-            reason, limit = table[(name, fam)]
+            reason, limit = table[(label, fam)]
             if reason is None and limit is None:
                 cells.append("works")
             elif reason is None:
@@ -122,8 +131,9 @@ def markdown() -> str:
             else:
                 k = notes.setdefault(reason, len(notes) + 1)
                 cells.append(f"n/a [{k}]")
-        stages = ", ".join(registry.methods()[name].stages)
-        lines.append(f"| `{name}` | {stages} | " + " | ".join(cells) + " |")
+        stages = ", ".join(registry.methods()[name].stages if not opts else default_method(name, **opts).stages)
+        row = f"`{name}`" + (f" {label[len(name) + 1:]}" if opts else "")
+        lines.append(f"| {row} | {stages} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Families: " + "; ".join(f"`{f}` = {', '.join(c)}" for f, c in fams.items()) + ".")
     if notes:

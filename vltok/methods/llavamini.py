@@ -1,4 +1,4 @@
-"""LLaVA-Mini, training-free level 0 (pre-LLM stage): pool each image grid to about keep*N tokens.
+"""LLaVA-Mini, training-free: level 0 ``mode="pool"`` (pre-LLM stage) and level 1 ``mode="early_fusion"`` (in-LLM).
 
 LLaVA-Mini compresses the grid with learned queries and fuses vision into the text with pre-fusion layers; this
 module provides the compression-only analogue that works on stock weights: adaptive average pooling of the
@@ -7,19 +7,43 @@ aspect ratio (``budget="nearest"``, ties to the squarer grid), or the largest pr
 (``budget="at_most"``). On 24x24: keep 0.25 -> 12x12, 0.16 -> 9x10 (90 tokens), 0.111 -> 8x8, 0.0278 -> 4x4.
 
 The pooling runs where the adapter reduces grids (LLaVA-1.5: before the projector).
-Not provided here: the early-fusion mode (first K LLM layers on all tokens) and the trained compressor +
-pre-fusion adapter (see the issue tracker).
+
+``mode="early_fusion"`` uses the LLM's own first K decoder layers as LLaVA-Mini's pre-fusion (spec §4.2): layers
+0..K-1 see every visual token, so the text absorbs the image there; before layer K the visual rows of each image
+shrink to k (in-LLM engine, vltok/inllm.py: survivors keep their original positions, layers >= K hold shorter KV
+caches, decode runs on them). ``reduce``:
+
+* ``"pool"`` (default): 2-D adaptive average pooling of the image's hidden states at layer K (fp32 window means)
+  to the h' x w' grid ``pooled_grid`` picks for k/N; each pooled token takes the column (position id, rotary row,
+  mask row/column) of its window's centre token (row (r0+r1-1)//2, column (c0+c1-1)//2 of the window's bounds
+  [r0, r1) x [c0, c1)); tokens without a grid pool as one row;
+* ``"attn"``: the top-k tokens by the attention they receive at layer K-1 from the text rows after the image
+  (RoPE, softmax over every key: the model's attention probabilities, mean over heads, summed over the text
+  rows; from hooked q/k, never output_attentions);
+* ``"drop"``: k = 0, every visual row leaves at layer K (the "fused text only" regime).
+
+keep -> k is FLOPs-equivalent like FastV (spec §6): k = round((keep*L - K) * N / (L - K)) per grid of N tokens,
+at least 1, so keep must exceed K/L (a clear error otherwise). K defaults to 2 for keep >= 0.25, 3 below. For
+``"drop"`` keep picks K instead: K = floor(keep*L) (keep = K/L when nothing survives), and an explicit K must not
+exceed keep*L. keep=1.0 cuts nothing (bit-identical logits).
+Not provided here: the trained compressor + pre-fusion adapter (``mode="trained"``, see the issue tracker).
 """
 from __future__ import annotations
 
 import math
 
+import torch
+
+from ..errors import IncompatibleError
+from ..inllm import Cut, Merge
 from ..registry import register
 from ..stages import GridPlan, Method
 from .baselines import pool_grid
+from .feather import top_by_score, top_by_score_rows
 
 BUDGETS = ("nearest", "at_most")
-MODES = ("pool",)
+MODES = ("pool", "early_fusion")
+REDUCES = ("pool", "attn", "drop")
 
 
 def pooled_grid(h: int, w: int, keep: float, budget: str = "nearest") -> tuple[int, int]:
@@ -39,6 +63,104 @@ def pooled_grid(h: int, w: int, keep: float, budget: str = "nearest") -> tuple[i
     return best
 
 
+def window_centres(h: int, w: int, r_h: int, r_w: int) -> torch.Tensor:
+    """Raster index (in the h x w grid) of the centre token of each r_h x r_w adaptive-pooling window, pooled raster
+    order: window i spans rows [floor(i*h/r_h), ceil((i+1)*h/r_h)) (PyTorch's bins), its centre row is
+    (start + end - 1) // 2; the same for columns. Strictly ascending when r_h <= h and r_w <= w."""
+    def centres(n, r):
+        return [(i * n // r + -(-(i + 1) * n // r) - 1) // 2 for i in range(r)]
+
+    return torch.tensor([y * w + x for y in centres(h, r_h) for x in centres(w, r_w)], dtype=torch.long)
+
+
+class EarlyFusion:
+    """The in-LLM stage of ``mode="early_fusion"`` (module docstring)."""
+
+    def __init__(self, keep: float, K: int | None, reduce: str, budget: str):
+        self.keep, self.K_arg, self.reduce, self.budget = keep, K, reduce, budget
+
+    def depth(self, n_layers: int) -> int:
+        if self.K_arg is not None:
+            return self.K_arg
+        if self.reduce == "drop":
+            return math.floor(self.keep * n_layers + 1e-9)
+        return 2 if self.keep >= 0.25 else 3
+
+    def count(self, n: int, n_layers: int) -> int:
+        if self.reduce == "drop":
+            return 0
+        K = self.depth(n_layers)
+        return max(1, min(n, round((self.keep * n_layers - K) * n / (n_layers - K))))
+
+    def pooled(self, n: int, grid, n_layers: int):
+        """(h, w, h', w') of the pooling at the cut: the grid (one row when None) and pooled_grid's for k/N."""
+        k = self.count(n, n_layers)
+        if grid is None:
+            return 1, n, 1, k
+        h, w = grid
+        return (h, w, h, w) if k >= n else (h, w, *pooled_grid(h, w, k / n, self.budget))
+
+    def validate(self, n_layers: int) -> None:
+        if self.keep >= 1.0:
+            return
+        K = self.depth(n_layers)
+        if not 1 <= K < n_layers:
+            if self.reduce == "drop" and self.K_arg is None:
+                raise IncompatibleError(
+                    f"llavamini early_fusion reduce='drop': keep={self.keep} gives K=floor(keep*L)={K} fused layers "
+                    f"on this {n_layers}-layer LLM; it needs 1..{n_layers - 1}: raise keep to at least "
+                    f"{1 / n_layers:.3f} or pass K")
+            raise IncompatibleError(f"llavamini early_fusion: K={K} must lie in 1..{n_layers - 1} for this "
+                                    f"{n_layers}-layer LLM")
+        if self.reduce == "drop":
+            if self.keep * n_layers < K - 1e-9:
+                raise IncompatibleError(
+                    f"llavamini early_fusion reduce='drop' with K={K} on {n_layers} layers costs keep={K / n_layers:.3f}"
+                    f" (FLOPs-equivalent), above the requested keep={self.keep}: lower K or raise keep")
+        elif self.keep * n_layers <= K:
+            raise IncompatibleError(
+                f"llavamini early_fusion cannot reach keep={self.keep} (FLOPs-equivalent) with K={K} on {n_layers} "
+                f"layers: the first {K} layers see every visual token, so the floor is {K / n_layers:.3f}; raise keep, "
+                "lower K, or use mode='pool'")
+
+    def plan(self, n_layers, images, native=None):
+        self.validate(n_layers)
+        if self.keep >= 1.0 or all(self.count(n, n_layers) >= n for n, _ in images):
+            return []
+        return [Cut(self.depth(n_layers), rope=True, query="text", softmax="all", stage=0, params=(n_layers,),
+                    scores=self.reduce == "attn", hidden=self.reduce == "pool")]
+
+    def select(self, cut, view, scores):
+        L = cut.params[0]
+        if self.reduce == "drop":
+            return torch.zeros(0, dtype=torch.long, device=view.raster.device)
+        if self.reduce == "attn":
+            return top_by_score(scores.sum(0), self.count(view.n, L))
+        return self._pool(view, L, batched=False)
+
+    def select_batch(self, cut, view, scores):
+        """select() for G samples with the same grid: -> [G, k] ascending, or a Merge (no host sync)."""
+        L = cut.params[0]
+        G = view.raster.shape[0]
+        if self.reduce == "drop":
+            return torch.zeros(G, 0, dtype=torch.long, device=view.raster.device)
+        if self.reduce == "attn":
+            return top_by_score_rows(scores.sum(1), self.count(view.n, L))
+        return self._pool(view, L, batched=True)
+
+    def _pool(self, view, n_layers, batched):
+        if view.raster.shape[-1] != view.n:
+            raise IncompatibleError("llavamini early_fusion reduce='pool' pools a full grid; an earlier cut removed "
+                                    "some of its tokens")
+        h, w, r_h, r_w = self.pooled(view.n, view.grid, n_layers)
+        x = view.hidden if batched else view.hidden[None]
+        rows = pool_grid(x.float(), h, w, r_h, r_w)          # window means in fp32 (cast to the model's dtype later)
+        idx = window_centres(h, w, r_h, r_w).to(view.raster.device)
+        if batched:
+            return Merge(idx.expand(x.shape[0], -1), rows)
+        return Merge(idx, rows[0])
+
+
 class MiniPoolReducer:
     def __init__(self, keep: float, budget: str):
         self.keep, self.budget = keep, budget
@@ -51,12 +173,25 @@ class MiniPoolReducer:
         return pool_grid(x, plan.h, plan.w, *plan.grid)
 
 
-@register("llavamini", "LLaVA-Mini training-free level 0: pool each grid to ~keep*N tokens (aspect-preserving "
-          "grid); the learned compressor / early fusion are not provided yet", ("pre_llm",))
-def make_llavamini(keep: float, mode: str = "pool", budget: str = "nearest") -> Method:
+@register("llavamini", "LLaVA-Mini training-free: mode='pool' pools each grid to ~keep*N tokens before the LLM "
+          "(aspect-preserving grid); mode='early_fusion' lets the first K LLM layers see every token, then pools "
+          "(reduce='pool') / top-k by text attention ('attn') / drops ('drop') the visual rows; the learned "
+          "compressor + pre-fusion is not provided yet", ("pre_llm",),
+          variants=(("mode=early_fusion", dict(mode="early_fusion")),))
+def make_llavamini(keep: float, mode: str = "pool", budget: str = "nearest", K: int | None = None,
+                   reduce: str = "pool") -> Method:
     if mode not in MODES:
-        raise ValueError(f"llavamini: mode must be one of {MODES} (early_fusion and trained are not implemented "
-                         f"yet), got {mode!r}")
+        raise ValueError(f"llavamini: mode must be one of {MODES} (trained is not implemented yet), got {mode!r}")
     if budget not in BUDGETS:
         raise ValueError(f"llavamini: budget must be one of {BUDGETS}, got {budget!r}")
+    if mode == "early_fusion":
+        if reduce not in REDUCES:
+            raise ValueError(f"llavamini: reduce must be one of {REDUCES}, got {reduce!r}")
+        if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1):
+            raise ValueError(f"llavamini: K must be a positive integer (the first layer on the reduced sequence), "
+                             f"got {K!r}")
+        return Method("llavamini", keep, dict(mode=mode, budget=budget, K=K, reduce=reduce),
+                      in_llm=EarlyFusion(keep, K, reduce, budget))
+    if K is not None or reduce != "pool":
+        raise ValueError("llavamini: K and reduce apply to mode='early_fusion' only")
     return Method("llavamini", keep, dict(mode=mode, budget=budget), pre_llm=MiniPoolReducer(keep, budget))
