@@ -35,6 +35,27 @@ def _prefix(model) -> int:
     return _n_special_tokens(model.config.vision_config) - (1 if strategy == "default" else 0)
 
 
+def vision_encoder_name(config) -> str:
+    """The name a learned vision-side module records (checkpoint folder of the tower, else its model_type)."""
+    vc = config.vision_config
+    return getattr(vc, "_name_or_path", "") or vc.model_type
+
+
+def used_vision_layers(model) -> int:
+    """How many encoder layers of a LLaVA-1.5 tower feed the projector (one vision_feature_layer)."""
+    from .hf_vit import encoder_layers
+
+    vfl = model.config.vision_feature_layer
+    if not isinstance(vfl, int):
+        raise IncompatibleError(f"vision-stage methods need one vision_feature_layer; this checkpoint "
+                                f"concatenates layers {vfl}; use a pre-LLM method (e.g. 'pool') instead")
+    n_layers = len(encoder_layers(model.model.vision_tower))
+    used = n_layers + 1 + vfl if vfl < 0 else vfl
+    if not 1 <= used <= n_layers:
+        raise IncompatibleError(f"vision_feature_layer={vfl} selects the embeddings; no layer to merge in")
+    return used
+
+
 def llava_next_unpadded(config, image_size) -> tuple[int, int]:
     """(rows, cols) of LLaVA-NeXT's unpadded high-resolution feature map for an image of size (H, W)."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
@@ -49,6 +70,7 @@ def llava_next_unpadded(config, image_size) -> tuple[int, int]:
 class LlavaAdapter(PlaceholderAdapter):
     family = "llava"
     runs_method_projector = True   # _install_method_projector
+    runs_input_fusion = True       # _install_fusion
     stages = ("vision", "pre_llm", "in_llm", "decode")
 
     def image_token_id(self):
@@ -145,21 +167,10 @@ class LlavaAdapter(PlaceholderAdapter):
     def _vision_schedule(self, n_patches: int) -> list[int] | None:
         """r per layer for the layers whose output reaches the projector (vision_feature_layer); None when the
         count depends on the image and no probe ran (the encoder then decides at the merge layer)."""
-        from .hf_vit import encoder_layers
-
         probed = getattr(self, "_probed", None)
         if probed is not None and probed[0] == n_patches:
             return probed[1]
-
-        vfl = self.model.config.vision_feature_layer
-        if not isinstance(vfl, int):
-            raise IncompatibleError(f"vision-stage methods need one vision_feature_layer; this checkpoint "
-                                    f"concatenates layers {vfl}; use a pre-LLM method (e.g. 'pool') instead")
-        n_layers = len(encoder_layers(self.model.model.vision_tower))
-        used = n_layers + 1 + vfl if vfl < 0 else vfl
-        if not 1 <= used <= n_layers:
-            raise IncompatibleError(f"vision_feature_layer={vfl} selects the embeddings; no layer to merge in")
-        return self.method.vision.schedule(n_patches, used)
+        return self.method.vision.schedule(n_patches, used_vision_layers(self.model))
 
     def _install_vision(self, undo):
         from vltok.vision import install_vision
@@ -174,25 +185,74 @@ class LlavaAdapter(PlaceholderAdapter):
         def on_done(run):
             self._probed = None   # a probed count serves one encoder call
             n_in = prefix + run.counts[0] - n_special
-            n_out = prefix + run.counts[-1] - n_special
+            n_out = prefix + run.counts[-1] - n_special   # (counts exclude a trailing cross token)
             for _ in range(run.size.shape[0] if run.size is not None else 0):
                 self.handle._record_image(n_in, n_out, [getattr(self, "_grid", (n_in - prefix,))], [(n_out - prefix,)])
             self.handle.stats["vision_tokens_per_layer"] = list(run.counts)
             self.handle._add_seconds(run.seconds)
 
-        self._vision_run = install_vision(encoder_layers(tower), split_layer, self.method.vision,
+        merger = self.method.vision
+        trailing = getattr(merger, "trailing", 0)
+        if trailing:
+            self._check_cross_tokens(merger.cross, n_special, n_patches)
+        self._vision_run = install_vision(encoder_layers(tower), split_layer, merger,
                                           self._vision_schedule, n_special, undo,
                                           attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done,
-                                          nominal=n_patches)
+                                          nominal=n_patches, trailing_ok=True)
+        if trailing and any(self._vision_schedule(n_patches)):   # keep=1.0: nothing installed, model unchanged
+            run = self._vision_run
+
+            def strip(module, args, kwargs):   # the cross token is last: drop it before the projector
+                t, run.appended = run.appended, 0
+                if not t:
+                    return None
+                if args:
+                    return (args[0][:, :-t], *args[1:]), kwargs
+                return args, {**kwargs, "image_features": kwargs["image_features"][:, :-t]}
+
+            h = self.model.model.multi_modal_projector.register_forward_pre_hook(strip, with_kwargs=True)
+            undo.append(h.remove)
+            self._install_method_projector(merger, 0, undo)   # per-token projector: a kept CLS is fine
+
+    def _check_cross_tokens(self, cross, n_special: int, n_patches: int) -> None:
+        """Refuse a learned cross-token module that does not fit this model, before anything is installed."""
+        vc = self.model.config.vision_config
+        name = vision_encoder_name(self.model.config)
+        fix = "train cross tokens for this model (vltok train crossget) or use the training-free mode"
+        if n_special == 0:
+            raise IncompatibleError(f"cross_tokens start as a copy of CLS; the {vc.model_type} tower has no CLS "
+                                    f"token; {fix}")
+        if cross.encoder and cross.encoder != name:
+            raise IncompatibleError(f"cross_tokens were trained on the vision encoder {cross.encoder!r}, this model "
+                                    f"has {name!r}; {fix}")
+        if cross.offsets.shape[1] != vc.hidden_size:
+            raise IncompatibleError(f"cross_tokens have width {cross.offsets.shape[1]}, the vision encoder "
+                                    f"{vc.hidden_size}; {fix}")
+        used = len(self._vision_schedule(n_patches))
+        if cross.offsets.shape[0] != used:
+            raise IncompatibleError(f"cross_tokens have offsets for {cross.offsets.shape[0]} encoder layers, this "
+                                    f"model feeds the projector from {used} (vision_feature_layer="
+                                    f"{self.model.config.vision_feature_layer}); {fix}")
+        p, stock = cross.projector, self.model.model.multi_modal_projector
+        if p is not None:
+            act = getattr(self.model.config, "projector_hidden_act", "gelu")
+            want = (stock.linear_1.in_features, stock.linear_1.out_features, stock.linear_2.out_features, act)
+            got = (p.linear_1.in_features, p.linear_1.out_features, p.linear_2.out_features, p.act_name)
+            if got != want:
+                raise IncompatibleError(f"the cross_tokens checkpoint's projector (in, width, out, act) = {got} does "
+                                        f"not fit this model's {want}; {fix}")
 
     def install(self, undo):
         if self.method.vision is not None:
             return self._install_vision(undo)
         reducer = self.method.pre_llm
         prefix = _prefix(self.model)
+        fusion = getattr(reducer, "fusion", None)
 
         def pre_hook(module, args, kwargs):
             x = args[0] if args else kwargs["image_features"]
+            if fusion is not None:   # the full grid, for the LLM-input fusion
+                self._fusion_visual = x[:, prefix:]
             y = self._reduce_images(x, prefix)
             if y is x:
                 return None
@@ -202,7 +262,69 @@ class LlavaAdapter(PlaceholderAdapter):
 
         h = self.model.model.multi_modal_projector.register_forward_pre_hook(pre_hook, with_kwargs=True)
         undo.append(h.remove)
+        if fusion is not None:
+            self._install_fusion(fusion, prefix, undo)
         self._install_method_projector(reducer, prefix, undo)
+
+    def prepare(self, call, default_side):
+        call, rw = super().prepare(call, default_side)
+        if getattr(self, "_fusion", None) is not None:   # what the LLM-input fusion needs of this call
+            ids = call.get("input_ids")
+            self._fusion_call = (ids, call.get("labels"))
+            if not self._in_generate and ids is not None:   # generate(): columns after the prompt are generated
+                self._fusion_prompt = ids.shape[1]
+        return call, rw
+
+    def _install_fusion(self, fusion, prefix: int, undo):
+        """LLM-input fusion (a pre-LLM reducer's ``fusion``, e.g. trained LLaVA-Mini's pre-fusion): at prefill, a
+        forward pre-hook on the LLM replaces ``inputs_embeds`` by ``fusion.fuse(embeds, per-sample projected full
+        visual tokens, image columns, columns to fuse, rope)``; columns to fuse = real tokens that are neither
+        answers (labels != -100) nor generated. Decode steps (filled cache) pass through."""
+        lm = self.language_model()
+        if prefix or not hasattr(lm, "rotary_emb"):
+            raise IncompatibleError("LLM-input fusion needs vision_feature_select_strategy='default' (no CLS token in "
+                                    "the grid) and an LLM with a rotary_emb module (Llama-style)")
+        stock = self.model.model.multi_modal_projector
+        fusion.bind(self.decoder_layers(), stock)
+        self._fusion, self._fusion_visual, self._fusion_call, self._fusion_prompt = fusion, None, (None, None), None
+        img_id = self.image_token_id()
+
+        def rope(x, position_ids):
+            return lm.rotary_emb(x, position_ids)
+
+        def lm_pre_hook(module, args, kwargs):
+            emb, vis = kwargs.get("inputs_embeds"), self._fusion_visual
+            ids, labels = self._fusion_call
+            past = kwargs.get("past_key_values")
+            if emb is None or vis is None or ids is None or (past is not None and past.get_seq_length() > 0):
+                return None   # no image call, or a decode step (fusion ran at prefill)
+            if ids.shape[1] != emb.shape[1]:
+                raise IncompatibleError("LLM-input fusion needs the whole prompt in one prefill; chunked prefill "
+                                        "(prefill_chunk_size) is not supported")
+            image_cols = ids.to(emb.device) == img_id
+            per_row = image_cols.sum(1).tolist()
+            if not sum(per_row):
+                return None
+            per_image, rem = divmod(sum(per_row), vis.shape[0])
+            if rem or any(n % max(per_image, 1) for n in per_row):
+                raise IncompatibleError(f"LLM-input fusion: {sum(per_row)} image columns for {vis.shape[0]} images")
+            t0 = time.perf_counter()
+            hv = stock.forward(vis)   # the stock projector, or the method's (installed as its forward)
+            visual = [g.flatten(0, 1) for g in hv.to(emb.dtype).split([n // per_image for n in per_row])]
+            am = kwargs.get("attention_mask")
+            fuse = am.to(emb.device).bool() if am is not None and am.dim() == 2 else torch.ones_like(image_cols)
+            fuse = fuse[:, -emb.shape[1]:] & ~image_cols
+            if labels is not None and labels.shape == ids.shape:
+                fuse &= labels.to(emb.device) == -100
+            if self._fusion_prompt is not None:
+                fuse[:, self._fusion_prompt:] = False
+            new = fusion.fuse(emb, visual, image_cols, fuse, rope)
+            self.handle._add_seconds(time.perf_counter() - t0)
+            return args, {**kwargs, "inputs_embeds": new}
+
+        h = lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
+        undo.append(h.remove)
+        undo.append(lambda: self.__dict__.update(_fusion_visual=None, _fusion_call=(None, None)))
 
     def _reduce_images(self, x, prefix: int):
         """The projector's input [n_images, prefix + h*w, C] -> each image's grid reduced (x itself if unchanged)."""

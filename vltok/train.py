@@ -8,6 +8,12 @@ Learned variants (``LEARNED``):
 
 * ``tokenshuffle``: the shuffle projector (vltok/methods/tokenshuffle.py), initialised from the model's
   Linear-act-Linear projector so that step 0 equals training-free pool-then-project.
+* ``crossget``: the learned cross token's per-layer offsets (zero-initialised: step 0 equals the training-free
+  CLS-guided mode when ``visible=False``) and, unless ``projector=False``, a trained copy of the model's projector
+  (vltok/methods/crossget.py; no JS loss and a frozen LLM, unlike the paper).
+* ``llavamini``: the LLaVA-Mini compressor (C x C queries; step 0 = C x C window mean pooling), P pre-fusion layers
+  (copies of the LLM's first P layers) and, unless ``projector=False``, a copy of the projector
+  (vltok/methods/llavamini_trained.py; frozen LLM, unlike the paper).
 
 Data: ``batch_at(step) -> dict(input_ids, attention_mask, pixel_values, labels)``, deterministic by step so a resumed
 run sees the same batches. :func:`shapes_batches` (the reference VLM's procedural training split, never ``test``)
@@ -53,7 +59,38 @@ def build_tokenshuffle(model, keep: float, window=None):
             lambda m, path: m.load_state_dict(load_projector(path, window).state_dict()))
 
 
-LEARNED = {"tokenshuffle": build_tokenshuffle}
+def build_crossget(model, keep: float, visible: bool = False, projector: bool = True):
+    from vltok.adapters.llava import used_vision_layers, vision_encoder_name
+
+    from .methods.crossget import CrossTokens, load_cross_tokens, save_cross_tokens
+
+    stock = _llava_projector(model)
+    act = getattr(model.config, "projector_hidden_act", "gelu")
+    proj = ShuffleProjector.from_projector(stock.linear_1, stock.linear_2, act, (1, 1)) if projector else None
+    module = CrossTokens(used_vision_layers(model), model.config.vision_config.hidden_size, visible, proj,
+                         vision_encoder_name(model.config)).to(device=stock.linear_1.weight.device,
+                                                               dtype=stock.linear_1.weight.dtype)
+    return (module, dict(cross_tokens=module),
+            lambda m, path: save_cross_tokens(m, path, keep=keep),
+            lambda m, path: m.load_state_dict(load_cross_tokens(path).state_dict()))
+
+
+def build_llavamini(model, keep: float, prefusion_layers: int = 4, heads: int = 8, local: bool = True,
+                    projector: bool = True):
+    from .methods.llavamini_trained import build_module, load_module, save_module
+
+    module = build_module(model, keep, heads, local, prefusion_layers, projector)
+
+    def load(m, path):
+        ck = load_module(path)
+        if ck.meta()["c"] != m.c or ck.n_prefusion != m.n_prefusion or ck.train_projector != m.train_projector:
+            raise vltok.VltokError(f"{path}: checkpoint {ck.meta()} does not match the module being trained")
+        m.load_state_dict(ck._pending)
+
+    return module, dict(mode="trained", weights=module), save_module, load
+
+
+LEARNED = {"tokenshuffle": build_tokenshuffle, "crossget": build_crossget, "llavamini": build_llavamini}
 
 
 def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, steps: int, out: str | Path,
@@ -269,6 +306,16 @@ def register(sub):
     p.add_argument("--model", default="reference")
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--window", type=int, nargs=2, default=None, metavar=("S_H", "S_W"))
+    p.add_argument("--cross-visible", action="store_true",
+                   help="crossget: every token attends to the cross token (the paper); default: it only reads")
+    p.add_argument("--no-projector", action="store_true", help="crossget: train the cross token only")
+    p.add_argument("--prefusion-layers", type=int, default=4,
+                   help="llavamini: pre-fusion layers (copies of the LLM's first ones); --no-projector keeps the "
+                   "model's projector frozen")
+    p.add_argument("--compressor-heads", type=int, default=8, help="llavamini: compressor attention heads")
+    p.add_argument("--global-compressor", action="store_true",
+                   help="llavamini: queries attend to the whole grid (the paper; step 0 = global mean) instead of "
+                   "their C x C pooling window (step 0 = mode='pool')")
     p.add_argument("--data", default="shapes")
     p.add_argument("--image-folder", default=".")
     p.add_argument("--steps", type=int, default=1000)
@@ -313,6 +360,11 @@ def _cli(args):
                                 keep_predictions=False)
             return {"score": r["score"]}
     opts = {"window": args.window} if args.window else {}
+    if args.method == "crossget":
+        opts = {"visible": args.cross_visible, "projector": not args.no_projector}
+    if args.method == "llavamini":
+        opts = {"prefusion_layers": args.prefusion_layers, "heads": args.compressor_heads,
+                "local": not args.global_compressor, "projector": not args.no_projector}
     res = train(model, args.method, args.keep, batch_at, steps=args.steps, out=args.out, lr=args.lr,
                 warmup=args.warmup, save_every=args.save_every, eval_every=args.eval_every, eval_fn=eval_fn,
                 resume=args.resume, **opts)

@@ -9,6 +9,12 @@ A method's ``vision`` object (ToMe, CrossGET) implements
   layer's attention, query [B, H, d] the first token's query (CLS) or None, ``n_protected`` leading tokens
   (CLS, registers) that must stay untouched and in place;
 * ``prop_attn`` (bool) and ``needs_query`` (bool);
+* optional trailing tokens (CrossGET's learned cross token): ``trailing`` (int, tokens appended after the last
+  one), ``enter(layer, x, appended) -> x`` (appends them before layer 0, refreshes them before every later layer),
+  ``visible`` (bool: False masks their keys for every query, so they only read), ``query_index`` (-1: the query
+  handed to ``merge`` is the last token's). They stay last, are counted in ``size`` / ``pos`` with size 1 and are
+  never merged (the merger protects them); the adapter strips them before the projector (``run.appended``) and
+  must say it can (``trailing_ok=True``), else the call is refused;
 * optional ``after_mlp`` (bool): merge after the layer's MLP (the full layer's output) instead of between the
   attention residual and the MLP (MustDrop's window merge after layer 0);
 * optional data-dependent count (MustDrop's similarity threshold): ``schedule`` returns None and the merger has
@@ -61,6 +67,7 @@ class VisionRun:
         self.capture = False
         self.counts = [] if x is None else [x.shape[1]]
         self.seconds = 0.0
+        self.appended = 0   # trailing tokens appended in this call (stripped by the adapter before the projector)
 
 
 class _Probed(Exception):
@@ -86,8 +93,21 @@ def size_bias(size: torch.Tensor, dtype) -> torch.Tensor:
     return size.transpose(1, 2)[:, None].log().to(dtype)
 
 
+def layer_bias(run: VisionRun, merger, x: torch.Tensor):
+    """The additive attention bias [B, 1, 1, N] for a layer's input x: log(size) under proportional attention,
+    -inf on the keys of trailing tokens that only read (``visible=False``); None when neither applies."""
+    prop = run.size is not None and merger.prop_attn
+    if not run.appended or getattr(merger, "visible", True):
+        return size_bias(run.size, x.dtype) if prop else None
+    B, N = x.shape[:2]
+    t = run.appended
+    bias = size_bias(run.size, x.dtype) if prop else torch.zeros(B, 1, 1, N, dtype=x.dtype, device=x.device)
+    return torch.cat([bias[..., :N - t], torch.full_like(bias[..., N - t:], float("-inf"))], -1)
+
+
 def install_vision(layers: list, split: Callable, merger, schedule, n_protected: int, undo: list,
-                   attn_impl: str | None = None, on_done: Callable | None = None, nominal: int | None = None) -> VisionRun:
+                   attn_impl: str | None = None, on_done: Callable | None = None, nominal: int | None = None,
+                   trailing_ok: bool = False) -> VisionRun:
     """Wrap ``layers[i].forward`` to merge ``schedule[i]`` tokens after its attention.
 
     ``split(layer) -> LayerSplit``; ``schedule`` has one r per layer (trailing layers may be 0 or missing), or is
@@ -105,11 +125,16 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
     run = VisionRun()
     if not any(schedule) and not data_dependent:
         return run
+    trailing = getattr(merger, "trailing", 0)
+    if trailing and not trailing_ok:
+        raise IncompatibleError("this method appends a learned token to the vision encoder (CrossGET's cross_tokens), "
+                                "which this family's adapter cannot strip before the projector (LLaVA-1.5 only); "
+                                "use the training-free mode (no cross_tokens=)")
     if merger.prop_attn and attn_impl is not None and "flash" in attn_impl:
         raise IncompatibleError(
             f"proportional attention adds a log-size bias to the vision encoder's attention, which {attn_impl} "
             "cannot take; load the model with attn_implementation='sdpa' (or 'eager'), or pass prop_attn=False")
-    first = 0 if schedule_fn else next(i for i, r in enumerate(schedule) if r)
+    first = 0 if (schedule_fn or trailing) else next(i for i, r in enumerate(schedule) if r)
     after_mlp = getattr(merger, "after_mlp", False)
     decide_at = getattr(merger, "merge_layer", -1)
 
@@ -139,15 +164,16 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
                     schedule[:] = pad(sch or [])
             deciding = run.decide and _i == decide_at
             r = schedule[_i]
-            if _i < first or (not r and not deciding and run.size is None):   # nothing merged yet: original layer
+            if trailing:   # the cross token: appended before layer 0, refreshed before every later layer
+                hidden_states = merger.enter(_i, hidden_states, _i > 0)
+                run.appended = trailing
+            if _i < first or (not r and not deciding and run.size is None and not trailing):   # nothing merged yet: original layer
                 out = _orig(hidden_states, *args, **kwargs)
-                run.counts.append(out.shape[1])
+                run.counts.append(out.shape[1] - run.appended)
                 if _i == len(layers) - 1 and on_done is not None:
                     on_done(run)
                 return out
-            bias = None
-            if run.size is not None and merger.prop_attn:
-                bias = size_bias(run.size, hidden_states.dtype)
+            bias = layer_bias(run, merger, hidden_states)
             run.capture = bool(r) or deciding
             try:
                 x = _parts.attn(hidden_states, bias)
@@ -166,7 +192,8 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
                 else:
                     k = k.view(B, N, H, -1)
                     q = run.q.view(B, N, H, -1) if run.q is not None else None
-                query = q[:, 0] if (q is not None and n_protected > 0 and merger.needs_query) else None
+                qi = getattr(merger, "query_index", 0)
+                query = q[:, qi] if (q is not None and (n_protected > 0 or trailing) and merger.needs_query) else None
                 if deciding:
                     r = schedule[_i] = merger.decide(x, run.size, k, query, n_protected)
                     if run.probing:
@@ -179,7 +206,7 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
                 run.q = run.k = None
                 run.seconds += time.perf_counter() - t0
             out = x if after_mlp else _parts.mlp(x)
-            run.counts.append(out.shape[1])
+            run.counts.append(out.shape[1] - run.appended)
             if _i == len(layers) - 1 and on_done is not None:
                 on_done(run)
             return out

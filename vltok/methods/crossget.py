@@ -17,10 +17,42 @@ Importance (training-free guidance, no extra token): ``"cls_attn"`` (default) = 
 query pays each key in this layer (one query row, computed from the hooked q/k, with the proportional bias);
 ``"cls_query_cos"`` = cos(k_j, q_CLS) on the full width; ``"none"`` = 0. Encoders without CLS use ``"none"``.
 The budget and the multi-round rule are ToMe's (vltok/methods/tome.py).
+
+Trained variant (``cross_tokens=``): a learned cross token, as in the paper's LLaVA-1.5 code.
+
+* The token is appended at the END of the encoder sequence before layer 0 as a copy of the CLS input plus a learned
+  offset; at the start of every later layer l it is reset to stopgrad(its previous state) + offset[l] (offsets
+  [L_used, C], zero-initialised, one per layer whose output reaches the projector; 0 after those). It is protected
+  (never a source or destination) and stays last.
+* It replaces CLS as the guidance: importance = the head-mean attention the cross token's query pays each real
+  token (its own key excluded, proportional bias on), the same formula as ``"cls_attn"``.
+* ``visible=False`` (vltok's default): the cross token only reads. Its key is masked (-inf) for every query, itself
+  included, so the tower's real tokens compute exactly what they compute without it. With zero offsets its
+  input equals CLS's and it sees the same keys, so it evolves exactly like CLS and step 0 equals the training-free
+  ``"cls_attn"`` mode (up to float rounding of the masked attention; the merge decisions are identical; tested).
+  ``visible=True`` is the paper's placement (every token attends to it). It then still evolves like CLS at step 0,
+  but every real token sees CLS twice (the "double vote" of the spec's implicit training-free variant), so step 0
+  differs from the training-free mode (tested).
+* It is dropped before the projector (the paper keeps it as one extra visual token): the LLM gets exactly
+  round(keep*N) visual tokens, the same placeholder count as the training-free mode.
+* :class:`CrossTokens` holds the offsets and, optionally, a trained copy of the model's Linear-act-Linear projector
+  (a 1x1 :class:`~vltok.methods.tokenshuffle.ShuffleProjector`), which then replaces the model's projector. One
+  safetensors file (:func:`save_cross_tokens` / :func:`load_cross_tokens`) holds both, with metadata naming the
+  encoder, its width, the number of layers and ``visible``; the adapter refuses a file that does not fit the model.
+
+Deviation from the paper (training, vltok/train.py): the paper fine-tunes the whole LLaVA (LLM and projector) with
+CE + a Jensen-Shannon loss pulling the image-side cross tokens towards learned text-side cross tokens inside the
+LLM (at BOS). Here the LLM stays frozen and has no cross token: only the offsets (and by default the projector)
+train, on the LM loss of the answers through the patched forward. With ``visible=False`` the offsets act only
+through the importance-weighted ensemble weights (source selection is discrete), so most of the gain is expected
+from the projector, which sees merged tokens off its training distribution.
 """
 from __future__ import annotations
 
+import json
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register
@@ -85,16 +117,98 @@ def importance(kind: str, keys: torch.Tensor, query: torch.Tensor | None, size: 
     return logits.softmax(-1).mean(1)
 
 
+class CrossTokens(nn.Module):
+    """The learned part of the trained variant: per-layer cross-token offsets [n_layers, width] (zero-initialised)
+    and an optional projector (a 1x1 ShuffleProjector: Linear-act-Linear) that replaces the model's."""
+
+    def __init__(self, n_layers: int, width: int, visible: bool = False, projector=None, encoder: str = ""):
+        super().__init__()
+        self.offsets = nn.Parameter(torch.zeros(n_layers, width))
+        self.visible = bool(visible)
+        self.encoder = encoder
+        self.projector = projector
+
+    def meta(self) -> dict:
+        p = self.projector
+        return {"method": "crossget", "n_layers": self.offsets.shape[0], "width": self.offsets.shape[1],
+                "visible": self.visible, "encoder": self.encoder,
+                "projector": None if p is None else {"in_dim": p.linear_1.in_features, "width": p.linear_1.out_features,
+                                                     "out_dim": p.linear_2.out_features, "act": p.act_name}}
+
+
+def save_cross_tokens(cross: CrossTokens, path: str, **extra) -> None:
+    """One safetensors: ``offsets`` and ``projector.*``; metadata ``vltok`` = meta() + extra (e.g. keep)."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    meta = {**cross.meta(), **extra, "vltok": __version__}
+    save_file({k: v.detach().contiguous().cpu() for k, v in cross.state_dict().items()}, path,
+              metadata={"vltok": json.dumps(meta)})
+
+
+def load_cross_tokens(path: str) -> CrossTokens:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .tokenshuffle import ShuffleProjector
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+    except Exception as e:   # missing file, not a safetensors file
+        raise ValueError(f"crossget: cannot read cross_tokens={path!r} ({e}); pass a file saved by "
+                         "vltok train crossget (out/crossget.safetensors)") from None
+    if meta.get("method") != "crossget":
+        raise ValueError(f"crossget: {path} is not a vltok crossget cross-token checkpoint (its metadata names "
+                         f"{meta.get('method')!r}); pass a file saved by vltok train crossget")
+    pm = meta.get("projector")
+    proj = ShuffleProjector((1, 1), pm["in_dim"], pm["width"], pm["out_dim"], pm["act"]) if pm else None
+    cross = CrossTokens(meta["n_layers"], meta["width"], meta.get("visible", False), proj, meta.get("encoder", ""))
+    state = load_file(path)
+    missing = set(cross.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"crossget: {path} lacks the tensors {sorted(missing)} its metadata announces")
+    cross.load_state_dict(state)
+    return cross.eval()
+
+
+def cross_input(x: torch.Tensor, layer: int, offsets: torch.Tensor, appended: bool) -> torch.Tensor:
+    """The cross token entering ``layer``: appended after the last token as CLS's input + offsets[0] at layer 0,
+    else reset to stopgrad(its state) + offsets[layer] (0 past the offsets). x is not modified."""
+    off = offsets[layer].to(x.dtype) if layer < offsets.shape[0] else None
+    if not appended:
+        tok = x[:, :1] if off is None else x[:, :1] + off
+        return torch.cat([x, tok], 1)
+    tok = x[:, -1:].detach()
+    return torch.cat([x[:, :-1], tok if off is None else tok + off], 1)
+
+
 class CrossGetMerger:
-    def __init__(self, keep: float, importance: str, ensemble: str, prop_attn: bool):
+    def __init__(self, keep: float, importance: str, ensemble: str, prop_attn: bool, cross: CrossTokens | None = None):
         self.keep, self.importance, self.ensemble, self.prop_attn = keep, importance, ensemble, prop_attn
         self.needs_query = importance != "none"
+        self.cross = cross
+        self.trailing = 0 if cross is None else 1   # tokens the vision stage appends (vltok/vision.py)
+        self.query_index = 0 if cross is None else -1
+        self.visible = cross is not None and cross.visible
+        self.projector = None if cross is None else cross.projector
 
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
         return spread_schedule(n_patches, self.keep, n_layers)
 
+    def enter(self, layer: int, x: torch.Tensor, appended: bool) -> torch.Tensor:
+        return cross_input(x, layer, self.cross.offsets, appended)
+
     def merge(self, x, size, pos, keys, query, r, n_protected):
-        kind = self.importance if n_protected > 0 else "none"
+        if self.trailing:   # the cross token (last) is protected: merge the others, then put it back
+            t = self.trailing
+            y, s, p = self._merge(x[:, :-t], size[:, :-t], pos[:, :-t], keys[:, :-t], query, r, n_protected)
+            return torch.cat([y, x[:, -t:]], 1), torch.cat([s, size[:, -t:]], 1), torch.cat([p, pos[:, -t:]], 1)
+        return self._merge(x, size, pos, keys, query, r, n_protected)
+
+    def _merge(self, x, size, pos, keys, query, r, n_protected):
+        kind = self.importance if (n_protected > 0 or self.trailing) else "none"
         C = x.shape[-1]
         kmean = keys.float().mean(2)
         imp = importance(kind, keys, query, size)
@@ -111,13 +225,24 @@ class CrossGetMerger:
         return both[..., :C].to(x.dtype), size, pos
 
 
-@register("crossget", "CrossGET: complete-graph soft matching inside the vision encoder, CLS-attention guidance, "
-          "importance-weighted merges, proportional attention; round(keep*N) tokens leave the encoder", ("vision",))
+@register("crossget", "CrossGET: complete-graph soft matching inside the vision encoder, CLS-attention guidance "
+          "(or a learned cross token: cross_tokens=...), importance-weighted merges, proportional attention; "
+          "round(keep*N) tokens leave the encoder", ("vision",), trained_variant=True)
 def make_crossget(keep: float, importance: str = "cls_attn", ensemble: str = "importance",
-                  prop_attn: bool = True) -> Method:
+                  prop_attn: bool = True, cross_tokens=None) -> Method:
     if importance not in IMPORTANCES:
         raise ValueError(f"crossget: importance must be one of {IMPORTANCES}, got {importance!r}")
     if ensemble not in ENSEMBLES:
         raise ValueError(f"crossget: ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-    params = dict(importance=importance, ensemble=ensemble, prop_attn=prop_attn)
-    return Method("crossget", keep, params, vision=CrossGetMerger(keep, importance, ensemble, prop_attn))
+    if isinstance(cross_tokens, str):
+        cross_tokens = load_cross_tokens(cross_tokens)
+    elif cross_tokens is not None and not isinstance(cross_tokens, CrossTokens):
+        raise ValueError("crossget: cross_tokens must be a checkpoint path (vltok train crossget) or a CrossTokens")
+    if cross_tokens is not None and importance == "none":
+        raise ValueError("crossget: cross_tokens give the importance; importance='none' would ignore them "
+                         "(use 'cls_attn' or 'cls_query_cos', computed from the cross token's query)")
+    params = dict(importance=importance, ensemble=ensemble, prop_attn=prop_attn, trained=cross_tokens is not None)
+    if cross_tokens is not None:
+        params.update(visible=cross_tokens.visible, trained_projector=cross_tokens.projector is not None)
+    return Method("crossget", keep, params,
+                  vision=CrossGetMerger(keep, importance, ensemble, prop_attn, cross_tokens))
