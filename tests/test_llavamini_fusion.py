@@ -237,3 +237,34 @@ def test_refusals_are_clear_and_leave_nothing_half_applied():
     with pytest.raises(vltok.VltokError, match="labels"), \
             vltok.patched(m, "llavamini", keep=0.5, K=2, **EF):
         m(**inp, labels=inp["input_ids"])
+
+
+def test_llava_next_ragged_batch_per_sample_path():
+    """LLaVA-NeXT, two images of different sizes (per-sample engine path, filler columns): "drop" (0 survivors per
+    grid; newlines stay) and "attn" equal the masked reference; "pool" (Merge on the per-sample path) gives each
+    sample the logits it gets alone (batched path)."""
+    from tiny import llava_next_inputs, tiny_llava_next
+
+    m = tiny_llava_next("sdpa")
+    two = llava_next_inputs(m, [[1, -1, 5], [1, 6, 7, -1, 9]], [[80, 120], [64, 64]], padding="left")
+    for reduce in ("drop", "attn"):
+        with torch.no_grad(), vltok.patched(m, "llavamini", keep=0.75, K=1, reduce=reduce, **EF) as h:
+            out = m(**two).logits
+            cols, final, dead = h.inllm_prefill_columns, h.inllm_kept_columns, h.inllm_dead_columns
+            if reduce == "drop":   # only the NeXT newline tokens (never pruned) are left of each image
+                assert [im["tokens_out"] for im in h.stats["images"]] == [10, 8]
+        ref = masked_reference(m, two, cols, dead=dead)
+        real = two["attention_mask"].gather(1, final).bool()
+        if dead:
+            real &= ~dead[1]
+        assert (out[real] - ref[torch.arange(2)[:, None], final][real]).abs().max() < 1e-5
+    with torch.no_grad(), vltok.patched(m, "llavamini", keep=0.75, K=1, reduce="pool", **EF) as h:
+        both = m(**two).logits
+        final, dead = h.inllm_kept_columns, h.inllm_dead_columns[1]
+        assert bool(dead.any())   # one sample keeps fewer columns: masked filler columns pad it
+        for b, (p, size) in enumerate([([1, -1, 5], [80, 120]), ([1, 6, 7, -1, 9], [64, 64])]):
+            one = llava_next_inputs(m, [p], [size])
+            one["pixel_values"] = two["pixel_values"][b:b + 1, :one["pixel_values"].shape[1]]   # the same pixels
+            alone = m(**one).logits[0]
+            got = both[b][two["attention_mask"][b].gather(0, final[b]).bool() & ~dead[b]]
+            assert got.shape == alone.shape and (got - alone).abs().max() < 1e-5
