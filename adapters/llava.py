@@ -195,6 +195,7 @@ class LlavaAdapter(PlaceholderAdapter):
         trailing = getattr(merger, "trailing", 0)
         if trailing:
             self._check_cross_tokens(merger.cross, n_special, n_patches)
+            merger.cross.to(device=next(tower.parameters()).device)   # (as a method projector is moved)
         self._vision_run = install_vision(encoder_layers(tower), split_layer, merger,
                                           self._vision_schedule, n_special, undo,
                                           attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done,
