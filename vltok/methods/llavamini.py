@@ -31,6 +31,7 @@ Not provided here: the trained compressor + pre-fusion adapter (``mode="trained"
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -71,6 +72,12 @@ def window_centres(h: int, w: int, r_h: int, r_w: int) -> torch.Tensor:
         return [(i * n // r + -(-(i + 1) * n // r) - 1) // 2 for i in range(r)]
 
     return torch.tensor([y * w + x for y in centres(h, r_h) for x in centres(w, r_w)], dtype=torch.long)
+
+
+@lru_cache(maxsize=64)
+def _centres_on(h, w, r_h, r_w, device):
+    """window_centres on the device, built once per grid (no host-to-device copy per call)."""
+    return window_centres(h, w, r_h, r_w).to(device)
 
 
 class EarlyFusion:
@@ -155,7 +162,7 @@ class EarlyFusion:
         h, w, r_h, r_w = self.pooled(view.n, view.grid, n_layers)
         x = view.hidden if batched else view.hidden[None]
         rows = pool_grid(x.float(), h, w, r_h, r_w)          # window means in fp32 (cast to the model's dtype later)
-        idx = window_centres(h, w, r_h, r_w).to(view.raster.device)
+        idx = _centres_on(h, w, r_h, r_w, view.raster.device)
         if batched:
             return Merge(idx.expand(x.shape[0], -1), rows)
         return Merge(idx, rows[0])
