@@ -19,6 +19,7 @@ class VideoLlavaAdapter(FrameVideos, LlavaAdapter):
     family = "video_llava"
     stages = ("pre_llm", "in_llm", "decode")
     runs_method_projector = False
+    runs_input_fusion = False
     not_applicable = {
         "vision": "vltok's Video-LLaVA adapter does not hook the layers of its two CLIP towers (not wired yet)",
     }

@@ -29,6 +29,10 @@ def incompatibility(adapter_cls, method) -> str | None:
                 not getattr(adapter_cls, "runs_method_projector", False):
             return (f"brings a trained projector, which vltok's {adapter_cls.family} adapter cannot run in place of "
                     "the model's (LLaVA-1.5 only); use the training-free mode (no projector=)")
+        if getattr(getattr(method, "pre_llm", None), "fusion", None) is not None and \
+                not getattr(adapter_cls, "runs_input_fusion", False):
+            return (f"brings LLM-input fusion layers (trained LLaVA-Mini), which vltok's {adapter_cls.family} adapter "
+                    "cannot run (LLaVA-1.5 only); use a training-free mode (mode='pool')")
         return None
     reasons = getattr(adapter_cls, "not_applicable", {})
     why = "; ".join(reasons[s] for s in missing if s in reasons)

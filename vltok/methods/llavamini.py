@@ -26,7 +26,8 @@ keep -> k is FLOPs-equivalent like FastV (spec §6): k = round((keep*L - K) * N 
 at least 1, so keep must exceed K/L (a clear error otherwise). K defaults to 2 for keep >= 0.25, 3 below. For
 ``"drop"`` keep picks K instead: K = floor(keep*L) (keep = K/L when nothing survives), and an explicit K must not
 exceed keep*L. keep=1.0 cuts nothing (bit-identical logits).
-Not provided here: the trained compressor + pre-fusion adapter (``mode="trained"``, see the issue tracker).
+``mode="trained"`` (``weights=`` a checkpoint from ``vltok train llavamini`` or a MiniModule): the learned C x C
+compressor + pre-fusion layers of vltok/methods/llavamini_trained.py (LLaVA-1.5 family only).
 """
 from __future__ import annotations
 
@@ -183,12 +184,24 @@ class MiniPoolReducer:
 @register("llavamini", "LLaVA-Mini training-free: mode='pool' pools each grid to ~keep*N tokens before the LLM "
           "(aspect-preserving grid); mode='early_fusion' lets the first K LLM layers see every token, then pools "
           "(reduce='pool') / top-k by text attention ('attn') / drops ('drop') the visual rows; the learned "
-          "compressor + pre-fusion is not provided yet", ("pre_llm",),
+          "compressor + pre-fusion: mode='trained', weights=...", ("pre_llm",),
           variants=(("mode=early_fusion", dict(mode="early_fusion")),))
 def make_llavamini(keep: float, mode: str = "pool", budget: str = "nearest", K: int | None = None,
-                   reduce: str = "pool") -> Method:
+                   reduce: str = "pool", weights=None) -> Method:
+    if mode == "trained":   # learned compressor + pre-fusion: vltok/methods/llavamini_trained.py
+        from .llavamini_trained import trained_reducer
+
+        if weights is None:
+            raise ValueError("llavamini: mode='trained' needs weights= (a checkpoint from `vltok train llavamini` or "
+                             "a MiniModule)")
+        if keep >= 1.0:   # keep=1.0 reproduces the unpatched model in every mode
+            return Method("llavamini", keep, dict(mode=mode, trained=True), pre_llm=MiniPoolReducer(keep, budget))
+        r = trained_reducer(keep, weights)
+        return Method("llavamini", keep, dict(mode=mode, trained=True, C=r.module.c), pre_llm=r)
+    if weights is not None:
+        raise ValueError("llavamini: weights apply to mode='trained' only")
     if mode not in MODES:
-        raise ValueError(f"llavamini: mode must be one of {MODES} (trained is not implemented yet), got {mode!r}")
+        raise ValueError(f"llavamini: mode must be one of {MODES} or 'trained', got {mode!r}")
     if budget not in BUDGETS:
         raise ValueError(f"llavamini: budget must be one of {BUDGETS}, got {budget!r}")
     if mode == "early_fusion":

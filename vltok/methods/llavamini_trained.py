@@ -1,0 +1,310 @@
+"""LLaVA-Mini, trained adapter (``vltok.patch(model, "llavamini", keep=..., mode="trained", weights=...)``).
+
+Two learned parts (specs/methods/llava_mini.md §2.1-2.3), both in :class:`MiniModule`:
+
+* **Compressor** (:class:`Compressor`): C x C learned queries cross-attend over one image's grid in vision-encoder
+  space (before the projector): Q = ln_q(query) + P_q, K = ln_kv(V) + P_k, values = V, multi-head attention with
+  q/k/v/o projections (width = the vision hidden size, ``heads`` heads). P_q is a fixed 2-D sin-cos table for the
+  C x C grid (half the channels encode the row, half the column, base 10000), P_k the same table bicubically
+  resized to the input grid. The compressed tokens then go through the (stock or trained) projector.
+  C = max(1, round(sqrt(keep * N))) (:func:`compressor_size`); a checkpoint is tied to its C.
+* **Pre-fusion** (:meth:`MiniModule.fuse`): P decoder layers shaped like the LLM's (copies of its layers 0..P-1 at
+  initialisation) run over [all projected visual tokens of the sample's images, the compressed tokens, the text
+  tokens] with a causal mask and the LLM's rotary embeddings; positions count the valid keys from 0. Keys that are
+  padding, answer tokens (``labels != -100``) or generated tokens are masked and their rows keep their raw
+  embedding. The LLM then gets the fused text rows and the fused compressed rows in the sequence's own order
+  (compressed rows where the image placeholders were), so its input has C^2 + L columns.
+
+Step-0 initialisation (not from the paper): the K in-projection is zero (every logit is 0: uniform attention), the
+V and output projections are the identity, and values skip the LayerNorm. With ``local=True`` (default) each
+query only attends to its own adaptive-pooling window of the grid (PyTorch's ``adaptive_avg_pool2d`` bins), so
+step 0 equals ``mode="pool"`` with a C x C grid (``pool_grid(x, h, w, C, C)``) up to float rounding; the
+compressed tokens still see the whole image through pre-fusion (they follow all visual tokens there).
+``local=False`` is the paper's global cross-attention; its step 0 gives every query the mean over all tokens.
+Deviations from the reference: values are not LayerNorm'ed (exact step 0), the optional window restriction,
+pre-fusion initialised from the LLM rather than at random.
+
+Adapter contract (docs/architecture.md, "pre-LLM input fusion"): the reducer exposes ``fusion`` (this module) with
+``bind(decoder_layers, projector)`` (called at patch time: copies the LLM's first P layers and the projector when
+it is trained, then loads pending checkpoint weights) and ``fuse(...)``; ``projector`` is the trained projector
+(or None for the stock one).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import IncompatibleError
+from ..stages import GridPlan
+
+
+def compressor_size(keep: float, n: int) -> int:
+    """C for a grid of n tokens: max(1, round(sqrt(keep * n)))."""
+    return max(1, round(math.sqrt(keep * n)))
+
+
+def sincos_2d(c_h: int, c_w: int, dim: int) -> torch.Tensor:
+    """[c_h * c_w, dim] fixed 2-D sin-cos table (raster): channels [0, dim/2) encode the row, the rest the column."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos table needs a width divisible by 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+
+    def axis(n):
+        a = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)   # [n, dim/2]
+
+    rows = axis(c_h)[:, None].expand(c_h, c_w, 2 * q)
+    cols = axis(c_w)[None].expand(c_h, c_w, 2 * q)
+    return torch.cat([rows, cols], dim=-1).reshape(c_h * c_w, dim).float()
+
+
+def pool_windows(h: int, w: int, r_h: int, r_w: int) -> torch.Tensor:
+    """[r_h * r_w, h * w] bool: output cell (i, j) covers the input cells of adaptive_avg_pool2d's bin (i, j)."""
+    def bins(n, r):
+        i = torch.arange(r)
+        start, end = (i * n) // r, -((-(i + 1) * n) // r)
+        a = torch.arange(n)
+        return (a[None] >= start[:, None]) & (a[None] < end[:, None])   # [r, n]
+
+    rb, cb = bins(h, r_h), bins(w, r_w)
+    return (rb[:, None, :, None] & cb[None, :, None, :]).reshape(r_h * r_w, h * w)
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy without the original's forward hooks (an adapter's hooks on the projector must not follow)."""
+    c = copy.deepcopy(module)
+    for m in c.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                     "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(m, name, {}).clear()
+    return c
+
+
+class Compressor(nn.Module):
+    """C x C learned queries cross-attending over one grid [B, h*w, width] -> [B, C*C, width] (see module doc)."""
+
+    def __init__(self, width: int, c: int, heads: int = 8, local: bool = True):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"compressor width {width} is not divisible by heads={heads}")
+        self.width, self.c, self.heads, self.local = width, c, heads, local
+        self.query = nn.Parameter(torch.randn(c * c, width) * 0.02)
+        self.register_buffer("pe_q", sincos_2d(c, c, width), persistent=False)
+        self.ln_q, self.ln_kv = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
+        self.v_proj, self.o_proj = nn.Linear(width, width), nn.Linear(width, width)
+        with torch.no_grad():   # step 0: uniform attention (zero keys), identity values / output
+            self.k_proj.weight.zero_()
+            self.k_proj.bias.zero_()
+            for lin in (self.v_proj, self.o_proj):
+                lin.weight.copy_(torch.eye(width))
+                lin.bias.zero_()
+
+    def key_pe(self, h: int, w: int) -> torch.Tensor:
+        if (h, w) == (self.c, self.c):
+            return self.pe_q
+        t = self.pe_q.T.reshape(1, self.width, self.c, self.c)
+        return F.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)[0].flatten(1).T
+
+    def forward(self, x: torch.Tensor, h: int, w: int, return_attention: bool = False):
+        B, n, D = x.shape
+        if n != h * w or D != self.width:
+            raise ValueError(f"compressor: expected [B, {h}*{w}, {self.width}], got {list(x.shape)}")
+        hd = D // self.heads
+        q = self.q_proj(self.ln_q(self.query) + self.pe_q.to(x.dtype))              # [C^2, D]
+        k = self.k_proj(self.ln_kv(x) + self.key_pe(h, w).to(x.dtype))              # [B, n, D]
+        v = self.v_proj(x)
+        q = q.view(1, -1, self.heads, hd).transpose(1, 2)                           # [1, H, C^2, hd]
+        k = k.view(B, n, self.heads, hd).transpose(1, 2)
+        v = v.view(B, n, self.heads, hd).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(hd)                 # [B, H, C^2, n]
+        if self.local:
+            win = pool_windows(h, w, self.c, self.c).to(x.device)
+            logits = logits.masked_fill(~win, float("-inf"))
+        attn = logits.softmax(-1)
+        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, -1, D)
+        out = self.o_proj(out)
+        return (out, attn) if return_attention else out
+
+
+class MiniModule(nn.Module):
+    """The trained LLaVA-Mini parts: ``compressor``, ``prefusion`` (P LLM-shaped decoder layers) and, when trained,
+    ``projector`` (a copy of the model's). ``prefusion`` / ``projector`` exist once :meth:`bind` ran."""
+
+    def __init__(self, width: int, c: int, heads: int = 8, local: bool = True, prefusion_layers: int = 4,
+                 train_projector: bool = True, grid: tuple[int, int] | None = None, encoder: str = ""):
+        super().__init__()
+        self.compressor = Compressor(width, c, heads, local)
+        self.n_prefusion, self.train_projector = int(prefusion_layers), bool(train_projector)
+        self.grid, self.encoder = tuple(grid) if grid else None, encoder
+        self.prefusion = None
+        self.projector = None
+        self.llm_hidden = None
+        self._pending: dict | None = None   # checkpoint tensors waiting for bind()
+
+    @property
+    def c(self) -> int:
+        return self.compressor.c
+
+    @property
+    def bound(self) -> bool:
+        return self.prefusion is not None
+
+    def bind(self, decoder_layers, projector) -> None:
+        """Build the pre-fusion layers as copies of the LLM's first P decoder layers (and the projector copy when it
+        is trained), on their device / dtype; then load pending checkpoint weights. Already bound: check the shapes."""
+        ref = next(iter(decoder_layers[0].parameters()))
+        hidden = getattr(getattr(getattr(decoder_layers[0], "self_attn", None), "config", None), "hidden_size", None)
+        if self.bound:
+            if self.llm_hidden is not None and hidden is not None and hidden != self.llm_hidden:
+                raise IncompatibleError(f"llavamini: these pre-fusion layers were built for an LLM of width "
+                                        f"{self.llm_hidden}, not {hidden}")
+            return
+        if self.n_prefusion > len(decoder_layers):
+            raise IncompatibleError(f"llavamini: {self.n_prefusion} pre-fusion layers requested but the LLM has "
+                                    f"only {len(decoder_layers)}")
+        self.prefusion = nn.ModuleList([fresh_copy(decoder_layers[i]) for i in range(self.n_prefusion)])
+        if self.train_projector:
+            self.projector = fresh_copy(projector)
+        self.llm_hidden = hidden
+        self.to(device=ref.device, dtype=ref.dtype)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                self.load_state_dict(pending, strict=True)
+            except RuntimeError as e:
+                raise IncompatibleError(f"llavamini: the checkpoint does not fit this model's LLM / projector "
+                                        f"({str(e).splitlines()[0]} ...); use a checkpoint trained on this model") from e
+
+    def fuse(self, embeds, visual, image_cols, fuse_cols, rope):
+        """Pre-fusion of one LLM input.
+
+        embeds [B, S, D]: the LLM input (text embeddings, compressed rows at the image columns); visual: per sample
+        a [M_b, D] tensor of the projected full visual tokens of its images (in order); image_cols [B, S] bool;
+        fuse_cols [B, S] bool: the text columns to fuse (valid, not answer / generated); rope(x, position_ids) ->
+        (cos, sin). Returns the new LLM input [B, S, D]: fused rows at image and fused columns, raw rows elsewhere.
+        """
+        B, S, D = embeds.shape
+        dev = embeds.device
+        m_max = max(int(v.shape[0]) for v in visual)
+        vis = embeds.new_zeros(B, m_max, D)
+        vis_valid = torch.zeros(B, m_max, dtype=torch.bool, device=dev)
+        for b, v in enumerate(visual):
+            vis[b, :v.shape[0]] = v
+            vis_valid[b, :v.shape[0]] = True
+        perm = (~image_cols).long().argsort(dim=1, stable=True)                  # image columns first, then text
+        seq_t = embeds.gather(1, perm[..., None].expand(B, S, D))
+        valid_t = (image_cols | fuse_cols).gather(1, perm)
+        x = torch.cat([vis, seq_t], dim=1)                                        # [B, T, D]
+        valid = torch.cat([vis_valid, valid_t], dim=1)
+        T = x.shape[1]
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        i = torch.arange(T, device=dev)
+        allowed = (i[None, :, None] >= i[None, None, :]) & (valid[:, None, :] | (i[:, None] == i[None, :])[None])
+        mask = torch.zeros(B, 1, T, T, dtype=x.dtype, device=dev).masked_fill(~allowed[:, None],
+                                                                             torch.finfo(x.dtype).min)
+        pe = rope(x, pos)
+        for layer in self.prefusion:
+            out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            x = out[0] if isinstance(out, tuple) else out
+        fused_t = x[:, m_max:]
+        fused = torch.empty_like(embeds).scatter_(1, perm[..., None].expand(B, S, D), fused_t)
+        return torch.where((image_cols | fuse_cols)[..., None], fused, embeds)
+
+    def meta(self) -> dict:
+        c = self.compressor
+        return {"method": "llavamini", "c": c.c, "width": c.width, "heads": c.heads, "local": c.local,
+                "prefusion_layers": self.n_prefusion, "train_projector": self.train_projector,
+                "grid": list(self.grid) if self.grid else None, "encoder": self.encoder, "llm_hidden": self.llm_hidden}
+
+
+def build_module(model, keep: float, heads: int = 8, local: bool = True, prefusion_layers: int = 4,
+                 train_projector: bool = True) -> MiniModule:
+    """Step-0 module for a LLaVA-1.5-family model (bound: pre-fusion = copies of the LLM's first layers)."""
+    inner = getattr(model, "model", None)
+    proj = getattr(inner, "multi_modal_projector", None)
+    lm = getattr(inner, "language_model", None)
+    if proj is None or lm is None or not hasattr(lm, "layers") or type(model).__name__ != "LlavaForConditionalGeneration":
+        raise IncompatibleError(f"the trained LLaVA-Mini adapter needs a LlavaForConditionalGeneration (LLaVA-1.5 "
+                                f"family); got {type(model).__name__}")
+    vc = model.config.vision_config
+    h = w = vc.image_size // vc.patch_size
+    encoder = getattr(vc, "_name_or_path", "") or vc.model_type
+    m = MiniModule(vc.hidden_size, compressor_size(keep, h * w), heads, local, prefusion_layers, train_projector,
+                   (h, w), encoder)
+    m.bind(lm.layers, proj)
+    return m
+
+
+def save_module(module: MiniModule, path: str) -> None:
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    meta = {**module.meta(), "vltok": __version__}
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, path,
+              metadata={"vltok": json.dumps(meta)})
+
+
+def load_module(path: str) -> MiniModule:
+    """An unbound module with the checkpoint's compressor loaded; pre-fusion / projector load at bind()."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+    if meta.get("method") != "llavamini":
+        raise ValueError(f"{path} is not a vltok llavamini checkpoint (no vltok metadata with method 'llavamini')")
+    m = MiniModule(meta["width"], meta["c"], meta["heads"], meta["local"], meta["prefusion_layers"],
+                   meta["train_projector"], meta.get("grid"), meta.get("encoder", ""))
+    sd = load_file(path)
+    m.compressor.load_state_dict({k[len("compressor."):]: v for k, v in sd.items() if k.startswith("compressor.")})
+    m._pending = sd
+    m.llm_hidden = meta.get("llm_hidden")
+    return m.eval()
+
+
+class MiniTrainedReducer:
+    """Pre-LLM stage of the trained mode: C x C compressed tokens per grid, a trained projector (optional) and the
+    pre-fusion (``fusion``) that the adapter runs on the LLM input."""
+
+    def __init__(self, keep: float, module: MiniModule):
+        self.keep, self.module, self.fusion = keep, module, module
+
+    @property
+    def projector(self):
+        return self.module.projector
+
+    def plan(self, h: int, w: int) -> GridPlan:
+        c = self.module.c
+        if c * c >= h * w:
+            raise IncompatibleError(f"llavamini: C={c} gives {c * c} tokens for a {h}x{w} grid: nothing to compress")
+        return GridPlan(h, w, c * c, (c, c))
+
+    def reduce(self, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
+        return self.module.compressor(x, plan.h, plan.w)
+
+
+def trained_reducer(keep: float, weights) -> MiniTrainedReducer:
+    """``weights``: a :class:`MiniModule` or a checkpoint path; its C must be the one keep gives on its grid."""
+    if isinstance(weights, str):
+        module = load_module(weights)
+    elif isinstance(weights, MiniModule):
+        module = weights
+    else:
+        raise ValueError("llavamini: mode='trained' needs weights= a checkpoint path (vltok train llavamini ...) "
+                         "or a MiniModule")
+    if module.grid is not None:
+        h, w = module.grid
+        want = compressor_size(keep, h * w)
+        if want != module.c:
+            raise ValueError(f"llavamini: the weights have C={module.c} ({module.c ** 2} tokens, keep "
+                             f"{module.c ** 2 / (h * w):.4g} on {h}x{w}), but keep={keep} gives C={want}; pass "
+                             f"keep={module.c ** 2 / (h * w):.4g} or weights trained for this keep")
+    return MiniTrainedReducer(keep, module)
