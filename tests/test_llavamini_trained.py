@@ -24,7 +24,8 @@ def perturbed(model, layers=2, seed=1, **kw):
 def reference_logits(model, mod, row, pv, answer=()):
     """One sample written out, no batching / padding / masks: V -> compressor -> projector; pre-fusion over
     [Hv, Hc, instruction text] (answer columns left out: they are neither keys nor fused) with positions 0..T-1
-    and a causal mask; LLM input = text rows (fused, or raw for answers) with the fused Hc rows at each image."""
+    and a causal mask; gated hand-over raw + tanh(g) (fused - raw); LLM input = text rows (fused, or raw for
+    answers) with the fused Hc rows at each image."""
     inner = model.model
     c2 = mod.c ** 2
     with torch.no_grad():
@@ -34,13 +35,16 @@ def reference_logits(model, mod, row, pv, answer=()):
         hv, hc = proj(hs), proj(mod.compressor(hs, h, w))
         emb = inner.language_model.embed_tokens
         text = [(i, t) for i, t in enumerate(row) if t != -1 and i not in answer]
-        x = torch.cat([hv.flatten(0, 1), hc.flatten(0, 1), emb(torch.tensor([t for _, t in text]))])[None]
+        raw = torch.cat([hv.flatten(0, 1), hc.flatten(0, 1), emb(torch.tensor([t for _, t in text]))])[None]
+        x = raw
         T = x.shape[1]
         pos = torch.arange(T)[None]
         mask = torch.full((T, T), torch.finfo(x.dtype).min).triu(1)[None, None]
         pe = inner.language_model.rotary_emb(x, pos)
         for layer in mod.prefusion:
             x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        if mod.gate is not None:
+            x = raw + mod.gate.tanh() * (x - raw)
         n_img = hv.shape[0]
         fused_c = x[0, n_img * hv.shape[1]:n_img * hv.shape[1] + n_img * c2].view(n_img, c2, -1)
         fused_t = dict(zip([i for i, _ in text], x[0, n_img * (hv.shape[1] + c2):]))
@@ -80,11 +84,12 @@ def test_compressor_step0_equals_pooling():
     assert (comp(x, 8, 6) - pool_grid(x, 8, 6, 3, 3)).abs().max() > 1e-3
 
 
-def test_step0_without_prefusion_equals_pool_mode():
-    """P = 0 at step 0 (projector copy unchanged): the whole model equals mode='pool' (its grid is 3x3 here too)."""
+def test_step0_equals_pool_mode():
+    """Step 0 (zero gate, window compressor, projector copy): the whole model equals mode='pool' (3x3 here too);
+    without the gate the copied layers change the LLM input at step 0."""
     model = tiny_llava()
     inputs = llava_inputs(model, [[5, 6, -1, 7, 8, 9], [5, -1, 7]])
-    mod = build_module(model, KEEP, prefusion_layers=0)
+    mod = build_module(model, KEEP, prefusion_layers=2)
     with torch.no_grad(), vltok.patched(model, "llavamini", keep=KEEP) as h:
         ref = model(**inputs).logits
         assert h.stats["images"][0]["grids_out"] == [[3, 3]]
@@ -92,6 +97,9 @@ def test_step0_without_prefusion_equals_pool_mode():
         got = model(**inputs).logits
         assert h.stats["tokens_out"] == 18 and h.method.params["C"] == 3
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    with torch.no_grad(), vltok.patched(model, "llavamini", keep=KEEP, mode="trained",
+                                        weights=build_module(model, KEEP, prefusion_layers=2, gate=False)):
+        assert (model(**inputs).logits - ref).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -146,9 +154,10 @@ def test_generate_cache_equals_no_cache_and_prompt_only_fusion():
     mod = perturbed(model, seed=5)
     inputs = llava_inputs(model, [[5, 6, -1, 7, 8, 9], [5, -1, 7]], padding="left")
     with torch.no_grad(), vltok.patched(model, "llavamini", keep=KEEP, mode="trained", weights=mod):
-        a = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        b = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
-        first = model(**inputs).logits[:, -1].argmax(-1)
+        kw = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[IMG])   # (a random tiny LM may emit it)
+        a = model.generate(**inputs, **kw)
+        b = model.generate(**inputs, **kw, use_cache=False)
+        first = model(**inputs).logits[:, -1].index_fill(-1, torch.tensor([IMG]), float("-inf")).argmax(-1)
     assert torch.equal(a, b)
     assert torch.equal(a[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])   # the caller's prompt returned
     assert torch.equal(a[:, inputs["input_ids"].shape[1]], first)
@@ -229,7 +238,8 @@ def test_train_reduces_loss_and_resume_continues(tmp_path):
     full = train(model, "llavamini", KEEP, lambda s: batch, out=tmp_path / "a", **kw)
     assert full["losses"][-1] < full["losses"][0] - 0.1
     assert [p.requires_grad for p in model.parameters()] == flags and vltok.get_handle(model) is None
-    assert {n.split(".")[0] for n, p in full["module"].named_parameters()} == {"compressor", "prefusion", "projector"}
+    assert {n.split(".")[0] for n, p in full["module"].named_parameters()} == {"compressor", "prefusion", "projector",
+                                                                              "gate"}
     # the final checkpoint serves the method
     with torch.no_grad(), vltok.patched(model, "llavamini", keep=KEEP, mode="trained", weights=str(full["path"])):
         assert model(**batch).loss < full["losses"][0]
@@ -247,4 +257,6 @@ def test_module_meta_round_trip(tmp_path):
     assert m.projector is None and len(m.prefusion) == 1
     save_module(m, str(tmp_path / "m.safetensors"))
     l2 = load_module(str(tmp_path / "m.safetensors"))
-    assert l2.meta()["local"] is False and l2.meta()["train_projector"] is False and l2.c == 2
+    assert l2.meta()["local"] is False and l2.meta()["train_projector"] is False and l2.c == 2 and l2.use_gate
+    l2.bind(model.model.language_model.layers, model.model.multi_modal_projector)
+    assert all(torch.equal(a, b) for a, b in zip(l2.state_dict().values(), m.state_dict().values()))

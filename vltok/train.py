@@ -12,7 +12,8 @@ Learned variants (``LEARNED``):
   CLS-guided mode when ``visible=False``) and, unless ``projector=False``, a trained copy of the model's projector
   (vltok/methods/crossget.py; no JS loss and a frozen LLM, unlike the paper).
 * ``llavamini``: the LLaVA-Mini compressor (C x C queries; step 0 = C x C window mean pooling), P pre-fusion layers
-  (copies of the LLM's first P layers) and, unless ``projector=False``, a copy of the projector
+  (copies of the LLM's first P layers) behind a zero-initialised gate (step 0 = ``mode="pool"``; ``gate=False``:
+  the paper's direct hand-over) and, unless ``projector=False``, a copy of the projector
   (vltok/methods/llavamini_trained.py; frozen LLM, unlike the paper).
 
 Data: ``batch_at(step) -> dict(input_ids, attention_mask, pixel_values, labels)``, deterministic by step so a resumed
@@ -76,14 +77,15 @@ def build_crossget(model, keep: float, visible: bool = False, projector: bool = 
 
 
 def build_llavamini(model, keep: float, prefusion_layers: int = 4, heads: int = 8, local: bool = True,
-                    projector: bool = True):
+                    projector: bool = True, gate: bool = True):
     from .methods.llavamini_trained import build_module, load_module, save_module
 
-    module = build_module(model, keep, heads, local, prefusion_layers, projector)
+    module = build_module(model, keep, heads, local, prefusion_layers, projector, gate)
 
     def load(m, path):
         ck = load_module(path)
-        if ck.meta()["c"] != m.c or ck.n_prefusion != m.n_prefusion or ck.train_projector != m.train_projector:
+        if (ck.c, ck.n_prefusion, ck.train_projector, ck.use_gate) != (m.c, m.n_prefusion, m.train_projector,
+                                                                    m.use_gate):
             raise vltok.VltokError(f"{path}: checkpoint {ck.meta()} does not match the module being trained")
         m.load_state_dict(ck._pending)
 
@@ -316,6 +318,9 @@ def register(sub):
     p.add_argument("--global-compressor", action="store_true",
                    help="llavamini: queries attend to the whole grid (the paper; step 0 = global mean) instead of "
                    "their C x C pooling window (step 0 = mode='pool')")
+    p.add_argument("--no-gate", action="store_true",
+                   help="llavamini: hand the fused rows to the LLM directly (the paper) instead of through a "
+                   "zero-initialised tanh gate (step 0 = mode='pool')")
     p.add_argument("--data", default="shapes")
     p.add_argument("--image-folder", default=".")
     p.add_argument("--steps", type=int, default=1000)
@@ -364,7 +369,7 @@ def _cli(args):
         opts = {"visible": args.cross_visible, "projector": not args.no_projector}
     if args.method == "llavamini":
         opts = {"prefusion_layers": args.prefusion_layers, "heads": args.compressor_heads,
-                "local": not args.global_compressor, "projector": not args.no_projector}
+                "local": not args.global_compressor, "projector": not args.no_projector, "gate": not args.no_gate}
     res = train(model, args.method, args.keep, batch_at, steps=args.steps, out=args.out, lr=args.lr,
                 warmup=args.warmup, save_every=args.save_every, eval_every=args.eval_every, eval_fn=eval_fn,
                 resume=args.resume, **opts)

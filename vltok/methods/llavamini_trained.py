@@ -15,6 +15,11 @@ Two learned parts (specs/methods/llava_mini.md §2.1-2.3), both in :class:`MiniM
   embedding. The LLM then gets the fused text rows and the fused compressed rows in the sequence's own order
   (compressed rows where the image placeholders were), so its input has C^2 + L columns.
 
+Gate (not from the paper; ``gate=True`` default): the LLM gets raw + tanh(g) * (fused - raw) per channel, g = 0 at
+step 0, so at step 0 the pre-fusion changes nothing and the whole model equals ``mode="pool"`` on a C x C grid (the
+copied layers' outputs would otherwise re-enter LLM layer 0, a shift a short frozen-LLM run cannot absorb).
+``gate=False`` hands the fused rows over as the reference does.
+
 Step-0 initialisation (not from the paper): the K in-projection is zero (every logit is 0: uniform attention), the
 V and output projections are the identity, and values skip the LayerNorm. With ``local=True`` (default) each
 query only attends to its own adaptive-pooling window of the grid (PyTorch's ``adaptive_avg_pool2d`` bins), so
@@ -138,11 +143,14 @@ class MiniModule(nn.Module):
     ``projector`` (a copy of the model's). ``prefusion`` / ``projector`` exist once :meth:`bind` ran."""
 
     def __init__(self, width: int, c: int, heads: int = 8, local: bool = True, prefusion_layers: int = 4,
-                 train_projector: bool = True, grid: tuple[int, int] | None = None, encoder: str = ""):
+                 train_projector: bool = True, grid: tuple[int, int] | None = None, encoder: str = "",
+                 gate: bool = True):
         super().__init__()
         self.compressor = Compressor(width, c, heads, local)
         self.n_prefusion, self.train_projector = int(prefusion_layers), bool(train_projector)
         self.grid, self.encoder = tuple(grid) if grid else None, encoder
+        self.use_gate = bool(gate)
+        self.gate = None   # [D] per-channel tanh gate on the fused rows (zero at step 0), created by bind()
         self.prefusion = None
         self.projector = None
         self.llm_hidden = None
@@ -172,6 +180,8 @@ class MiniModule(nn.Module):
         self.prefusion = nn.ModuleList([fresh_copy(decoder_layers[i]) for i in range(self.n_prefusion)])
         if self.train_projector:
             self.projector = fresh_copy(projector)
+        if self.use_gate:
+            self.gate = nn.Parameter(torch.zeros(hidden if hidden is not None else ref.shape[-1]))
         self.llm_hidden = hidden
         self.to(device=ref.device, dtype=ref.dtype)
         if self._pending is not None:
@@ -215,17 +225,20 @@ class MiniModule(nn.Module):
             x = out[0] if isinstance(out, tuple) else out
         fused_t = x[:, m_max:]
         fused = torch.empty_like(embeds).scatter_(1, perm[..., None].expand(B, S, D), fused_t)
+        if self.gate is not None:   # zero-initialised gate: step 0 leaves the LLM input unchanged
+            fused = embeds + self.gate.tanh().to(embeds.dtype) * (fused - embeds)
         return torch.where((image_cols | fuse_cols)[..., None], fused, embeds)
 
     def meta(self) -> dict:
         c = self.compressor
         return {"method": "llavamini", "c": c.c, "width": c.width, "heads": c.heads, "local": c.local,
                 "prefusion_layers": self.n_prefusion, "train_projector": self.train_projector,
-                "grid": list(self.grid) if self.grid else None, "encoder": self.encoder, "llm_hidden": self.llm_hidden}
+                "grid": list(self.grid) if self.grid else None, "encoder": self.encoder, "llm_hidden": self.llm_hidden,
+                "gate": self.use_gate}
 
 
 def build_module(model, keep: float, heads: int = 8, local: bool = True, prefusion_layers: int = 4,
-                 train_projector: bool = True) -> MiniModule:
+                 train_projector: bool = True, gate: bool = True) -> MiniModule:
     """Step-0 module for a LLaVA-1.5-family model (bound: pre-fusion = copies of the LLM's first layers)."""
     inner = getattr(model, "model", None)
     proj = getattr(inner, "multi_modal_projector", None)
@@ -237,7 +250,7 @@ def build_module(model, keep: float, heads: int = 8, local: bool = True, prefusi
     h = w = vc.image_size // vc.patch_size
     encoder = getattr(vc, "_name_or_path", "") or vc.model_type
     m = MiniModule(vc.hidden_size, compressor_size(keep, h * w), heads, local, prefusion_layers, train_projector,
-                   (h, w), encoder)
+                   (h, w), encoder, gate)
     m.bind(lm.layers, proj)
     return m
 
@@ -262,7 +275,7 @@ def load_module(path: str) -> MiniModule:
     if meta.get("method") != "llavamini":
         raise ValueError(f"{path} is not a vltok llavamini checkpoint (no vltok metadata with method 'llavamini')")
     m = MiniModule(meta["width"], meta["c"], meta["heads"], meta["local"], meta["prefusion_layers"],
-                   meta["train_projector"], meta.get("grid"), meta.get("encoder", ""))
+                   meta["train_projector"], meta.get("grid"), meta.get("encoder", ""), meta.get("gate", False))
     sd = load_file(path)
     m.compressor.load_state_dict({k[len("compressor."):]: v for k, v in sd.items() if k.startswith("compressor.")})
     m._pending = sd
