@@ -247,7 +247,9 @@ def build_module(model, keep: float, heads: int = 8, local: bool = True, prefusi
         raise IncompatibleError(f"the trained LLaVA-Mini adapter needs a LlavaForConditionalGeneration (LLaVA-1.5 "
                                 f"family); got {type(model).__name__}")
     vc = model.config.vision_config
-    h = w = vc.image_size // vc.patch_size
+    n = getattr(model.config, "image_seq_length", None)   # the processor's grid (the reference VLM: a DINOv2 config
+    side = math.isqrt(n) if n else 0                       # of 518 px fed 336 px crops, so 24x24, not 37x37)
+    h = w = side if side and side * side == n else vc.image_size // vc.patch_size
     encoder = getattr(vc, "_name_or_path", "") or vc.model_type
     m = MiniModule(vc.hidden_size, compressor_size(keep, h * w), heads, local, prefusion_layers, train_projector,
                    (h, w), encoder, gate)
