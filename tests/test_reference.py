@@ -8,6 +8,7 @@ import copy
 import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -316,3 +317,28 @@ def test_feature_standardisation_folds_into_a_stock_projector():
         got = m(**x).logits
     assert (plain - want).abs().max() > 1e-3
     assert torch.allclose(got, want, atol=1e-4)
+
+
+TRAINED_ASSETS = [("tokenshuffle", "projector", "tokenshuffle-ref-2x3.safetensors", 96),
+                  ("crossget", "cross_tokens", "crossget-ref-0.16.safetensors", 92),
+                  ("llavamini", "weights", "llavamini-ref-c10-p0.safetensors", 100)]
+
+
+@needs_ref
+@pytest.mark.parametrize("method,arg,name,count", TRAINED_ASSETS)
+def test_committed_trained_weights_load_on_the_trained_reference(method, arg, name, count, tmp_path):
+    """The learned variants in assets/ load by path on the trained reference VLM, feed the budgeted count and
+    answer a question (their accuracy is measured on the GPU: eval/results/quality-h100-trained.md)."""
+    import vltok
+
+    path = Path(__file__).resolve().parents[1] / "assets" / name
+    if R.default_delta_path() is None:
+        pytest.skip("no trained delta in assets/")
+    model, proc = R.load()
+    data = shapes.generate(tmp_path / "d", n=2, seed=0)
+    kw = {"mode": "trained"} if method == "llavamini" else {}
+    res = runner.evaluate(model, proc, data, progress=False, batch_size=2,
+                          patch={"method": method, "keep": 0.16, arg: str(path), **kw})
+    assert res["stats"]["tokens_out"] == 2 * count, res["stats"]
+    color = shapes.normalize(res["predictions"][0]["pred"])
+    assert color in shapes.COLORS, res["predictions"]
