@@ -7,6 +7,7 @@ from .blip import Blip2Adapter, BlipAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .open_clip_vit import OpenClipVitAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .timm_vit import TimmVitAdapter
 from .video_llava import VideoLlavaAdapter
@@ -22,12 +23,16 @@ SUPPORTED = {
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "LlavaNextVideoForConditionalGeneration": LlavaNextVideoAdapter,
     "VideoLlavaForConditionalGeneration": VideoLlavaAdapter,
-    "VisionTransformer": TimmVitAdapter,   # timm (checked in attach)
+    "VisionTransformer": TimmVitAdapter,   # timm (checked in attach); open_clip's class of that name: below
+    "CLIP": OpenClipVitAdapter,            # open_clip (merges in .visual)
 }
+OPEN_CLIP = ("VisionTransformer", "CLIP", "CustomTextCLIP")
 
 
 def find_adapter(model):
     name = type(model).__name__
+    if name in OPEN_CLIP and type(model).__module__.startswith("open_clip"):
+        return OpenClipVitAdapter
     # exact class names: subclasses (e.g. video variants) have other placeholder rules and are not covered
     if name in SUPPORTED:
         return SUPPORTED[name]

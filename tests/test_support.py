@@ -116,6 +116,29 @@ def _vit_probe(m, inp, run):
 
 # a classifier has no generate(): gen kwargs None
 FAMILIES["VisionTransformer"] = (_tiny_timm_vit, lambda m: {"x": torch.randn(2, 3, 64, 64)}, None, _vit_probe)
+
+
+def _tiny_open_clip():
+    open_clip = pytest.importorskip("open_clip", reason="open_clip needs torchvision: run in .venv-vision (see README)")
+    torch.manual_seed(0)
+    return open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(image_size=64, layers=4, width=64, patch_size=16,
+                                                              head_width=16),
+                                text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)).eval()
+
+
+def _open_clip_probe(m, inp, run):
+    """(0, patch tokens leaving the tower's last block; CLS not counted, as in stats)."""
+    seen = []
+    hk = m.visual.transformer.resblocks[-1].register_forward_hook(
+        lambda mod, a, out: seen.append(out.shape[0] * (out.shape[1] - 1)))
+    try:
+        run()
+    finally:
+        hk.remove()
+    return 0, seen[0]
+
+
+FAMILIES["CLIP"] = (_tiny_open_clip, lambda m: {"image": torch.randn(2, 3, 64, 64)}, None, _open_clip_probe)
 ROWS = {label: (name, opts) for label, name, opts in support.rows()}   # methods and their registered variants
 CASES = [pytest.param(method, cls, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(method, cls)]))
          if (method, cls) in KNOWN else (method, cls) for method in ROWS for cls in SUPPORTED]
@@ -125,6 +148,8 @@ IDS = [f"{m.replace(' ', ':')}-{c}" for m in ROWS for c in SUPPORTED]
 def _outputs(out):
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, tuple):   # open_clip CLIP(image=...): (image features, text features or None, scale)
+        return out[0]
     return out.logits if getattr(out, "logits", None) is not None else out.loss
 
 

@@ -59,8 +59,63 @@ def test_timm_vit_merge_equals_reference_and_restores(method, reg):
         assert all("forward" not in b.__dict__ and not b.attn.qkv._forward_hooks for b in m.blocks)
 
 
-def test_open_clip_is_refused_clearly():
+def _tiny_open_clip():
     open_clip = pytest.importorskip("open_clip")
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    with pytest.raises(vltok.VltokError, match="not supported|does not support|not a timm"):
-        vltok.patch(model.visual, "tome", keep=0.5)
+    torch.manual_seed(0)
+    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=64, layers=4, width=64, patch_size=16, head_width=16),
+               text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
+    return open_clip.model.CLIP(**cfg).eval()
+
+
+def open_clip_manual(m, x, merger, schedule):
+    """Explicit reference for an open_clip tower: blocks written out from nn.MultiheadAttention's packed weights,
+    eager softmax with log(size) added to the logits by hand, CLS protected."""
+    v = m.visual
+    h = v._embeds(x)
+    size = pos = None
+    for i, blk in enumerate(v.transformer.resblocks):
+        a = blk.attn
+        y = blk.ln_1(h)
+        B, N, C = y.shape
+        H = a.num_heads
+        q, k, vv = F.linear(y, a.in_proj_weight, a.in_proj_bias).view(B, N, 3, H, C // H).unbind(2)
+        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) / (C // H) ** 0.5
+        if size is not None:
+            logits = logits + size.log().transpose(1, 2)[:, None]
+        o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), vv).reshape(B, N, C)
+        h = h + blk.ls_1(a.out_proj(o))
+        if schedule[i]:
+            if size is None:
+                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
+            h, size, pos = merger.merge(h, size, pos, k, q[:, 0], schedule[i], 1)
+        h = h + blk.ls_2(blk.mlp(blk.ln_2(h)))
+    pooled, _ = v._pool(h)
+    return pooled @ v.proj
+
+
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+@pytest.mark.parametrize("target", ["clip", "visual"])
+def test_open_clip_merge_equals_reference_and_restores(method, target):
+    m = _tiny_open_clip()
+    x = torch.randn(2, 3, 64, 64)
+    obj = m if target == "clip" else m.visual
+    with torch.no_grad():
+        ref = m.encode_image(x)
+        with vltok.patched(obj, method, keep=1.0):
+            assert torch.equal(m.encode_image(x), ref)
+        with vltok.patched(obj, method, keep=0.25) as h:
+            out = m.encode_image(x)
+            exp = open_clip_manual(m, x, h.method.vision, spread_schedule(16, 0.25, 4))
+        assert torch.allclose(out, exp, atol=1e-5), (out - exp).abs().max()
+        assert not torch.allclose(out, ref, atol=1e-3)
+        assert h.stats["tokens_out"] == 2 * 4 and h.stats["vision_tokens_per_layer"][-1] == 1 + 4
+        assert torch.equal(m.encode_image(x), ref) and "forward" not in m.visual.__dict__
+        assert all("forward" not in b.__dict__ for b in m.visual.transformer.resblocks)
+
+
+def test_open_clip_without_class_token_is_refused_clearly():
+    m = _tiny_open_clip()
+    m.visual.class_embedding = None
+    with pytest.raises(vltok.IncompatibleError, match="class token"):
+        vltok.patch(m, "tome", keep=0.5)
+    assert vltok.get_handle(m) is None
