@@ -8,7 +8,9 @@ Neither family splices placeholders for the ViT tokens, so there is nothing to r
   ``get_image_features``), so the reduction is a forward hook on ``vision_model`` itself: every path goes through it.
 
 The patch tokens form an (H/p) x (W/p) raster grid after the CLS token, which is kept. Pre-LLM grid methods run
-on that grid; LLM-side stages do not apply (BLIP has no LLM; BLIP-2's LLM sees 32 non-spatial queries and OPT/T5
+on that grid; vision-stage methods (ToMe, CrossGET) merge inside the ViT's layers (adapters/hf_vit.py, the BLIP
+attention written out with the log-size bias), and the shorter ViT output is the memory as above; LLM-side stages do
+not apply (BLIP has no LLM; BLIP-2's LLM sees 32 non-spatial queries and OPT/T5
 have no RoPE), so those methods are refused by ``vltok.patch`` with the adapter's reason.
 """
 from __future__ import annotations
@@ -18,15 +20,17 @@ import time
 import torch
 
 from vltok.stages import selected_indices
+from vltok.vision import install_vision
+
+from .hf_vit import encoder_layers, split_layer
 
 
 class VisionMemoryAdapter:
     """Reduce the ViT tokens that a cross-attending model reads (no placeholders, no rewrite)."""
 
     family = "blip"
-    stages: tuple[str, ...] = ("pre_llm",)
+    stages: tuple[str, ...] = ("vision", "pre_llm")
     not_applicable = {
-        "vision": "vltok's BLIP adapter does not hook the ViT layers yet (reduce the ViT output instead: a pre_llm method)",
         "in_llm": "BLIP has no decoder-only LLM over visual tokens: the text model cross-attends to the ViT tokens",
         "decode": "BLIP's text model caches no visual tokens (they are cross-attention memory)",
     }
@@ -50,13 +54,33 @@ class VisionMemoryAdapter:
             self.handle._record_image(x.shape[1], 1 + y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
         return torch.cat([x[:, :1], y], dim=1)
 
+    def _install_vision(self, vision, undo: list) -> None:
+        layers = encoder_layers(vision)
+        p = vision.config.patch_size
+        n_patches = (vision.config.image_size // p) ** 2
+
+        def on_done(run):
+            counts = run.counts
+            B = run.size.shape[0] if run.size is not None else 0
+            for _ in range(B):
+                self.handle._record_image(counts[0], counts[-1], [(n_patches,)], [(counts[-1] - 1,)])
+            self.handle.stats["vision_tokens_per_layer"] = list(counts)
+            self.handle._add_seconds(run.seconds)
+
+        schedule = lambda n: self.method.vision.schedule(n, len(layers))
+        install_vision(layers, split_layer, self.method.vision, schedule, 1, undo, None, on_done, nominal=n_patches)
+
     def attach(self, undo: list) -> None:
         vision = self.vision_model()
         p = vision.config.patch_size
+        h0 = vision.register_forward_pre_hook(lambda module, args: self.handle._start_call())
+        undo.append(h0.remove)
+        if self.method.vision is not None:
+            self._install_vision(vision, undo)
+            return
 
         def hook(module, args, kwargs, out):
             pixel = args[0] if args else kwargs.get("pixel_values")
-            self.handle._start_call()
             h, w = pixel.shape[-2] // p, pixel.shape[-1] // p
             x = out[0]
             if x.shape[1] != 1 + h * w:
@@ -81,8 +105,6 @@ class BlipAdapter(VisionMemoryAdapter):
 class Blip2Adapter(VisionMemoryAdapter):
     family = "blip2"
     not_applicable = {
-        "vision": "vltok's BLIP-2 adapter does not hook the ViT layers yet (reduce the ViT output instead: a pre_llm "
-                  "method, applied before the Q-Former)",
         "in_llm": "BLIP-2's LLM sees num_query_tokens (32) non-spatial Q-Former queries, not a grid, and OPT/T5 have no "
                   "RoPE; reduce the ViT tokens before the Q-Former instead (a pre_llm method)",
         "decode": "BLIP-2's LLM caches 32 non-spatial query tokens; there is no visual grid to evict from",

@@ -1,4 +1,4 @@
-"""Hugging Face ViT encoders used as vision towers (CLIP, SigLIP, DINOv2): where their layers are and how each
+"""Hugging Face ViT encoders used as vision towers (CLIP, SigLIP, DINOv2, BLIP / BLIP-2 ViTs): where their layers are and how each
 layer splits into the attention half and the MLP half for the vision-encoder stage (vltok/vision.py)."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from vltok.vision import LayerSplit
 
 PRE_NORM_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer")
 LAYER_SCALE_LAYERS = ("Dinov2Layer", "Dinov2WithRegistersLayer")
+QKV_LAYERS = ("BlipEncoderLayer", "Blip2EncoderLayer")   # one fused qkv Linear, no mask argument
 
 
 def encoder_layers(tower) -> list:
@@ -22,10 +23,10 @@ def encoder_layers(tower) -> list:
         if obj is not None:
             layers = list(obj)
             kinds = {type(layer).__name__ for layer in layers}
-            if kinds <= set(PRE_NORM_LAYERS + LAYER_SCALE_LAYERS):
+            if kinds <= set(PRE_NORM_LAYERS + LAYER_SCALE_LAYERS + QKV_LAYERS):
                 return layers
             raise IncompatibleError(f"vltok's vision stage does not know the encoder layers {sorted(kinds)}; "
-                                    f"supported: {', '.join(PRE_NORM_LAYERS + LAYER_SCALE_LAYERS)}")
+                                    f"supported: {', '.join(PRE_NORM_LAYERS + LAYER_SCALE_LAYERS + QKV_LAYERS)}")
     raise IncompatibleError(f"vltok's vision stage found no encoder layers in {type(tower).__name__}; supported "
                             "towers: CLIPVisionModel, SiglipVisionModel, Dinov2Model")
 
@@ -83,5 +84,20 @@ def split_layer(layer) -> LayerSplit:
             return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
 
         return LayerSplit(attn_half, mlp_half, q_lin, k_lin, n_heads)
+    if name in QKV_LAYERS:   # BLIP / BLIP-2: the attention takes no mask: written out with the size bias
+        attn = layer.self_attn
+        H = attn.num_heads
+
+        def attn_half(x, bias):
+            b, t, c = x.shape
+            q, k, v = attn.qkv(layer.layer_norm1(x)).view(b, t, 3, H, c // H).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                               scale=attn.scale)
+            return x + attn.projection(o.transpose(1, 2).reshape(b, t, c))
+
+        def mlp_half(x):
+            return x + layer.mlp(layer.layer_norm2(x))
+
+        return LayerSplit(attn_half, mlp_half, None, attn.qkv, H, qk_fused=True)
     raise IncompatibleError(f"vltok's vision stage does not know the encoder layer {name}")
 

@@ -112,3 +112,59 @@ def test_blip2_keep1_exact_and_llm_methods_refused_with_reason():
             vltok.patch(m, name, keep=0.5)
         assert vltok.get_handle(m) is None
     assert torch.equal(m(**inp).logits, ref)
+
+
+def vit_merge_reference(vm, pv, merger, schedule):
+    """Explicit reference for a BLIP / BLIP-2 ViT with token merging: the layers written out (fused qkv, eager
+    softmax with log(size) added to the logits by hand), CLS protected, then the post-LayerNorm."""
+    h = vm.embeddings(pv)
+    size = pos = None
+    for i, layer in enumerate(vm.encoder.layers):
+        a = layer.self_attn
+        y = layer.layer_norm1(h)
+        B, N, C = y.shape
+        q, k, v = a.qkv(y).view(B, N, 3, a.num_heads, -1).unbind(2)
+        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * a.scale
+        if size is not None:
+            logits = logits + size.log().transpose(1, 2)[:, None]
+        o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(B, N, C)
+        h = h + a.projection(o)
+        if schedule[i]:
+            if size is None:
+                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
+            h, size, pos = merger.merge(h, size, pos, k, q[:, 0], schedule[i], 1)
+        h = h + layer.mlp(layer.layer_norm2(h))
+    return vm.post_layernorm(h)
+
+
+@pytest.mark.parametrize("family", ["blip", "blip2"])
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_vit_merging_equals_explicit_reference_and_reaches_the_text_side(family, method):
+    from vltok.methods.tome import spread_schedule
+
+    m = tiny_blip() if family == "blip" else tiny_blip2()
+    inp = blip_inputs(m, [[1, 5, 6, 7]] if family == "blip" else [[-1, 1, 5, 6, 7]])
+    vm = m.vision_model
+    with torch.no_grad():
+        ref_vit = vm(inp["pixel_values"]).last_hidden_state
+        ref = m(**inp).logits
+        with vltok.patched(m, method, keep=1.0):
+            assert torch.equal(m(**inp).logits, ref)
+        with vltok.patched(m, method, keep=0.5) as h:
+            got = vm(inp["pixel_values"]).last_hidden_state
+            exp = vit_merge_reference(vm, inp["pixel_values"], h.method.vision, spread_schedule(16, 0.5, 2))
+            assert got.shape[1] == 1 + 8 and torch.allclose(got, exp, atol=1e-5), (got - exp).abs().max()
+            seen = []
+            text = m.text_decoder if family == "blip" else m.qformer
+            hk = text.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]),
+                                                with_kwargs=True)
+            try:
+                out = m(**inp).logits
+            finally:
+                hk.remove()
+            assert seen == [9]   # the merged ViT output is the text side's cross-attention memory
+            assert h.stats["tokens_out"] == 9 and h.stats["vision_tokens_per_layer"][-1] == 9
+        if family == "blip2":
+            assert not torch.allclose(out, ref, atol=1e-4)
+        assert torch.equal(m(**inp).logits, ref) and torch.equal(vm(inp["pixel_values"]).last_hidden_state, ref_vit)
+        assert all("forward" not in layer.__dict__ for layer in vm.encoder.layers)
