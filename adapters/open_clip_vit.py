@@ -12,15 +12,13 @@ other layouts are refused with the reason.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 from vltok.errors import IncompatibleError, UnsupportedModelError
-from vltok.vision import LayerSplit, install_vision
+from vltok.vision import LayerSplit
 
-from .base import set_instance_attr
+from .timm_vit import install_image_encoder
 
 
 class _InProj(torch.nn.Module):
@@ -85,29 +83,5 @@ class OpenClipVitAdapter:
         for b in blocks:   # check every block before anything is installed: nothing half-applied
             split_block(b)
         g = vit.grid_size
-        n_patches = g[0] * g[1]
-        schedule = self.method.vision.schedule(n_patches, len(blocks))
-
-        def on_done(run):
-            counts = run.counts
-            B = run.size.shape[0] if run.size is not None else 0
-            for _ in range(B):
-                self.handle._record_image(counts[0] - 1, counts[-1] - 1, [(n_patches,)], [(counts[-1] - 1,)])
-            s = self.handle.stats
-            s["vision_tokens_per_layer"] = list(counts)
-            s["flops_keep"] = sum(counts[:-1]) / (len(blocks) * counts[0])
-            self.handle._add_seconds(run.seconds)
-
-        install_vision(blocks, split_block, self.method.vision, schedule, 1, undo, None, on_done)
-        if not any(schedule):
-            return
-        fwd = vit.forward   # the tower's forward: CLIP.forward and CLIP.encode_image both call it
-
-        def forward(*args, **kwargs):
-            self.handle._start_call()
-            t0 = time.perf_counter()
-            out = fwd(*args, **kwargs)
-            self.handle.stats["wall_seconds"] = time.perf_counter() - t0
-            return out
-
-        set_instance_attr(vit, "forward", forward, undo)
+        # the tower's forward is wrapped: CLIP.forward and CLIP.encode_image both call it
+        install_image_encoder(self.handle, self.method, blocks, split_block, 1, g[0] * g[1], vit, undo)

@@ -33,6 +33,39 @@ def split_block(block) -> LayerSplit:
     return LayerSplit(attn_half, mlp_half, None, attn.qkv, attn.num_heads, qk_fused=True)
 
 
+def install_image_encoder(handle, method, blocks: list, split, n_prefix: int, n_patches: int, owner, undo: list,
+                          attn_impl=None) -> None:
+    """The vision stage on an image encoder alone (timm, open_clip): merges in ``blocks``, stats per image (patch
+    tokens in / out, ``vision_tokens_per_layer``, ``flops_keep``), and ``owner.forward`` wrapped to start each
+    call's stats and time it (``wall_seconds``)."""
+    schedule = method.vision.schedule(n_patches, len(blocks))
+
+    def on_done(run):
+        counts = run.counts
+        B = run.size.shape[0] if run.size is not None else 0
+        for _ in range(B):
+            handle._record_image(counts[0] - n_prefix, counts[-1] - n_prefix, [(n_patches,)],
+                                 [(counts[-1] - n_prefix,)])
+        s = handle.stats
+        s["vision_tokens_per_layer"] = list(counts)
+        s["flops_keep"] = sum(counts[:-1]) / (len(blocks) * counts[0])
+        handle._add_seconds(run.seconds)
+
+    install_vision(blocks, split, method.vision, schedule, n_prefix, undo, attn_impl, on_done)
+    if not any(schedule):
+        return
+    fwd = owner.forward
+
+    def forward(*args, **kwargs):
+        handle._start_call()
+        t0 = time.perf_counter()
+        out = fwd(*args, **kwargs)
+        handle.stats["wall_seconds"] = time.perf_counter() - t0
+        return out
+
+    set_instance_attr(owner, "forward", forward, undo)
+
+
 class TimmVitAdapter:
     family = "timm_vit"
     stages = ("vision",)
@@ -46,32 +79,6 @@ class TimmVitAdapter:
             raise UnsupportedModelError(f"{type(model).__module__}.{type(model).__name__} is not a timm "
                                         "VisionTransformer; vltok's vision stage supports timm ViTs and HF LLaVA towers")
         blocks = list(model.blocks)
-        n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-        n_patches = model.patch_embed.num_patches
-        schedule = self.method.vision.schedule(n_patches, len(blocks))
         attn_impl = None if getattr(blocks[0].attn, "fused_attn", True) else "eager"
-
-        def on_done(run):
-            counts = run.counts
-            B = run.size.shape[0] if run.size is not None else 0
-            for _ in range(B):
-                self.handle._record_image(counts[0] - n_prefix, counts[-1] - n_prefix, [(n_patches,)],
-                                          [(counts[-1] - n_prefix,)])
-            s = self.handle.stats
-            s["vision_tokens_per_layer"] = list(counts)
-            s["flops_keep"] = sum(counts[:-1]) / (len(blocks) * counts[0])
-            self.handle._add_seconds(run.seconds)
-
-        install_vision(blocks, split_block, self.method.vision, schedule, n_prefix, undo, attn_impl, on_done)
-        if not any(schedule):
-            return
-        fwd = model.forward
-
-        def forward(*args, **kwargs):
-            self.handle._start_call()
-            t0 = time.perf_counter()
-            out = fwd(*args, **kwargs)
-            self.handle.stats["wall_seconds"] = time.perf_counter() - t0
-            return out
-
-        set_instance_attr(model, "forward", forward, undo)
+        install_image_encoder(self.handle, self.method, blocks, split_block, int(getattr(model, "num_prefix_tokens", 1)),
+                              model.patch_embed.num_patches, model, undo, attn_impl)
