@@ -240,10 +240,17 @@ class Prefetched:
         return res.get()
 
     def close(self):
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool = None
-            self.pending = []
+        if self.pool is None:
+            return
+        pool, pending = self.pool, self.pending
+        self.pool, self.pending = None, []
+        for _, r in pending:   # let the steps already handed out finish (at most 2 * workers, bounded wait):
+            r.wait(30)         # terminating with tasks in flight can trip CPython's pool finaliser check
+        try:
+            pool.terminate()
+        except AssertionError:   # "Cannot have cache with result_hander not alive": stop the workers directly
+            for p in getattr(pool, "_pool", []):
+                p.terminate()
 
     def __del__(self):
         self.close()
