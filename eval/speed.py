@@ -78,7 +78,6 @@ def make_inputs(model, family: str, batch: int, device, seed=0, grid=None):
         vc, img = cfg.vision_config, cfg.image_token_index
         row = torch.cat([torch.full((cfg.num_query_tokens,), img), torch.tensor([2]), text(TEXT_BEFORE + TEXT_AFTER - 1)])
         ids = row.masked_fill(row == 1, 5).expand(batch, -1).clone()
-        ids[:, :cfg.num_query_tokens] = img
         out = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                    pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g))
     else:

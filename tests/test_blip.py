@@ -5,7 +5,7 @@ import torch
 
 import vltok
 from test_fourier import fft_reference
-from tiny import IMG
+from tiny import IMG, biased_attention, merge_ref
 from tiny_families import blip_inputs, tiny_blip, tiny_blip2
 from vltok.methods.baselines import pool_grid, random_indices
 
@@ -124,15 +124,9 @@ def vit_merge_reference(vm, pv, merger, schedule):
         y = layer.layer_norm1(h)
         B, N, C = y.shape
         q, k, v = a.qkv(y).view(B, N, 3, a.num_heads, -1).unbind(2)
-        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * a.scale
-        if size is not None:
-            logits = logits + size.log().transpose(1, 2)[:, None]
-        o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(B, N, C)
-        h = h + a.projection(o)
+        h = h + a.projection(biased_attention(q, k, v, a.scale, size))
         if schedule[i]:
-            if size is None:
-                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
-            h, size, pos = merger.merge(h, size, pos, k, q[:, 0], schedule[i], 1)
+            h, size, pos = merge_ref(merger, h, size, pos, k, q[:, 0], schedule[i], 1)
         h = h + layer.mlp(layer.layer_norm2(h))
     return vm.post_layernorm(h)
 

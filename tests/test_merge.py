@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vltok
-from tiny import CLIPV, IMG, LLAMA, clip_attention_ref, llava_inputs, tiny_llava
+from tiny import CLIPV, IMG, LLAMA, clip_attention_ref, llava_inputs, merge_ref, tiny_llava
 from vltok.methods.crossget import cgsm_match, cgsm_merge, importance
 from vltok.methods.tome import bipartite_merge, round_sizes, spread_schedule
 from vltok.vision import size_bias
@@ -221,11 +221,9 @@ def manual_tower(m, pixel_values, merger, schedule, n_prot):
     size = pos = None
     for i, layer in enumerate(vt.encoder.layers[:len(schedule)]):
         x, q, k, _ = clip_attention_ref(layer, x, size)
-        B, N, _ = x.shape
         if schedule[i]:
-            if size is None:
-                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
-            x, size, pos = merger.merge(x, size, pos, k.transpose(1, 2), q.transpose(1, 2)[:, 0], schedule[i], n_prot)
+            x, size, pos = merge_ref(merger, x, size, pos, k.transpose(1, 2), q.transpose(1, 2)[:, 0], schedule[i],
+                                     n_prot)
         x = x + layer.mlp(layer.layer_norm2(x))
     return x
 

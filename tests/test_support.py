@@ -14,7 +14,7 @@ from vltok import support
 from vltok.adapters import SUPPORTED
 from tiny import IMG, llava_inputs, llava_next_inputs
 from tiny_families import (VID, blip_inputs, deep_llava, onevision_inputs, qwen_inputs, tiny_blip, tiny_blip2,
-                           tiny_next_video, tiny_onevision, tiny_qwen, tiny_video_llava)
+                           tiny_next_video, tiny_onevision, tiny_open_clip, tiny_qwen, tiny_video_llava)
 
 
 def _llm_probe(module_of):
@@ -101,44 +101,26 @@ def _tiny_timm_vit():
                              global_pool="token").eval()
 
 
-def _vit_probe(m, inp, run):
-    """A ViT classifier: (0, patch tokens leaving the last block; CLS / registers are not counted, as in stats)."""
-    seen = []
-    n_prefix = m.num_prefix_tokens
-    hk = m.blocks[-1].register_forward_hook(
-        lambda mod, a, out: seen.append(out.shape[0] * (out.shape[1] - n_prefix)))
-    try:
-        run()
-    finally:
-        hk.remove()
-    return 0, seen[0]
+def _encoder_probe(last_block, n_prefix):
+    """An image encoder alone: (0, patch tokens leaving its last block; CLS / registers are not counted, as in
+    stats). ``last_block(m)`` / ``n_prefix(m)`` locate them."""
+    def probe(m, inp, run):
+        seen = []
+        p = n_prefix(m)
+        hk = last_block(m).register_forward_hook(lambda mod, a, out: seen.append(out.shape[0] * (out.shape[1] - p)))
+        try:
+            run()
+        finally:
+            hk.remove()
+        return 0, seen[0]
+    return probe
 
 
-# a classifier has no generate(): gen kwargs None
-FAMILIES["VisionTransformer"] = (_tiny_timm_vit, lambda m: {"x": torch.randn(2, 3, 64, 64)}, None, _vit_probe)
-
-
-def _tiny_open_clip():
-    open_clip = pytest.importorskip("open_clip", reason="open_clip needs torchvision: run in .venv-vision (see README)")
-    torch.manual_seed(0)
-    return open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(image_size=64, layers=4, width=64, patch_size=16,
-                                                              head_width=16),
-                                text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)).eval()
-
-
-def _open_clip_probe(m, inp, run):
-    """(0, patch tokens leaving the tower's last block; CLS not counted, as in stats)."""
-    seen = []
-    hk = m.visual.transformer.resblocks[-1].register_forward_hook(
-        lambda mod, a, out: seen.append(out.shape[0] * (out.shape[1] - 1)))
-    try:
-        run()
-    finally:
-        hk.remove()
-    return 0, seen[0]
-
-
-FAMILIES["CLIP"] = (_tiny_open_clip, lambda m: {"image": torch.randn(2, 3, 64, 64)}, None, _open_clip_probe)
+# image encoders have no generate(): gen kwargs None
+FAMILIES["VisionTransformer"] = (_tiny_timm_vit, lambda m: {"x": torch.randn(2, 3, 64, 64)}, None,
+                                 _encoder_probe(lambda m: m.blocks[-1], lambda m: m.num_prefix_tokens))
+FAMILIES["CLIP"] = (tiny_open_clip, lambda m: {"image": torch.randn(2, 3, 64, 64)}, None,
+                    _encoder_probe(lambda m: m.visual.transformer.resblocks[-1], lambda m: 1))
 ROWS = {label: (name, opts) for label, name, opts in support.rows()}   # methods and their registered variants
 CASES = [pytest.param(method, cls, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(method, cls)]))
          if (method, cls) in KNOWN else (method, cls) for method in ROWS for cls in SUPPORTED]

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm", reason="timm needs torchvision: run in .venv-vision (see README)")
 
 import vltok  # noqa: E402
+from tiny import biased_attention, merge_ref  # noqa: E402
+from tiny_families import tiny_open_clip  # noqa: E402
 from vltok.methods.tome import spread_schedule  # noqa: E402
 
 
@@ -26,17 +28,10 @@ def manual(m, x, merger, schedule, n_prot):
         a = blk.attn
         y = blk.norm1(h)
         B, N, C = y.shape
-        qkv = a.qkv(y).view(B, N, 3, a.num_heads, -1)
-        q, k, v = qkv.unbind(2)
-        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * a.scale
-        if size is not None:
-            logits = logits + size.log().transpose(1, 2)[:, None]
-        o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(B, N, C)
-        h = h + blk.ls1(a.proj(o))
+        q, k, v = a.qkv(y).view(B, N, 3, a.num_heads, -1).unbind(2)
+        h = h + blk.ls1(a.proj(biased_attention(q, k, v, a.scale, size)))
         if schedule[i]:
-            if size is None:
-                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
-            h, size, pos = merger.merge(h, size, pos, k, q[:, 0], schedule[i], n_prot)
+            h, size, pos = merge_ref(merger, h, size, pos, k, q[:, 0], schedule[i], n_prot)
         h = h + blk.ls2(blk.mlp(blk.norm2(h)))
     return m.forward_head(m.norm(h))
 
@@ -59,14 +54,6 @@ def test_timm_vit_merge_equals_reference_and_restores(method, reg):
         assert all("forward" not in b.__dict__ and not b.attn.qkv._forward_hooks for b in m.blocks)
 
 
-def _tiny_open_clip():
-    open_clip = pytest.importorskip("open_clip")
-    torch.manual_seed(0)
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=64, layers=4, width=64, patch_size=16, head_width=16),
-               text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
-    return open_clip.model.CLIP(**cfg).eval()
-
-
 def open_clip_manual(m, x, merger, schedule):
     """Explicit reference for an open_clip tower: blocks written out from nn.MultiheadAttention's packed weights,
     eager softmax with log(size) added to the logits by hand, CLS protected."""
@@ -79,15 +66,9 @@ def open_clip_manual(m, x, merger, schedule):
         B, N, C = y.shape
         H = a.num_heads
         q, k, vv = F.linear(y, a.in_proj_weight, a.in_proj_bias).view(B, N, 3, H, C // H).unbind(2)
-        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) / (C // H) ** 0.5
-        if size is not None:
-            logits = logits + size.log().transpose(1, 2)[:, None]
-        o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), vv).reshape(B, N, C)
-        h = h + blk.ls_1(a.out_proj(o))
+        h = h + blk.ls_1(a.out_proj(biased_attention(q, k, vv, (C // H) ** -0.5, size)))
         if schedule[i]:
-            if size is None:
-                size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
-            h, size, pos = merger.merge(h, size, pos, k, q[:, 0], schedule[i], 1)
+            h, size, pos = merge_ref(merger, h, size, pos, k, q[:, 0], schedule[i], 1)
         h = h + blk.ls_2(blk.mlp(blk.ln_2(h)))
     pooled, _ = v._pool(h)
     return pooled @ v.proj
@@ -96,7 +77,7 @@ def open_clip_manual(m, x, merger, schedule):
 @pytest.mark.parametrize("method", ["tome", "crossget"])
 @pytest.mark.parametrize("target", ["clip", "visual"])
 def test_open_clip_merge_equals_reference_and_restores(method, target):
-    m = _tiny_open_clip()
+    m = tiny_open_clip()
     x = torch.randn(2, 3, 64, 64)
     obj = m if target == "clip" else m.visual
     with torch.no_grad():
@@ -114,7 +95,7 @@ def test_open_clip_merge_equals_reference_and_restores(method, target):
 
 
 def test_open_clip_without_class_token_is_refused_clearly():
-    m = _tiny_open_clip()
+    m = tiny_open_clip()
     m.visual.class_embedding = None
     with pytest.raises(vltok.IncompatibleError, match="class token"):
         vltok.patch(m, "tome", keep=0.5)

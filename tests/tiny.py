@@ -98,6 +98,24 @@ def llava_next_inputs(model, prompts, image_sizes, seed=0, padding="left", count
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_sizes=torch.tensor(image_sizes))
 
 
+def biased_attention(q, k, v, scale, size=None):
+    """Eager multi-head attention written out: q / k / v [B, N, H, d] -> [B, N, H*d]; with ``size`` [B, N, 1] the
+    proportional bias log(size_j) is added to every logit of key j."""
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    if size is not None:
+        logits = logits + size.log().transpose(1, 2)[:, None]
+    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).flatten(2)
+
+
+def merge_ref(merger, x, size, pos, k, query, r, n_prot):
+    """A reference loop's merge of r tokens by the method's pure function; before the first merge (size None) every
+    token has size 1 and its raster position. Returns (x, size, pos)."""
+    if size is None:
+        B, N = x.shape[:2]
+        size, pos = torch.ones(B, N, 1), torch.arange(N).expand(B, N)
+    return merger.merge(x, size, pos, k, query, r, n_prot)
+
+
 def clip_attention_ref(layer, x, size=None):
     """One CLIP encoder layer's attention half written out (eager math, proportional bias log(size) when given):
     returns (x after the attention residual, q, k, probs), q / k / probs per head [B, H, N, .]."""

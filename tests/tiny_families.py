@@ -111,6 +111,17 @@ def tiny_blip(kind="caption", seed=0):
     return cls(cfg).eval()
 
 
+def tiny_open_clip(seed=0):
+    """An open_clip CLIP (needs open_clip, which needs torchvision: the test skips without it); ViT 4x4 patches."""
+    import pytest
+
+    open_clip = pytest.importorskip("open_clip", reason="open_clip needs torchvision: run in .venv-vision (see README)")
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(image_size=64, layers=4, width=64, patch_size=16,
+                                                              head_width=16),
+                                text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)).eval()
+
+
 def tiny_blip2(seed=0, attn="sdpa"):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
