@@ -17,36 +17,37 @@ from tiny_families import (VID, blip_inputs, deep_llava, onevision_inputs, qwen_
                            tiny_next_video, tiny_onevision, tiny_open_clip, tiny_qwen, tiny_video_llava)
 
 
+def _first_seen(register, run):
+    """``register(record)`` installs a hook that calls ``record(value)`` and returns its handle; run once with it
+    and return the first value recorded (the hook is removed in every case)."""
+    seen = []
+    hk = register(seen.append)
+    try:
+        run()
+    finally:
+        hk.remove()
+    return seen[0]
+
+
 def _llm_probe(module_of):
     """Family probe for LLM-splicing families: (text tokens of the batch, real tokens entering the LLM)."""
     def probe(m, inp, run):
-        seen = []
-        hk = module_of(m).register_forward_pre_hook(
-            lambda mod, a, kw: seen.append(int(kw["attention_mask"].sum()) if kw.get("attention_mask") is not None
-                                           else kw["inputs_embeds"].shape[0] * kw["inputs_embeds"].shape[1]),
-            with_kwargs=True)
-        try:
-            run()
-        finally:
-            hk.remove()
+        n_llm = _first_seen(lambda rec: module_of(m).register_forward_pre_hook(
+            lambda mod, a, kw: rec(int(kw["attention_mask"].sum()) if kw.get("attention_mask") is not None
+                                   else kw["inputs_embeds"].shape[0] * kw["inputs_embeds"].shape[1]),
+            with_kwargs=True), run)
         ids, am = inp["input_ids"], inp["attention_mask"]
         n_text = int(((ids != IMG) & (ids != VID) & (am == 1)).sum())
-        return n_text, seen[0]
+        return n_text, n_llm
     return probe
 
 
 def _memory_probe(module_of):
     """Cross-attention families: (0, memory tokens the text model / Q-Former reads)."""
     def probe(m, inp, run):
-        seen = []
-        hk = module_of(m).register_forward_pre_hook(
-            lambda mod, a, kw: seen.append(kw["encoder_hidden_states"].shape[0] * kw["encoder_hidden_states"].shape[1]),
-            with_kwargs=True)
-        try:
-            run()
-        finally:
-            hk.remove()
-        return 0, seen[0]
+        return 0, _first_seen(lambda rec: module_of(m).register_forward_pre_hook(
+            lambda mod, a, kw: rec(kw["encoder_hidden_states"].shape[0] * kw["encoder_hidden_states"].shape[1]),
+            with_kwargs=True), run)
     return probe
 
 
@@ -105,14 +106,9 @@ def _encoder_probe(last_block, n_prefix):
     """An image encoder alone: (0, patch tokens leaving its last block; CLS / registers are not counted, as in
     stats). ``last_block(m)`` / ``n_prefix(m)`` locate them."""
     def probe(m, inp, run):
-        seen = []
         p = n_prefix(m)
-        hk = last_block(m).register_forward_hook(lambda mod, a, out: seen.append(out.shape[0] * (out.shape[1] - p)))
-        try:
-            run()
-        finally:
-            hk.remove()
-        return 0, seen[0]
+        return 0, _first_seen(lambda rec: last_block(m).register_forward_hook(
+            lambda mod, a, out: rec(out.shape[0] * (out.shape[1] - p))), run)
     return probe
 
 
