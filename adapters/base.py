@@ -164,8 +164,12 @@ class PlaceholderAdapter:
             if min_len > 0:
                 call["min_length"] = max(min_len - shrink, 0)
 
+    def has_pixels(self, call: dict) -> bool:
+        """Whether the call brings images or videos (a decode step of generate() does not)."""
+        return any(call.get(k) is not None for k in getattr(self, "pixel_keys", (self.pixel_key,)))
+
     def prepare(self, call: dict, default_side: str):
-        if all(call.get(k) is None for k in getattr(self, "pixel_keys", (self.pixel_key,))):
+        if not self.has_pixels(call):
             if self.engine is not None and call.get("mm_encoder_outputs") is None:
                 self.engine.no_images()   # (generate() hands precomputed image features as mm_encoder_outputs)
             return call, None

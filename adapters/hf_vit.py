@@ -1,5 +1,5 @@
-"""Hugging Face ViT encoders used as vision towers (CLIP, SigLIP, DINOv2, BLIP / BLIP-2 ViTs): where their layers are and how each
-layer splits into the attention half and the MLP half for the vision-encoder stage (vltok/vision.py)."""
+"""Hugging Face ViT encoders used as vision towers (CLIP, SigLIP, DINOv2, BLIP / BLIP-2 ViTs): where their layers
+are and how each layer splits into the attention half and the MLP half for the vision-encoder stage (vltok/vision.py)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -256,8 +256,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         if not self._in_generate:
             self._kept, self._probed = {}, {}
         pos = call.get("position_ids")
-        no_pixels = all(call.get(k) is None for k in getattr(self, "pixel_keys", (self.pixel_key,)))
-        if not (isinstance(pos, torch.Tensor) and pos.dim() == 3) or no_pixels:   # (decode steps: no pixels)
+        if not (isinstance(pos, torch.Tensor) and pos.dim() == 3) or not self.has_pixels(call):
             return super().prepare(call, default_side)
         if pos.shape[0] not in (3, 4):
             raise IncompatibleError(f"3-D position_ids must be [3, B, S] (t, h, w) or [4, B, S] (text row first); "
@@ -279,7 +278,8 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         positions (transformers <= 5.17 computes them in generate and passes them in) came from the wrapped
         ``get_rope_index`` on these reduced inputs."""
         ids = call["input_ids"]
-        return all(int((ids == tok).sum()) == sum(new) != sum(native) for tok, native, new in self.placeholder_runs(call))
+        return all(int((ids == tok).sum()) == sum(new) != sum(native)
+                   for tok, native, new in self.placeholder_runs(call))
 
     def _check_own_positions(self, pos, call) -> None:
         """Resampling methods recompute positions on the compressed grid copy; that stands in for the caller's

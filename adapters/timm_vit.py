@@ -80,5 +80,6 @@ class TimmVitAdapter:
                                         "VisionTransformer; vltok's vision stage supports timm ViTs and HF LLaVA towers")
         blocks = list(model.blocks)
         attn_impl = None if getattr(blocks[0].attn, "fused_attn", True) else "eager"
-        install_image_encoder(self.handle, self.method, blocks, split_block, int(getattr(model, "num_prefix_tokens", 1)),
-                              model.patch_embed.num_patches, model, undo, attn_impl)
+        n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+        install_image_encoder(self.handle, self.method, blocks, split_block, n_prefix, model.patch_embed.num_patches,
+                              model, undo, attn_impl)

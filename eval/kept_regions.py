@@ -55,7 +55,8 @@ def kept_shares(model, processor, items, methods=METHODS, keep=0.16):
                     per_cut.setdefault(layer, torch.zeros(3, dtype=torch.long))
                     per_cut[layer] += torch.tensor(thirds(k // g, g))
                 flops.append(h.stats["flops_keep"])
-        out[name if not kw else f"{name} {json.dumps(kw)}"] = dict(share_top_mid_bottom=[round(float(c) / max(n_kept, 1), 3) for c in counts],
+        label = name if not kw else f"{name} {json.dumps(kw)}"
+        out[label] = dict(share_top_mid_bottom=[round(float(c) / max(n_kept, 1), 3) for c in counts],
                          share_per_cut={l: [round(float(x) / max(int(c.sum()), 1), 3) for x in c]
                                         for l, c in per_cut.items()},
                          kept_per_image=n_kept / len(items), flops_keep=sum(flops) / len(flops),
@@ -86,8 +87,8 @@ def main(argv=None):
     model, processor = ref.load(device=args.device, delta={"auto": True, "none": False}.get(args.delta, args.delta))
     print("trained delta:", ref.default_delta_path() if args.delta == "auto" else args.delta, flush=True)
     items = [test_item(i) for i in range(args.n)]
-    print(json.dumps(dict(n=args.n, keep=args.keep, results=kept_shares(model, processor, items, methods, keep=args.keep)),
-                     indent=1))
+    results = kept_shares(model, processor, items, methods, keep=args.keep)
+    print(json.dumps(dict(n=args.n, keep=args.keep, results=results), indent=1))
 
 
 if __name__ == "__main__":

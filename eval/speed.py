@@ -76,7 +76,8 @@ def make_inputs(model, family: str, batch: int, device, seed=0, grid=None):
                    image_grid_thw=torch.tensor([[t, h, w]] * batch))
     elif family == "blip2":   # the query placeholders first (as the processor puts them), then the prompt
         vc, img = cfg.vision_config, cfg.image_token_index
-        row = torch.cat([torch.full((cfg.num_query_tokens,), img), torch.tensor([2]), text(TEXT_BEFORE + TEXT_AFTER - 1)])
+        row = torch.cat([torch.full((cfg.num_query_tokens,), img), torch.tensor([2]),
+                         text(TEXT_BEFORE + TEXT_AFTER - 1)])
         ids = row.masked_fill(row == 1, 5).expand(batch, -1).clone()
         out = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                    pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g))

@@ -3,7 +3,7 @@
 At batch 1 an eager 7B prefill is launch-bound (hundreds of small kernels, ~25 ms of host time), which hides the
 saving of a shorter visual sequence. ``PrefillGraph(model)`` captures, per input shape, one graph that runs the
 vision path (with vltok's reduction, if the model is patched), splices the features into the token embeddings and
-runs the language model; calls replay it. Placeholder rewriting runs eagerly before the replay.
+runs the language model; calls replay it.
 
 The placeholder rewrite runs on the device, inside the graph: one small device-to-host read per call checks the
 input (one contiguous run of the image's placeholders, no padding) and gives the run's first column; the shortened
@@ -20,6 +20,8 @@ import torch
 
 from .api import get_handle
 from .errors import IncompatibleError
+
+GRAPH_STATS = ("images", "tokens_in", "tokens_out", "keep_achieved", "flops_keep", "llm_input_tokens")   # (at capture)
 
 
 class PrefillGraph:
@@ -106,8 +108,7 @@ class PrefillGraph:
             entry["first"].fill_(first)
             entry["graph"].replay()
             if handle is not None:   # the reduction ran inside the graph: report what it did at capture
-                for key_ in ("images", "tokens_in", "tokens_out", "keep_achieved", "flops_keep", "llm_input_tokens"):
-                    handle.stats[key_] = entry["stats"][key_]
+                handle.stats.update(entry["stats"])
         return entry["out"].clone()
 
     def _capture(self, ids, pv, first, n, k, handle):
@@ -124,8 +125,7 @@ class PrefillGraph:
             entry["out"] = self._run(*args)
         entry["graph"] = graph
         if handle is not None:
-            entry["stats"] = {k: handle.stats.get(k) for k in ("images", "tokens_in", "tokens_out", "keep_achieved",
-                                                               "flops_keep", "llm_input_tokens")}
+            entry["stats"] = {k: handle.stats.get(k) for k in GRAPH_STATS}
             entry["stats"]["images"] = entry["stats"]["images"][-pv.shape[0]:]
         graph.replay()
         return entry
