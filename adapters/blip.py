@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from vltok.stages import selected_indices
+from vltok.stages import select
 from vltok.vision import install_vision
 
 from .hf_vit import encoder_layers, split_layer
@@ -48,8 +48,7 @@ class VisionMemoryAdapter:
         if plan.grid is not None:
             y = reducer.reduce(patches, plan)
         else:
-            idx = selected_indices(reducer, patches, plan)
-            y = patches.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]).to(x.device))
+            _, y = select(reducer, patches, plan)
         for _ in range(x.shape[0]):
             self.handle._record_image(x.shape[1], 1 + y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
         return torch.cat([x[:, :1], y], dim=1)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from vltok.stages import selected_indices
+from vltok.stages import select
 
 from .base import PlaceholderAdapter, _bind, infer_grid, set_instance_attr
 
@@ -435,8 +435,8 @@ class LlavaNextAdapter(PlaceholderAdapter):
                 y = reducer.reduce(x, plan).view(r_h, r_w, d)
                 nl = newline.expand(r_h, 1, d)
                 return torch.cat([y, nl], dim=1).reshape(-1, d), plan
-            idx = selected_indices(reducer, x, plan)[0]
-            tokens = x[0].index_select(0, idx)
+            idx, tokens = select(reducer, x, plan)
+            idx, tokens = idx[0], tokens[0]
             keys = torch.cat([(idx // w_u) * (w_u + 1) + idx % w_u,
                               torch.arange(h_u, device=idx.device) * (w_u + 1) + w_u])
             seq = torch.cat([tokens, newline.expand(h_u, d)])

@@ -14,7 +14,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from vltok.stages import selected_indices
+from vltok.stages import select
 
 from .base import set_instance_attr
 from .llava import LlavaNextAdapter
@@ -76,8 +76,7 @@ class FrameVideos:
             if plan.grid is not None:
                 y = reducer.reduce(g, plan)
             else:
-                idx = selected_indices(reducer, g, plan)
-                y = g.gather(1, idx[..., None].expand(-1, -1, g.shape[-1]).to(g.device))
+                _, y = select(reducer, g, plan)
             if pre:
                 y = torch.cat([x[:, :pre], y], dim=1)
             self.handle._add_seconds(time.perf_counter() - t0)

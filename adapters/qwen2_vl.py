@@ -27,7 +27,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from vltok.stages import selected_indices
+from vltok.stages import select, selected_indices
 
 from .base import PlaceholderAdapter, _bind, set_instance_attr
 
@@ -108,8 +108,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         x = f.view(t, h * w, f.shape[-1])
         if plan.grid is not None:
             return reducer.reduce(x, plan).reshape(-1, f.shape[-1]), []
-        idx = selected_indices(reducer, x, plan)                     # [t, k] ascending
-        y = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        idx, y = select(reducer, x, plan)                            # [t, k] ascending, [t, k, D]
         return y.reshape(-1, f.shape[-1]), list(idx)
 
     def _wrap_features(self, inner, kind: str, undo: list) -> None:
@@ -120,8 +119,13 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
         @functools.wraps(orig)   # generate() pre-encodes through this, picking arguments by the signature's names
         def get_features(*args, **kwargs):
+            bound = _bind(sig, args, kwargs)
+            pixels = next(iter(bound.values()), None)
+            ahead = self._ahead.pop(kind, None)
+            if ahead is not None and ahead[0] is pixels:   # encoded ahead in prepare (data-dependent selection)
+                return ahead[1]
             out = orig(*args, **kwargs)
-            grid_thw = _bind(sig, args, kwargs).get(grid_kw)
+            grid_thw = bound.get(grid_kw)
             t0 = time.perf_counter()
             feats, kept = [], []
             for f, (t, h, w) in zip(out.pooler_output, self._frames(grid_thw)):
@@ -214,6 +218,9 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         recorded = self._kept.get(kind)
         if recorded is not None and j < len(recorded) and recorded[j]:
             return recorded[j]
+        if getattr(self.method.pre_llm, "data_dependent", False):
+            raise RuntimeError(f"vltok: the kept indices of {kind} {j} were not recorded before its positions were "
+                               "needed (the features are encoded ahead in prepare); please report this")
         probe = torch.zeros(t, h * w, 0)
         idx = list(selected_indices(self.method.pre_llm, probe, plan))
         self._probed.setdefault(kind, {})[j] = idx
@@ -221,7 +228,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
     def install(self, undo):
         inner = self.model.model
-        self._kept, self._probed = {}, {}
+        self._kept, self._probed, self._ahead = {}, {}, {}
         for kind, _, _ in MODALITIES:
             self._wrap_features(inner, kind, undo)
         orig_rope = inner.get_rope_index
@@ -252,12 +259,28 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
         set_instance_attr(inner, "get_rope_index", get_rope_index, undo)
 
+    def _encode_ahead(self, call) -> None:
+        """A data-dependent selection (merging after the merger) knows which tokens survive only from the features,
+        but generate() and caller-supplied position_ids need the kept tokens' M-RoPE positions before the model runs
+        its vision tower. So the (wrapped) feature methods run here, once: they record the kept indices, and the
+        model's own call with the same pixel tensor in this forward gets the same output back without re-encoding."""
+        inner = self.model.model
+        for kind, _, grid_key in MODALITIES:
+            pixels = call.get("pixel_values" if kind == "image" else "pixel_values_videos")
+            if pixels is not None and call.get(grid_key) is not None:
+                out = getattr(inner, f"get_{kind}_features")(pixels, call[grid_key])
+                self._ahead[kind] = (pixels, out)
+
     def prepare(self, call, default_side):
+        ahead = not self._in_generate and getattr(self.method.pre_llm, "data_dependent", False)
         if not self._in_generate:
-            self._kept, self._probed = {}, {}
+            self._kept, self._probed, self._ahead = {}, {}, {}
         pos = call.get("position_ids")
         if not (isinstance(pos, torch.Tensor) and pos.dim() == 3) or not self.has_pixels(call):
-            return super().prepare(call, default_side)
+            new, rw = super().prepare(call, default_side)
+            if ahead and rw is not None:
+                self._encode_ahead(call)
+            return new, rw
         if pos.shape[0] not in (3, 4):
             raise IncompatibleError(f"3-D position_ids must be [3, B, S] (t, h, w) or [4, B, S] (text row first); "
                                     f"got {list(pos.shape)}")
@@ -270,6 +293,8 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         if plans and not selection and not all(p.identity for p in plans) and not self._already_reduced(call):
             self._check_own_positions(pos, call)   # before anything runs: nothing half-applied
         new, rw = super().prepare({k: v for k, v in call.items() if k != "position_ids"}, default_side)
+        if ahead and rw is not None:
+            self._encode_ahead(call)
         new["position_ids"] = pos if rw is None else self._shrink_mrope(pos, call, new, selection)
         return new, rw
 

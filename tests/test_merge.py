@@ -308,7 +308,7 @@ def test_vision_method_refused_where_unsupported():
     from tiny import tiny_llava_next
 
     with pytest.raises(vltok.IncompatibleError, match="vision"):
-        vltok.patch(tiny_llava_next(), "tome", keep=0.5)
+        vltok.patch(tiny_llava_next(), "tome", keep=0.5, schedule="constant")   # "auto" would merge after it
     m = tiny_llava()
     m.config.vision_config._attn_implementation = "flash_attention_2"
     with pytest.raises(vltok.IncompatibleError, match="prop_attn=False"):

@@ -140,9 +140,9 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
     if reason:
         raise IncompatibleError(f"method {method!r} {reason}; pick a method or options that fit (python -m "
                                 "vltok.support prints which method works on which family)")
-    from .support import without_optional_stages
+    from .support import fit_to_family
 
-    m = without_optional_stages(adapter_cls, m)   # e.g. MustDrop's stage 1 where the family has no vision stage
+    m = fit_to_family(adapter_cls, m)   # e.g. tome on Qwen2-VL merges after the merger; MustDrop's stage 1 dropped
     handle = PatchHandle(model, m, adapter_cls)
     adapter = adapter_cls(model, m, handle)
     try:

@@ -79,3 +79,14 @@ def selected_indices(reducer, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
     if not hasattr(reducer, "indices"):
         raise TypeError(f"{type(reducer).__name__} selects tokens but has no indices(x, plan) method")
     return reducer.indices(x, plan)
+
+
+def select(reducer, x: torch.Tensor, plan: GridPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """For selection reducers: (kept raster indices [B, k] ascending, the rows that stand there [B, k, C]).
+
+    A reducer with ``select(x, plan)`` gives both (a merging reducer's rows are group means, not copies of x);
+    otherwise the rows are x gathered at ``indices``."""
+    if hasattr(reducer, "select"):
+        return reducer.select(x, plan)
+    idx = selected_indices(reducer, x, plan)
+    return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]).to(x.device))

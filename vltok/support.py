@@ -19,9 +19,21 @@ def _optional(method, stage) -> bool:
     return getattr(getattr(method, stage, None), "optional", False)
 
 
+def _post_fallback(adapter_cls, method):
+    """``schedule="auto"`` (tome, crossget): where the family has no vision stage but a pre-LLM one, the vision
+    merger's post-encoder reducer (``.post``) runs instead, as if ``schedule="post"`` had been asked for."""
+    post = getattr(getattr(method, "vision", None), "post", None)
+    if post is None or "vision" in adapter_cls.stages or "pre_llm" not in adapter_cls.stages:
+        return method
+    import dataclasses
+
+    return dataclasses.replace(method, vision=None, pre_llm=post, params={"schedule": "post"})
+
+
 def incompatibility(adapter_cls, method) -> str | None:
     """None when an adapter can run a method (a built ``Method``, or just its stages), else the reason, from the
     adapter's code: a stage it does not provide (unless the method marks that stage optional)."""
+    method = _post_fallback(adapter_cls, method)
     stages = method.stages if hasattr(method, "stages") else tuple(method)
     missing = [s for s in stages if s not in adapter_cls.stages and not _optional(method, s)]
     if not missing:
@@ -45,8 +57,11 @@ def limitations(adapter_cls, method) -> str | None:
     an optional stage the family lacks, or a key set without a vision-side score (the engine warns then)."""
     if not hasattr(method, "stages"):
         return None
-    parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     out = []
+    if _post_fallback(adapter_cls, method) is not method:
+        out.append("merges after the vision encoder (schedule='post'): the family has no vision stage")
+        method = _post_fallback(adapter_cls, method)
+    parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     if parts:
         out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")
     if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
@@ -57,8 +72,11 @@ def limitations(adapter_cls, method) -> str | None:
     return "; ".join(out) + f"; stage(s) {', '.join(runs)} run"
 
 
-def without_optional_stages(adapter_cls, method):
-    """The method without the optional stages the adapter lacks (with a warning naming them)."""
+def fit_to_family(adapter_cls, method):
+    """The method as it runs on the adapter: ``schedule="auto"`` resolved (vision merging falls back to merging
+    after the encoder where the family has no vision stage), and without the optional stages the adapter lacks
+    (with a warning naming them)."""
+    method = _post_fallback(adapter_cls, method)
     drop = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     if not drop:
         return method

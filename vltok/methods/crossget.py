@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..registry import register
 from ..stages import Method
-from .tome import round_sizes, spread_schedule
+from .tome import check_schedule, round_sizes, spread_schedule
 
 IMPORTANCES = ("cls_attn", "cls_query_cos", "none")
 ENSEMBLES = ("importance", "size")
@@ -185,8 +185,11 @@ def cross_input(x: torch.Tensor, layer: int, offsets: torch.Tensor, appended: bo
 
 
 class CrossGetMerger:
-    def __init__(self, keep: float, importance: str, ensemble: str, prop_attn: bool, cross: CrossTokens | None = None):
+    def __init__(self, keep: float, importance: str, ensemble: str, prop_attn: bool, cross: CrossTokens | None = None,
+                 late: bool = False, post=None):
         self.keep, self.importance, self.ensemble, self.prop_attn = keep, importance, ensemble, prop_attn
+        self.late = late
+        self.post = post   # schedule="auto": the pre-LLM reducer that stands in where the family has no vision stage
         self.needs_query = importance != "none"
         self.cross = cross
         self.trailing = 0 if cross is None else 1   # tokens the vision stage appends (vltok/vision.py)
@@ -195,7 +198,7 @@ class CrossGetMerger:
         self.projector = None if cross is None else cross.projector
 
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
-        return spread_schedule(n_patches, self.keep, n_layers)
+        return spread_schedule(n_patches, self.keep, n_layers, self.late)
 
     def enter(self, layer: int, x: torch.Tensor, appended: bool) -> torch.Tensor:
         return cross_input(x, layer, self.cross.offsets, appended)
@@ -227,9 +230,14 @@ class CrossGetMerger:
 
 @register("crossget", "CrossGET: complete-graph soft matching inside the vision encoder, CLS-attention guidance "
           "(or a learned cross token: cross_tokens=...), importance-weighted merges, proportional attention; "
-          "round(keep*N) tokens leave the encoder", ("vision",), trained_variant=True)
+          "round(keep*N) tokens leave the encoder (schedule='post': merged after the encoder instead, where the "
+          "family has no vision stage)", ("vision",), trained_variant=True,
+          variants=(("schedule=post", {"schedule": "post"}),))
 def make_crossget(keep: float, importance: str = "cls_attn", ensemble: str = "importance",
-                  prop_attn: bool = True, cross_tokens=None) -> Method:
+                  prop_attn: bool = True, cross_tokens=None, schedule: str = "auto") -> Method:
+    from .postmerge import PostMergeReducer
+
+    check_schedule("crossget", schedule)
     if importance not in IMPORTANCES:
         raise ValueError(f"crossget: importance must be one of {IMPORTANCES}, got {importance!r}")
     if ensemble not in ENSEMBLES:
@@ -241,8 +249,16 @@ def make_crossget(keep: float, importance: str = "cls_attn", ensemble: str = "im
     if cross_tokens is not None and importance == "none":
         raise ValueError("crossget: cross_tokens give the importance; importance='none' would ignore them "
                          "(use 'cls_attn' or 'cls_query_cos', computed from the cross token's query)")
-    params = dict(importance=importance, ensemble=ensemble, prop_attn=prop_attn, trained=cross_tokens is not None)
+    if cross_tokens is not None and schedule == "post":
+        raise ValueError("crossget: cross_tokens live inside the vision encoder; schedule='post' merges after it "
+                         "(drop cross_tokens, or use schedule='constant')")
+    post = PostMergeReducer(keep, "cgsm")
+    if schedule == "post":
+        return Method("crossget", keep, dict(schedule="post"), pre_llm=post)
+    params = dict(importance=importance, ensemble=ensemble, prop_attn=prop_attn, trained=cross_tokens is not None,
+                  schedule=schedule)
     if cross_tokens is not None:
         params.update(visible=cross_tokens.visible, trained_projector=cross_tokens.projector is not None)
-    return Method("crossget", keep, params,
-                  vision=CrossGetMerger(keep, importance, ensemble, prop_attn, cross_tokens))
+    fallback = post if schedule == "auto" and cross_tokens is None else None
+    return Method("crossget", keep, params, vision=CrossGetMerger(keep, importance, ensemble, prop_attn, cross_tokens,
+                                                                  schedule == "late", fallback))

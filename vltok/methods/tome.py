@@ -25,14 +25,25 @@ from ..stages import Method
 ORDERS = ("tome", "raster")
 
 
-def spread_schedule(n_patches: int, keep: float, n_layers: int) -> list[int]:
-    """r per layer: R = n_patches - round(keep * n_patches) merges over ``n_layers`` layers, larger values first."""
+def spread_schedule(n_patches: int, keep: float, n_layers: int, late: bool = False) -> list[int]:
+    """r per layer: R = n_patches - round(keep * n_patches) merges over ``n_layers`` layers, larger values first.
+    ``late``: only the second half of the layers merge (from layer n_layers // 2; early features stay intact)."""
     if n_layers < 1:
         raise ValueError("a vision-stage schedule needs at least one merging layer")
     n_out = max(1, min(n_patches, round(keep * n_patches)))
     total = n_patches - n_out
-    base, extra = divmod(total, n_layers)
-    return [base + (1 if i < extra else 0) for i in range(n_layers)]
+    start = n_layers // 2 if late else 0
+    base, extra = divmod(total, n_layers - start)
+    return [0] * start + [base + (1 if i < extra else 0) for i in range(n_layers - start)]
+
+
+SCHEDULES = ("auto", "constant", "late", "post")
+
+
+def check_schedule(method: str, schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{method}: schedule must be one of {SCHEDULES} ('auto': inside the vision encoder "
+                         f"where the family allows it, else 'post'), got {schedule!r}")
 
 
 def round_sizes(n_tokens: int, n_protected: int, r: int) -> list[int]:
@@ -97,11 +108,12 @@ class TomeMerger:
 
     needs_query = False
 
-    def __init__(self, keep: float, order: str, prop_attn: bool):
-        self.keep, self.order, self.prop_attn = keep, order, prop_attn
+    def __init__(self, keep: float, order: str, prop_attn: bool, late: bool = False, post=None):
+        self.keep, self.order, self.prop_attn, self.late = keep, order, prop_attn, late
+        self.post = post   # schedule="auto": the pre-LLM reducer that stands in where the family has no vision stage
 
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
-        return spread_schedule(n_patches, self.keep, n_layers)
+        return spread_schedule(n_patches, self.keep, n_layers, self.late)
 
     def merge(self, x, size, pos, keys, query, r, n_protected):
         kmean = keys.float().mean(2)
@@ -118,8 +130,16 @@ class TomeMerger:
 
 
 @register("tome", "ToMe: bipartite soft matching inside the vision encoder, size-weighted merges, proportional "
-          "attention; round(keep*N) tokens leave the encoder", ("vision",))
-def make_tome(keep: float, order: str = "tome", prop_attn: bool = True) -> Method:
+          "attention; round(keep*N) tokens leave the encoder (schedule='post': merged after the encoder instead, "
+          "where the family has no vision stage)", ("vision",), variants=(("schedule=post", {"schedule": "post"}),))
+def make_tome(keep: float, order: str = "tome", prop_attn: bool = True, schedule: str = "auto") -> Method:
+    from .postmerge import PostMergeReducer
+
     if order not in ORDERS:
         raise ValueError(f"tome: order must be one of {ORDERS}, got {order!r}")
-    return Method("tome", keep, dict(order=order, prop_attn=prop_attn), vision=TomeMerger(keep, order, prop_attn))
+    check_schedule("tome", schedule)
+    post = PostMergeReducer(keep, "bipartite")
+    if schedule == "post":
+        return Method("tome", keep, dict(schedule="post"), pre_llm=post)
+    return Method("tome", keep, dict(order=order, prop_attn=prop_attn, schedule=schedule),
+                  vision=TomeMerger(keep, order, prop_attn, schedule == "late", post if schedule == "auto" else None))
