@@ -223,3 +223,21 @@ def test_late_schedule_merges_only_in_the_second_half():
         per_layer = h.stats["vision_tokens_per_layer"]
     # 4 layers feed the projector: layers 0-1 keep all 65 tokens, layers 2-3 merge 24 each -> 16 patches + CLS
     assert per_layer[:3] == [65, 65, 65] and per_layer[4] == 17 and h.stats["tokens_out"] == 2 * 16
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+def test_qwen_post_with_caller_positions_equals_own(rows):
+    """Caller-supplied M-RoPE positions (the model's own, [3, B, S] or [4, B, S]) need the kept indices before
+    the forward: the features are encoded ahead, and the result equals the run with vltok's own positions."""
+    m = tiny_qwen("2")
+    inp = qwen_inputs(m, QP, QI, QV, padding="left")
+    with torch.no_grad():
+        pos, _ = m.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"], inp["image_grid_thw"],
+                                        inp["video_grid_thw"], attention_mask=inp["attention_mask"])
+    if rows == 4:
+        am = inp["attention_mask"]
+        pos = torch.cat([((am.cumsum(-1) - 1).masked_fill(am == 0, 1))[None], pos])
+    with vltok.patched(m, "crossget", keep=0.3):
+        own = m(**inp).logits
+        out = m(**inp, position_ids=pos).logits
+    assert torch.allclose(out, own, atol=1e-6)
