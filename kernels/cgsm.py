@@ -84,12 +84,12 @@ if HAVE_TRITON:
             for d0 in range(0, D, BLOCK_D):
                 a = tl.load(m_ptr + b * smb + row[:, None] * smn + (d0 + dd)[None, :],
                             mask=valid_r[:, None] & ((d0 + dd)[None, :] < D), other=0.0)
-                c = tl.load(m_ptr + b * smb + cj[None, :] * smn + (d0 + dd)[:, None],
-                            mask=valid_c[None, :] & ((d0 + dd)[:, None] < D), other=0.0)
+                c = tl.load(m_ptr + b * smb + cj[:, None] * smn + (d0 + dd)[None, :],   # [BLOCK_N, BLOCK_D], rows
+                            mask=valid_c[:, None] & ((d0 + dd)[None, :] < D), other=0.0)   # contiguous in d
                 if IEEE:
-                    acc += tl.dot(a, c, input_precision="ieee")
+                    acc += tl.dot(a, tl.trans(c), input_precision="ieee")
                 else:
-                    acc += tl.dot(a, c)
+                    acc += tl.dot(a, tl.trans(c))
             ok = tl.load(colok_ptr + b * N + cj, mask=valid_c, other=0) != 0
             allowed = ok[None, :] & valid_c[None, :] & (cj[None, :] != row[:, None])
             if USE_RANK:
@@ -106,25 +106,38 @@ if HAVE_TRITON:
         tl.store(outi_ptr + out, besti, mask=valid_r)
 
 
+    # tile shapes tried once per (N, R, D, dtype) on the GPU; BLOCK_N divides 128, the column parts' granularity
+    _TUNED = triton.autotune(
+        configs=[triton.Config(dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st)
+                 for br, bn, bd, w, st in ((64, 64, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3),
+                                           (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 128, 4, 3))],
+        key=["N", "R", "D", "IEEE", "USE_RANK"])(_row_best_kernel)
+
+
 def _row_best(m, rows, colok, rank=None):
     """For each listed row i: max and argmax of m_i . m_j over columns j != i with colok[j] (and rank_j > rank_i)."""
+    from ._triton import interpret
+
     B, N, D = m.shape
     R = rows.shape[1]
-    # enough programs to fill the GPU: split the columns into parts, then reduce the parts' maxima in torch
-    n_blocks = triton.cdiv(N, 64)
-    row_programs = B * triton.cdiv(R, 64)
-    parts = max(1, min(n_blocks, triton.cdiv(512, row_programs)))
-    n_split = triton.cdiv(n_blocks, parts) * 64
+    # enough programs to fill the GPU: split the columns into parts of a multiple of 128, then reduce the parts'
+    # maxima in torch
+    n_blocks = triton.cdiv(N, 128)
+    row_programs = B * triton.cdiv(R, 128)
+    parts = max(1, min(n_blocks, triton.cdiv(264, row_programs)))
+    n_split = triton.cdiv(n_blocks, parts) * 128
     parts = triton.cdiv(N, n_split)
     outv = torch.empty(parts, B, R, dtype=torch.float32, device=m.device)
     outi = torch.empty(parts, B, R, dtype=torch.int32, device=m.device)
-    block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
-    grid = (B, triton.cdiv(R, 64), parts)
-    _row_best_kernel[grid](m, rows.int().contiguous(), colok.to(torch.int8).contiguous(),
-                           (rank if rank is not None else rows).int().contiguous(), outv, outi, N,
-                           R,
-                           m.stride(0), m.stride(1), N_SPLIT=n_split, D=D, BLOCK_R=64, BLOCK_N=64, BLOCK_D=block_d,
-                           USE_RANK=rank is not None, IEEE=m.dtype == torch.float32, num_warps=4, num_stages=2)
+    args = (m, rows.int().contiguous(), colok.to(torch.int8).contiguous(),
+            (rank if rank is not None else rows).int().contiguous(), outv, outi, N, R, m.stride(0), m.stride(1))
+    flags = dict(N_SPLIT=n_split, D=D, USE_RANK=rank is not None, IEEE=m.dtype == torch.float32)
+    if interpret() or D < 32:   # the interpreter (CPU tests) and tiny widths: one fixed tile shape, no tuning
+        block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+        _row_best_kernel[(B, triton.cdiv(R, 64), parts)](*args, **flags, BLOCK_R=64, BLOCK_N=64, BLOCK_D=block_d,
+                                                         num_warps=4, num_stages=2)
+    else:
+        _TUNED[lambda meta: (B, triton.cdiv(R, meta["BLOCK_R"]), parts)](*args, **flags)
     best, which = outv.max(0)     # first part wins ties, as a left-to-right scan would
     return best, outi.gather(0, which[None]).squeeze(0).long()
 
