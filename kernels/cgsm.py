@@ -106,12 +106,38 @@ if HAVE_TRITON:
         tl.store(outi_ptr + out, besti, mask=valid_r)
 
 
-    # tile shapes tried once per (N, R, D, dtype) on the GPU; BLOCK_N divides 128, the column parts' granularity
-    _TUNED = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st)
-                 for br, bn, bd, w, st in ((64, 64, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3),
-                                           (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 128, 4, 3))],
-        key=["N", "R", "D", "IEEE", "USE_RANK"])(_row_best_kernel)
+    # tile shapes (BLOCK_R, BLOCK_N, BLOCK_D, warps, stages); BLOCK_N divides 128, the column parts' granularity
+    _CONFIGS = ((64, 64, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                (128, 128, 32, 8, 4), (64, 64, 128, 4, 3))
+    _BEST: dict = {}
+
+
+def _launch(cfg, args, flags, B, R, parts):
+    br, bn, bd, w, st = cfg
+    _row_best_kernel[(B, triton.cdiv(R, br), parts)](*args, **flags, BLOCK_R=br, BLOCK_N=bn, BLOCK_D=bd,
+                                                     num_warps=w, num_stages=st)
+
+
+def _pick(key, args, flags, B, R, parts):
+    """The fastest tile shape for this (B, N, R, D, precision, pass), timed once on the GPU (CUDA events, the
+    median of 5 after a warm-up launch) and remembered; later calls launch the plain kernel (triton's autotuner
+    adds host time on every launch, which dominated at batch 1)."""
+    cfg = _BEST.get(key)
+    if cfg is None and torch.cuda.is_current_stream_capturing():   # no timing inside a CUDA-graph capture
+        return _CONFIGS[0]
+    if cfg is None:
+        times = []
+        for c in _CONFIGS:
+            _launch(c, args, flags, B, R, parts)
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
+            for i in range(5):
+                ev[2 * i].record()
+                _launch(c, args, flags, B, R, parts)
+                ev[2 * i + 1].record()
+            torch.cuda.synchronize()
+            times.append(sorted(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(5))[2])
+        cfg = _BEST[key] = _CONFIGS[min(range(len(times)), key=times.__getitem__)]
+    return cfg
 
 
 def _row_best(m, rows, colok, rank=None):
@@ -133,11 +159,10 @@ def _row_best(m, rows, colok, rank=None):
             (rank if rank is not None else rows).int().contiguous(), outv, outi, N, R, m.stride(0), m.stride(1))
     flags = dict(N_SPLIT=n_split, D=D, USE_RANK=rank is not None, IEEE=m.dtype == torch.float32)
     if interpret() or D < 32:   # the interpreter (CPU tests) and tiny widths: one fixed tile shape, no tuning
-        block_d = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
-        _row_best_kernel[(B, triton.cdiv(R, 64), parts)](*args, **flags, BLOCK_R=64, BLOCK_N=64, BLOCK_D=block_d,
-                                                         num_warps=4, num_stages=2)
+        _launch((64, 64, 64 if D >= 64 else max(16, triton.next_power_of_2(D)), 4, 2), args, flags, B, R, parts)
     else:
-        _TUNED[lambda meta: (B, triton.cdiv(R, meta["BLOCK_R"]), parts)](*args, **flags)
+        key = (B, N, R, D, m.dtype, rank is not None, m.device.index)
+        _launch(_pick(key, args, flags, B, R, parts), args, flags, B, R, parts)
     best, which = outv.max(0)     # first part wins ties, as a left-to-right scan would
     return best, outi.gather(0, which[None]).squeeze(0).long()
 
