@@ -76,7 +76,7 @@ if HAVE_TRITON:
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         besti = tl.zeros((BLOCK_R,), tl.int32)
         dd = tl.arange(0, BLOCK_D)
-        for n1 in range(0, N_SPLIT, BLOCK_N):   # N_SPLIT: a multiple of BLOCK_N; constexpr (few distinct values)
+        for n1 in range(0, N_SPLIT, BLOCK_N):   # N_SPLIT: 128 x a power of two (constexpr: few compiles)
             n0 = part * N_SPLIT + n1
             cj = n0 + tl.arange(0, BLOCK_N)
             valid_c = cj < N
@@ -151,7 +151,7 @@ def _row_best(m, rows, colok, rank=None):
     n_blocks = triton.cdiv(N, 128)
     row_programs = B * triton.cdiv(R, 128)
     parts = max(1, min(n_blocks, triton.cdiv(264, row_programs)))
-    n_split = triton.cdiv(n_blocks, parts) * 128
+    n_split = triton.next_power_of_2(triton.cdiv(n_blocks, parts)) * 128   # few distinct values: few compiles
     parts = triton.cdiv(N, n_split)
     outv = torch.empty(parts, B, R, dtype=torch.float32, device=m.device)
     outi = torch.empty(parts, B, R, dtype=torch.int32, device=m.device)
@@ -161,7 +161,8 @@ def _row_best(m, rows, colok, rank=None):
     if interpret() or D < 32:   # the interpreter (CPU tests) and tiny widths: one fixed tile shape, no tuning
         _launch((64, 64, 64 if D >= 64 else max(16, triton.next_power_of_2(D)), 4, 2), args, flags, B, R, parts)
     else:
-        key = (B, N, R, D, m.dtype, rank is not None, m.device.index)
+        pow2 = triton.next_power_of_2   # one timing per size class, not per exact shape
+        key = (pow2(B), pow2(N), pow2(R), D, m.dtype, rank is not None, m.device.index)
         _launch(_pick(key, args, flags, B, R, parts), args, flags, B, R, parts)
     best, which = outv.max(0)     # first part wins ties, as a left-to-right scan would
     return best, outi.gather(0, which[None]).squeeze(0).long()
