@@ -165,28 +165,37 @@ def test_next_batch_mixed_sizes_equals_singles_and_reference():
     assert next_counts(m, NEXT_SIZES) == [64 + 10 * 17, 64 + 8 * 9]
 
 
-def test_next_reduction_equals_explicit_reference():
-    m = tiny_llava_next()
-    inp = llava_next_inputs(m, NEXT_PROMPTS, NEXT_SIZES, padding="right")
+def next_reference(m, inp, reduce_tile, reduce_map):
+    """The unpatched tiny LLaVA-NeXT (NEXT_PROMPTS / NEXT_SIZES, right padding) fed hand-reduced packed features:
+    ``reduce_tile(tile [64, C])`` and ``reduce_map(grid [h_u, w_u, C], newline [C])`` (newlines included) give the
+    rows of each image. Returns (logits, attention_mask, rows per image)."""
     with torch.no_grad():
         packed = m.model.get_image_features(inp["pixel_values"], inp["image_sizes"]).pooler_output
-    newline = m.model.image_newline
     reduced = []
     for f, (h_u, w_u) in zip(packed, [(10, 16), (8, 8)]):
-        base = pool_grid(f[None, :64], 8, 8, 4, 4)[0]
-        grid = f[64:].view(h_u, w_u + 1, -1)[:, :w_u].reshape(1, h_u * w_u, -1)
-        r_h, r_w = h_u // 2, w_u // 2
-        mp = pool_grid(grid, h_u, w_u, r_h, r_w)[0].view(r_h, r_w, -1)
-        mp = torch.cat([mp, newline.expand(r_h, 1, -1)], 1).reshape(-1, f.shape[-1])
-        reduced.append(torch.cat([base, mp]))
-    red = llava_next_inputs(m, NEXT_PROMPTS, NEXT_SIZES, padding="right", counts=[r.shape[0] for r in reduced])
+        grid = f[64:].view(h_u, w_u + 1, -1)[:, :w_u]
+        reduced.append(torch.cat([reduce_tile(f[:64]), reduce_map(grid, m.model.image_newline)]))
+    counts = [r.shape[0] for r in reduced]
+    red = llava_next_inputs(m, NEXT_PROMPTS, NEXT_SIZES, padding="right", counts=counts)
     ids = red["input_ids"]
     emb = m.get_input_embeddings()(ids.masked_fill(ids == IMG, 0))
     emb[ids == IMG] = torch.cat(reduced)
-    ref = m(inputs_embeds=emb, attention_mask=red["attention_mask"]).logits
+    return m(inputs_embeds=emb, attention_mask=red["attention_mask"]).logits, red["attention_mask"], counts
+
+
+def test_next_reduction_equals_explicit_reference():
+    m = tiny_llava_next()
+    inp = llava_next_inputs(m, NEXT_PROMPTS, NEXT_SIZES, padding="right")
+
+    def pool_map(grid, newline):
+        h_u, w_u, C = grid.shape
+        mp = pool_grid(grid.reshape(1, h_u * w_u, C), h_u, w_u, h_u // 2, w_u // 2)[0].view(h_u // 2, w_u // 2, C)
+        return torch.cat([mp, newline.expand(h_u // 2, 1, C)], 1).reshape(-1, C)
+
+    ref, am, _ = next_reference(m, inp, lambda t: pool_grid(t[None], 8, 8, 4, 4)[0], pool_map)
     with vltok.patched(m, "pool", keep=0.25):
         out = m(**inp).logits
-    valid = red["attention_mask"].bool()
+    valid = am.bool()
     assert out.shape == ref.shape and torch.allclose(out[valid], ref[valid], atol=1e-5)
 
 

@@ -8,7 +8,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vltok
 from test_cgsm import brute_force
-from test_llava import NEXT_PROMPTS, NEXT_SIZES, PROMPTS, manual_llava
+from test_qwen_positions import own_positions
+from test_llava import NEXT_PROMPTS, NEXT_SIZES, PROMPTS, manual_llava, next_reference
 from tiny import IMG, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
 from tiny_families import VID, qwen_inputs, tiny_qwen
 from vltok.errors import IncompatibleError
@@ -97,33 +98,24 @@ def test_next_auto_merges_after_packing_with_every_row_newline(method):
     m = tiny_llava_next()
     keep = 0.25
     inp = llava_next_inputs(m, NEXT_PROMPTS, NEXT_SIZES, padding="right")
-    with torch.no_grad():
-        packed = m.model.get_image_features(inp["pixel_values"], inp["image_sizes"]).pooler_output
-    newline = m.model.image_newline
-    reduced = []
-    for f, (h_u, w_u) in zip(packed, [(10, 16), (8, 8)]):
-        _, base = group_reference(f[:64].double(), round(keep * 64), MATCHERS[method])
-        grid = f[64:].view(h_u, w_u + 1, -1)[:, :w_u].reshape(h_u * w_u, -1)
-        idx, merged = group_reference(grid.double(), round(keep * h_u * w_u), MATCHERS[method])
-        rows = []
-        for r in range(h_u):
-            rows += [merged[idx // w_u == r].float(), newline[None]]
-        reduced.append(torch.cat([base.float()] + rows))
-    red = llava_next_inputs(m, NEXT_PROMPTS, NEXT_SIZES, padding="right", counts=[r.shape[0] for r in reduced])
-    ids = red["input_ids"]
-    emb = m.get_input_embeddings()(ids.masked_fill(ids == IMG, 0))
-    emb[ids == IMG] = torch.cat(reduced)
-    ref = m(inputs_embeds=emb, attention_mask=red["attention_mask"]).logits
+    merge = lambda x: group_reference(x.double(), round(keep * x.shape[0]), MATCHERS[method])  # noqa: E731
+
+    def merge_map(grid, newline):
+        h_u, w_u, C = grid.shape
+        idx, merged = merge(grid.reshape(h_u * w_u, C))
+        return torch.cat(sum(([merged[idx // w_u == r].float(), newline[None]] for r in range(h_u)), []))
+
+    ref, am, reduced = next_reference(m, inp, lambda t: merge(t)[1].float(), merge_map)
     with vltok.patched(m, method, keep=keep) as h:   # schedule="auto": NeXT has no vision stage
         assert h.method.params == {"schedule": "post"}
         out = m(**inp).logits
         counts = [im["tokens_out"] for im in h.stats["images"]]
         a = m.generate(**inp, max_new_tokens=4, do_sample=False)
         b = m.generate(**inp, max_new_tokens=4, do_sample=False, use_cache=False)
-    valid = red["attention_mask"].bool()
+    valid = am.bool()
     assert out.shape == ref.shape and torch.allclose(out[valid], ref[valid], atol=1e-5)
     assert torch.equal(a, b)
-    assert counts == [r.shape[0] for r in reduced]
+    assert counts == reduced
 
 
 QP = [[1, 5, -1, 7, 8], [1, -2, 9, -1, 3, 4, 5, 6]]
@@ -231,12 +223,7 @@ def test_qwen_post_with_caller_positions_equals_own(rows):
     the forward: the features are encoded ahead, and the result equals the run with vltok's own positions."""
     m = tiny_qwen("2")
     inp = qwen_inputs(m, QP, QI, QV, padding="left")
-    with torch.no_grad():
-        pos, _ = m.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"], inp["image_grid_thw"],
-                                        inp["video_grid_thw"], attention_mask=inp["attention_mask"])
-    if rows == 4:
-        am = inp["attention_mask"]
-        pos = torch.cat([((am.cumsum(-1) - 1).masked_fill(am == 0, 1))[None], pos])
+    pos = own_positions(m, inp, rows)
     with vltok.patched(m, "crossget", keep=0.3):
         own = m(**inp).logits
         out = m(**inp, position_ids=pos).logits
