@@ -14,7 +14,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from vltok.rewrite import padding_side, restore_prompt, shrink_placeholders
+from vltok.rewrite import restore_prompt, shrink_runs
 
 PER_TOKEN = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
 
@@ -189,22 +189,11 @@ class PlaceholderAdapter:
                 self.engine.begin_call(call, self.visual_layout(call))
             return call, None
         t0 = time.perf_counter()
-        side = padding_side(call.get("attention_mask"), default_side)
         tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
-        if "attention_mask" not in tensors and ids.shape[0] > 1:
-            tensors["attention_mask"] = torch.ones_like(ids)
-        rw = None
-        for token_id, native, new in self.placeholder_runs(call):
-            step = shrink_placeholders(ids, token_id, native, new, tensors, self.pad_token_id(), side)
-            if step is None:
-                continue
-            if rw is not None:   # compose: columns of this step's input are columns of the previous output
-                prev = rw.kept_positions.gather(1, step.kept_positions.clamp(min=0))
-                step.kept_positions = prev.masked_fill(step.kept_positions < 0, -1)
-                step.orig_len = rw.orig_len
-            rw = step
-            ids = rw.tensors["input_ids"]
-            tensors = {k: v for k, v in rw.tensors.items() if k != "input_ids"}
+        # every placeholder kind (Qwen: images, then videos) in one pass: one read-back of input_ids / mask, the
+        # index work on the host, one upload (vltok.rewrite.shrink_runs)
+        rw = shrink_runs(ids, self.placeholder_runs(call), tensors, self.pad_token_id(), default_side=default_side,
+                         add_mask=True)
         if rw is not None:
             call = dict(call)
             call.update(rw.tensors)
@@ -212,8 +201,8 @@ class PlaceholderAdapter:
                 am = call.get("attention_mask", torch.ones_like(call["input_ids"]))
                 call["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
             self.handle._record_rewrite(rw)
-        if self.engine is not None:
-            self.engine.begin_call(call, self.visual_layout(call))
+        if self.engine is not None:   # the layout reads the rewrite's host copy of the ids (no second read-back)
+            self.engine.begin_call(call, self.visual_layout(call if rw is None else {**call, "input_ids": rw.host_ids}))
         self.handle._add_seconds(time.perf_counter() - t0)
         return call, rw
 

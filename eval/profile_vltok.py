@@ -92,8 +92,10 @@ def count_syncs(handle=None, scoped=True):
             had = inst and name in vars(owner)
             setattr(owner, name, wrap(orig))
             undo.append((owner, name, orig, inst, had))
-    # a function of vltok.inllm marked ``_vltok_host = n`` works on host tensors after n read-backs: n syncs
+    # a function of vltok.inllm / vltok.rewrite marked ``_vltok_host = n`` works on host tensors after n read-backs
+    # (device-to-host copies, which the dispatcher does not flag): n syncs
     import vltok.inllm as inllm
+    import vltok.rewrite as rewrite
 
     def host_wrap(fn, n, label):
         @functools.wraps(fn)
@@ -107,11 +109,12 @@ def count_syncs(handle=None, scoped=True):
                 counter.suppress -= 1
         return inner
 
-    for name, fn in list(vars(inllm).items()):
-        n = getattr(fn, "_vltok_host", None)
-        if callable(fn) and n is not None:
-            setattr(inllm, name, host_wrap(fn, int(n), f"{name} readback"))
-            undo.append((inllm, name, fn, True, True))
+    for mod in (inllm, rewrite):
+        for name, fn in list(vars(mod).items()):
+            n = getattr(fn, "_vltok_host", None)
+            if callable(fn) and n is not None:
+                setattr(mod, name, host_wrap(fn, int(n), f"{name} readback"))
+                undo.append((mod, name, fn, True, True))
     tolist = torch.Tensor.tolist
 
     def counted_tolist(self):
