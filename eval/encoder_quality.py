@@ -11,7 +11,8 @@
 2. Scenes from :mod:`vltok.eval.shapes` (1-6 objects, no word) carry four labels: ``count`` (number of objects),
    and the ``color``, ``shape`` and 3x3 ``cell`` of the largest object. Ridge probes (closed form, the penalty
    picked on a held-out fifth of the training images) are fitted on the UNPATCHED encoder's features of the
-   training images, for two features: the final CLS token and the mean of the final patch tokens.
+   training images, for three features: the final CLS token, the plain mean of the final patch tokens, and
+   their size-weighted mean (``wmean``, below; identical to the plain mean when nothing merged).
 3. The same probes read the test images' features under each method x keep: ``tome`` / ``crossget`` patched into
    timm with ``vltok.patch`` (merging inside every block); ``lowres`` (the unpatched encoder on an image resized to
    the grid ``grid_for_keep`` gives: the cost-matched baseline); ``pool-final`` (the final patch tokens
