@@ -228,7 +228,7 @@ def manual_tower(m, pixel_values, merger, schedule, n_prot):
     return x
 
 
-VARIANTS = [("tome", {}), ("tome", {"order": "raster"}), ("crossget", {}),
+VARIANTS = [("tome", {}), ("tome", {"order": "tome"}), ("crossget", {}),
             ("crossget", {"importance": "cls_query_cos", "ensemble": "size"})]
 
 
