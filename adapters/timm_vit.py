@@ -37,22 +37,23 @@ def install_image_encoder(handle, method, blocks: list, split, n_prefix: int, n_
                           attn_impl=None) -> None:
     """The vision stage on an image encoder alone (timm, open_clip): merges in ``blocks``, stats per image (patch
     tokens in / out, ``vision_tokens_per_layer``, ``flops_keep``), and ``owner.forward`` wrapped to start each
-    call's stats and time it (``wall_seconds``)."""
-    schedule = method.vision.schedule(n_patches, len(blocks))
+    call's stats and time it (``wall_seconds``). The schedule is taken per call from the patches that reach the
+    first block (a model built with ``dynamic_img_size`` may get another size than ``n_patches``, its nominal count)."""
+    schedule = lambda n: method.vision.schedule(n, len(blocks))  # noqa: E731
 
     def on_done(run):
         counts = run.counts
         B = run.size.shape[0] if run.size is not None else 0
         for _ in range(B):
-            handle._record_image(counts[0] - n_prefix, counts[-1] - n_prefix, [(n_patches,)],
+            handle._record_image(counts[0] - n_prefix, counts[-1] - n_prefix, [(counts[0] - n_prefix,)],
                                  [(counts[-1] - n_prefix,)])
         s = handle.stats
         s["vision_tokens_per_layer"] = list(counts)
         s["flops_keep"] = sum(counts[:-1]) / (len(blocks) * counts[0])
         handle._add_seconds(run.seconds)
 
-    install_vision(blocks, split, method.vision, schedule, n_prefix, undo, attn_impl, on_done)
-    if not any(schedule):
+    install_vision(blocks, split, method.vision, schedule, n_prefix, undo, attn_impl, on_done, nominal=n_patches)
+    if not any(schedule(n_patches)):
         return
     fwd = owner.forward
 

@@ -100,3 +100,18 @@ def test_open_clip_without_class_token_is_refused_clearly():
     with pytest.raises(vltok.IncompatibleError, match="class token"):
         vltok.patch(m, "tome", keep=0.5)
     assert vltok.get_handle(m) is None
+
+@pytest.mark.parametrize("px,n", [(96, 36), (32, 4)])
+def test_timm_dynamic_img_size_follows_the_actual_grid(px, n):
+    """A ViT built for 64 px with dynamic_img_size fed another size: keep applies to the patches that arrive
+    (the schedule is taken per call, not from patch_embed.num_patches), checked against the explicit reference."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0, depth=4,
+                          global_pool="token", dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, px, px)
+    with torch.no_grad(), vltok.patched(m, "tome", keep=0.5) as h:
+        out = m(x)
+        exp = manual(m, x, h.method.vision, spread_schedule(n, 0.5, 4), 1)
+    assert torch.allclose(out, exp, atol=1e-5)
+    assert h.stats["vision_tokens_per_layer"][-1] == 1 + round(0.5 * n)
+    assert h.stats["images"][0]["grids_in"] == [[n]]
