@@ -228,3 +228,14 @@ def test_prefetched_batches_equal_direct_calls_in_order_and_after_a_jump():
     finally:
         pf.close()
     assert got == [0.0, 1.0, 4.0, 9.0, 49.0, 64.0]
+
+
+@pytest.mark.parametrize("method", ["tokenshuffle", "crossget", "llavamini"])
+def test_train_refuses_families_that_cannot_run_the_learned_module(method, tmp_path):
+    """LLaVA-NeXT packs its tiles around the projector: vltok train says so before building or writing anything."""
+    from tiny import tiny_llava_next
+    from vltok.train import train
+
+    with pytest.raises(vltok.IncompatibleError, match="llava_next adapter cannot run it"):
+        train(tiny_llava_next(), method, 0.25, lambda step: {}, steps=1, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

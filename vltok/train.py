@@ -102,6 +102,15 @@ def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, s
     if method not in LEARNED:
         raise vltok.VltokError(f"method {method!r} has no trained variant in vltok train; trainable: "
                                f"{', '.join(LEARNED)}")
+    from vltok.adapters import find_adapter
+
+    family = find_adapter(model).family
+    if family != "llava":   # before anything is built or written
+        raise vltok.IncompatibleError(
+            f"vltok train {method}: the learned module replaces the projector (and, for crossget, rides in the vision "
+            f"tower) of LLaVA-1.5-style models (LlavaForConditionalGeneration, any tower / LLM); vltok's {family} "
+            f"adapter cannot run it ({type(model).__name__} packs, unpads or merges its grids around the projector); "
+            "use the method's training-free mode on this model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module, patch_kw, save, load = LEARNED[method](model, keep, **opts)
