@@ -1,0 +1,110 @@
+"""Batch-1 prefill as GPU kernel time: the summed device time of every kernel of one forward (torch.profiler,
+median of 3), next to the wall TTFT (CUDA events, median of 9); keep 0.16: unpatched, pool, fourier, feather,
+fastv and IDEAL, on full-size architectures with random bf16 weights.
+
+    python -m vltok.eval.devtime llava-next-7b qwen2-vl-7b
+
+Why: at batch 1 the eager forward is bound by the host's kernel launches (LLaVA-NeXT-7B at keep 0.16: ~25 ms of
+GPU kernels under ~80 ms of host time on the lent H100), so wall-clock ratios against IDEAL mostly measure Python
+and launch jitter; kernel time measures what the reduction saves on the device. IDEAL is eval.speed's: LLaVA
+families get the unpatched model with the features sliced to the reduced counts; Qwen gets an image whose merged
+grid is the reduced one (its ViT shrinks too, so that IDEAL is optimistic).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import vltok
+from vltok.eval import configs
+from vltok.eval.speed import cuda_time, ideal_features, make_inputs
+
+METHODS = ("pool", "fourier", "feather", "fastv")
+
+
+def kernel_ms(fn, reps: int = 3) -> float:
+    """Median over reps of the summed device time of the kernels fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            fn()
+            torch.cuda.synchronize()
+        out.append(sum(getattr(e, "self_device_time_total", 0) for e in p.key_averages()) / 1e3)
+    return statistics.median(out)
+
+
+def ideal_run(model, handle, family, inputs):
+    """(forward fn, context manager) of the IDEAL row for the counts the patched ``handle`` produced."""
+    import contextlib
+
+    if family == "qwen2_vl":
+        t, r_h, r_w = handle.stats["images"][0]["grids_out"][0]
+        small = make_inputs(model, family, 1, "cuda", grid=(t, 2 * r_h, 2 * r_w))
+        return (lambda: model(**small, logits_to_keep=1)), contextlib.nullcontext()
+    counts = handle.adapter.image_counts(inputs)[1]
+    prep, _ = handle.adapter.prepare(dict(inputs), default_side="left")
+    return (lambda: model(**prep, logits_to_keep=1)), ideal_features(model, counts)
+
+
+def bench(name: str, keep: float = 0.16) -> list[tuple[str, float, float]]:
+    family = configs.family(name)
+    model = configs.build_random(name, device="cuda", dtype=torch.bfloat16)
+    inputs = make_inputs(model, family, 1, "cuda")
+    fwd = lambda: model(**inputs, logits_to_keep=1)  # noqa: E731
+    rows = []
+    with torch.no_grad():
+        for _ in range(3):
+            fwd()
+        rows.append(("none", kernel_ms(fwd), cuda_time(fwd, reps=9)))
+        ideal = None
+        for method in METHODS:
+            with vltok.patched(model, method, keep=keep) as h:
+                for _ in range(3):
+                    fwd()
+                rows.append((method, kernel_ms(fwd), cuda_time(fwd, reps=9)))
+                if ideal is None and h.method.pre_llm is not None:
+                    ideal = ideal_run(model, h, family, inputs)
+        fn, ctx = ideal
+        with ctx:
+            for _ in range(2):
+                fn()
+            rows.append(("IDEAL", kernel_ms(fn), cuda_time(fn, reps=9)))
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(name: str, rows, keep: float = 0.16) -> str:
+    base = rows[0][1]
+    ideal = next(k for n, k, _ in rows if n == "IDEAL")
+    out = [f"## {name}, batch 1, keep {keep}", "",
+           "| run | GPU kernel ms | speed-up (kernel time) | of IDEAL's speed-up | wall TTFT ms |", "|---|---|---|---|---|"]
+    out += [f"| {n} | {k:.2f} | {base / k:.2f}x | {ideal / k:.2f} | {w:.2f} |" for n, k, w in rows]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--keep", type=float, default=0.16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    import transformers
+
+    text = [f"# Batch-1 prefill: GPU kernel time vs wall time\n\ndevice: {torch.cuda.get_device_name()}; torch "
+            f"{torch.__version__}; transformers {transformers.__version__}; random bf16 weights, sdpa.\n\ncommand: "
+            f"python -m vltok.eval.devtime {' '.join(args.models)}\n"]
+    for name in args.models:
+        text.append(markdown(name, bench(name, args.keep), args.keep))
+        print(text[-1], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
