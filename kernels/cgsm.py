@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAVE_TRITON, usable
+from ._triton import HAVE_TRITON, interpret, usable
 
 NEG = float("-inf")
 
@@ -142,8 +142,6 @@ def _pick(key, args, flags, B, R, parts):
 
 def _row_best(m, rows, colok, rank=None):
     """For each listed row i: max and argmax of m_i . m_j over columns j != i with colok[j] (and rank_j > rank_i)."""
-    from ._triton import interpret
-
     B, N, D = m.shape
     R = rows.shape[1]
     # enough programs to fill the GPU: split the columns into parts of a multiple of 128, then reduce the parts'

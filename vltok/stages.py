@@ -74,6 +74,16 @@ class Method:
         return self.keep >= 1.0
 
 
+def kept_count(n: int, keep: float) -> int:
+    """round(keep * n) tokens of n, at least one and at most n: the budget of a token-level selection or merge."""
+    return max(1, min(n, round(keep * n)))
+
+
+def selection_plan(h: int, w: int, keep: float) -> GridPlan:
+    """The plan of a selection reducer that keeps ``kept_count`` of the h*w tokens (not a raster grid)."""
+    return GridPlan(h, w, kept_count(h * w, keep), None)
+
+
 def selected_indices(reducer, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
     """For selection reducers (``plan.grid is None``): the kept raster indices, [B, k] ascending."""
     if not hasattr(reducer, "indices"):

@@ -58,9 +58,10 @@ def limitations(adapter_cls, method) -> str | None:
     if not hasattr(method, "stages"):
         return None
     out = []
-    if _post_fallback(adapter_cls, method) is not method:
+    fitted = _post_fallback(adapter_cls, method)
+    if fitted is not method:
         out.append("merges after the vision encoder (schedule='post'): the family has no vision stage")
-        method = _post_fallback(adapter_cls, method)
+        method = fitted
     parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     if parts:
         out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from ..stages import GridPlan, Method
+from ..stages import GridPlan, Method, selection_plan
 from ._grid import ROUNDINGS, grid_for_keep
 
 
@@ -54,8 +54,7 @@ class RandomReducer:
         self.keep, self.seed = keep, seed
 
     def plan(self, h, w):
-        n = h * w
-        return GridPlan(h, w, max(1, min(n, round(self.keep * n))), None)
+        return selection_plan(h, w, self.keep)
 
     def indices(self, x, plan):
         # cached per device: no host-to-device copy per call (so the reduction can be captured in a CUDA graph)

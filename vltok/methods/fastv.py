@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import IncompatibleError
 from ..inllm import Cut
 from ..registry import register
-from ..stages import Method
+from ..stages import Method, kept_count
 from .feather import _check, top_by_score, top_by_score_rows
 
 
@@ -17,7 +17,7 @@ class FastVPruner:
 
     def count(self, n, n_layers):
         if self.keep_mode == "final":
-            return max(1, min(n, round(self.keep * n)))
+            return kept_count(n, self.keep)
         return max(1, min(n, round((self.keep * n_layers - self.K) * n / (n_layers - self.K))))
 
     def validate(self, n_layers):

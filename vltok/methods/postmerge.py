@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..stages import GridPlan
+from ..stages import GridPlan, selection_plan
 from .crossget import cgsm_match, cgsm_merge
 from .tome import bipartite_merge, round_sizes
 
@@ -68,8 +68,7 @@ class PostMergeReducer:
         self.keep, self.matcher = keep, matcher
 
     def plan(self, h: int, w: int) -> GridPlan:
-        n = h * w
-        return GridPlan(h, w, max(1, min(n, round(self.keep * n))), None)
+        return selection_plan(h, w, self.keep)
 
     def select(self, x, plan):
         if plan.count == x.shape[1]:

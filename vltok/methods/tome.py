@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from ..stages import Method
+from ..stages import Method, kept_count
 
 ORDERS = ("tome", "raster")
 
@@ -32,7 +32,7 @@ def spread_schedule(n_patches: int, keep: float, n_layers: int, late: bool = Fal
     ``late``: only the second half of the layers merge (from layer n_layers // 2; early features stay intact)."""
     if n_layers < 1:
         raise ValueError("a vision-stage schedule needs at least one merging layer")
-    n_out = max(1, min(n_patches, round(keep * n_patches)))
+    n_out = kept_count(n_patches, keep)
     total = n_patches - n_out
     start = n_layers // 2 if late else 0
     base, extra = divmod(total, n_layers - start)
