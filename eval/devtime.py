@@ -20,22 +20,15 @@ import torch
 
 import vltok
 from vltok.eval import configs
+from vltok.eval.profile_fast import kernel_table
 from vltok.eval.speed import cuda_time, ideal_features, make_inputs
 
 METHODS = ("pool", "fourier", "feather", "fastv")
 
 
 def kernel_ms(fn, reps: int = 3) -> float:
-    """Median over reps of the summed device time of the kernels fn() launches."""
-    from torch.profiler import ProfilerActivity, profile
-
-    out = []
-    for _ in range(reps):
-        with profile(activities=[ProfilerActivity.CUDA]) as p:
-            fn()
-            torch.cuda.synchronize()
-        out.append(sum(getattr(e, "self_device_time_total", 0) for e in p.key_averages()) / 1e3)
-    return statistics.median(out)
+    """Median over reps of the summed device time of the kernels one fn() launches (eval.profile_fast's table)."""
+    return statistics.median(kernel_table(fn, reps=1)[0] for _ in range(reps))
 
 
 def ideal_run(model, handle, family, inputs):
