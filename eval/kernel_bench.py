@@ -9,6 +9,9 @@ CGSM matching: torch reference (materialises S) vs Triton (tiled, never stores S
 Token gather (vltok.kernels.gather, --only gather): one gather per tensor (torch) vs one fused Triton launch for the
 hidden, cos, sin and position-id rows of the kept tokens; the engine keeps Triton as the default on CUDA only if
 it is not slower here.
+In-LLM cut selection (vltok.kernels.select, --only select): last-row attention scores (FEATHER's softmax over the
+visual keys and FastV's over the whole prefix, RoPE applied), the stable top-k per row and the column compaction,
+torch reference vs Triton at LLaVA-1.5 (Sc=676, 576 visual) and LLaVA-NeXT (Sc=2980, 2880 visual) shapes.
 Times are medians of triton.testing.do_bench (CUDA events), correctness checked on fresh random inputs each case.
 """
 from __future__ import annotations
@@ -116,10 +119,62 @@ def bench_gather(bw, rows):
         print(rows[-1], flush=True)
 
 
+def bench_select(rows):
+    """The three in-LLM cut functions as called (host launches included): 7B shapes, H=32, hd=128, bf16."""
+    from triton.testing import do_bench
+
+    from vltok.kernels import select
+
+    def timed(fn):
+        return {impl: do_bench(lambda: fn(impl), warmup=25, rep=100, return_mode="median") * 1e3
+                for impl in ("torch", "triton")}
+
+    for (B, Sc, K, keep) in [(1, 676, 576, 60), (8, 676, 576, 60), (1, 2980, 2880, 460), (8, 2980, 2880, 460)]:
+        H, hd, first = 32, 128, 35            # visual tokens at current columns [first, first + K)
+        q = torch.randn(B, Sc, H * hd, device="cuda", dtype=torch.bfloat16).view(B, Sc, H, hd)
+        k = torch.randn(B, Sc, H * hd, device="cuda", dtype=torch.bfloat16).view(B, Sc, H, hd)
+        cos = torch.randn(1, Sc, hd, device="cuda", dtype=torch.bfloat16)
+        sin = torch.randn_like(cos)
+        prev = torch.arange(Sc, device="cuda").expand(B, Sc).contiguous()
+        am = torch.ones(B, Sc, dtype=torch.long, device="cuda")
+        rows_ = torch.full((B,), Sc - 1, device="cuda")
+        keys = (first + torch.arange(K, device="cuda")).expand(B, K).contiguous()
+        for norm_all, who in ((False, "feather"), (True, "fastv")):
+            args = (q, k, rows_, keys, hd ** -0.5, norm_all, prev, am, cos, sin)
+            err = (select.last_row_scores(*args, impl="torch") - select.last_row_scores(*args, impl="triton"))
+            t = timed(lambda impl: select.last_row_scores(*args, impl=impl))
+            rows.append((f"select scores ({who})", f"B={B} Sc={Sc} H={H} hd={hd} K={K} +rope", t["torch"],
+                         t["triton"], float("nan"), float("nan"), t["torch"] / t["triton"],
+                         f"max abs err {err.abs().max().item():.1e}"))
+            print(rows[-1], flush=True)
+        scores = torch.rand(B, K, device="cuda")
+        force = torch.zeros(K, dtype=torch.bool, device="cuda")
+        force[::max(1, K // (keep // 4))] = True
+        for f in (None, force):
+            same = torch.equal(select.topk_rows(scores, keep, f, impl="torch"),
+                               select.topk_rows(scores, keep, f, impl="triton"))
+            t = timed(lambda impl: select.topk_rows(scores, keep, f, impl=impl))
+            case = f"[{B}, {K}] k={keep}" + (f" force {int(force.sum())}" if f is not None else "")
+            rows.append(("select topk", case, t["torch"], t["triton"], float("nan"), float("nan"),
+                         t["torch"] / t["triton"], f"equal {same}"))
+            print(rows[-1], flush=True)
+        drop = keys
+        kept = first + torch.stack([torch.randperm(K, device="cuda")[:keep] for _ in range(B)])
+        n_out = Sc - K + keep
+        a = select.cut_columns(prev, drop, kept, n_out, impl="torch")
+        b = select.cut_columns(prev, drop, kept, n_out, impl="triton")
+        same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        t = timed(lambda impl: select.cut_columns(prev, drop, kept, n_out, impl=impl))
+        rows.append(("select cut_columns", f"B={B} Sc={Sc} drop {K} keep {keep}", t["torch"], t["triton"],
+                     float("nan"), float("nan"), t["torch"] / t["triton"], f"equal {same}"))
+        print(rows[-1], flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", nargs="+", choices=("dct", "cgsm", "gather"), default=("dct", "cgsm", "gather"),
+    ap.add_argument("--only", nargs="+", choices=("dct", "cgsm", "gather", "select"),
+                    default=("dct", "cgsm", "gather", "select"),
                     help="run only these kernels' benchmarks")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -134,6 +189,8 @@ def main(argv=None):
         bench_cgsm(rows)
     if "gather" in args.only:
         bench_gather(bw, rows)
+    if "select" in args.only:
+        bench_select(rows)
     md = [f"# vltok kernel micro-benchmarks\n\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
           f"triton {triton.__version__}; measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write). "
           "Medians of triton.testing.do_bench.\n",

@@ -1,5 +1,7 @@
 """vltok.kernels: accelerated versions of vltok's pure tensor functions, with the same signatures.
 
-This release has no Triton kernels yet: the methods call their torch implementations directly (for Fourier,
-one GEMM with a cached basis, see vltok.methods.fourier.dct_lowpass). Triton kernels land with the GPU issue.
+Triton kernels next to torch references (the definitions), picked for CUDA tensors (CPU tests run them under
+TRITON_INTERPRET=1): dct (Fourier's DCT low-pass; the dispatcher is vltok.methods.fourier.dct_lowpass's ``impl``),
+cgsm (CrossGET's matching), gather (token compaction at an in-LLM cut) and select (the in-LLM cut's last-row
+attention scores, stable top-k per row and column compaction). eval/kernel_bench.py times them on a GPU.
 """
