@@ -123,6 +123,8 @@ def cut_columns(prev, drop, keep, n_out: int, impl: str = "auto"):
 
 # -- Triton --------------------------------------------------------------------------------------------------------
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_SPLITS = 32     # chunks per head in last_row_scores (a constexpr tile width)
+_PROGRAMS = 512      # programs last_row_scores aims for (a few per SM on an H100)
 _INDEX = (torch.int64, torch.int32)
 
 if HAVE_TRITON:
@@ -169,13 +171,19 @@ if HAVE_TRITON:
             valid = valid & (tl.load(am_ptr + b * sab + acol * sas, mask=valid, other=0) != 0)
         return valid
 
-    @triton.jit(do_not_specialize=["Sc", "K"])   # no recompiles across sequence lengths
-    def _last_row_kernel(q_ptr, k_ptr, rows_ptr, keys_ptr, prev_ptr, am_ptr, cos_ptr, sin_ptr, buf_ptr, Sc, K, scale,
-                         sqb, sqs, sqh, skb, sks, skh, srb, syb, syk, spb, sps, sab, sas, scb, scs, ssb, sss,
-                         GROUP: tl.constexpr, HALF: tl.constexpr, NORM_ALL: tl.constexpr, HAS_PREV: tl.constexpr,
-                         HAS_AM: tl.constexpr, ROPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    @triton.jit(do_not_specialize=["Sc", "n", "chunk"])   # no recompiles across sequence lengths
+    def _logits_kernel(q_ptr, k_ptr, rows_ptr, keys_ptr, prev_ptr, am_ptr, cos_ptr, sin_ptr, lg_ptr, mp_ptr, sp_ptr,
+                       Sc, n, chunk, scale, sqb, sqs, sqh, skb, sks, skh, srb, syb, syk, spb, sps, sab, sas, scb, scs,
+                       ssb, sss, GROUP: tl.constexpr, HALF: tl.constexpr, NORM_ALL: tl.constexpr,
+                       HAS_PREV: tl.constexpr, HAS_AM: tl.constexpr, ROPE: tl.constexpr, BLOCK_K: tl.constexpr,
+                       MAX_SPLITS: tl.constexpr):
+        """Program (b, h, part): the logits of head h over the part-th chunk of the softmax's key set (the n current
+        columns for norm_all, else the n = K scored keys) into lg [B, H, n] (-inf where outside the softmax), and
+        that chunk's max and sum of exp into the partials mp / sp [B, H, MAX_SPLITS]."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
+        part = tl.program_id(2)
+        bh = b * tl.num_programs(1) + h
         hkv = h // GROUP
         d = tl.arange(0, HALF)
         row = tl.load(rows_ptr + b * srb).to(tl.int64)
@@ -186,53 +194,61 @@ if HAVE_TRITON:
             pq = tl.load(prev_ptr + b * spb + row * sps)
             q1, q2 = _rope_halves(q1, q2, cos_ptr + b * scb + pq * scs, sin_ptr + b * ssb + pq * sss, d, d < HALF,
                                   HALF)
-        buf_row = buf_ptr + (b * tl.num_programs(1) + h) * K
-        # pass 1: max and sum of exp over the softmax's key set, kept per lane (online rescaling), reduced after
-        m_run = tl.full((BLOCK_K,), -1.0e30, tl.float32)
-        s_run = tl.zeros((BLOCK_K,), tl.float32)
+        lo = part * chunk
+        hi = tl.minimum(lo + chunk, n)
         if NORM_ALL:
-            n1 = Sc
-        else:
-            n1 = K
-        j0 = 0
-        while j0 < n1:
+            hi = tl.minimum(hi, row + 1)      # columns after the row are never read (kernel 2 masks them)
+        m_run = tl.full((BLOCK_K,), -1.0e30, tl.float32)   # per-lane running max / sum of exp, reduced after
+        s_run = tl.zeros((BLOCK_K,), tl.float32)
+        j0 = lo
+        while j0 < hi:
             jj = j0 + tl.arange(0, BLOCK_K)
+            inb = jj < hi
             if NORM_ALL:
-                valid = jj < Sc
                 col = jj
             else:
-                valid = jj < K
-                col = tl.load(keys_ptr + b * syb + jj * syk, mask=valid, other=0)
-            lg = _key_logits(k_ptr, cos_ptr, sin_ptr, prev_ptr, b, hkv, col, valid, q1, q2, scale, skb, sks, skh,
+                col = tl.load(keys_ptr + b * syb + jj * syk, mask=inb, other=0)
+            lg = _key_logits(k_ptr, cos_ptr, sin_ptr, prev_ptr, b, hkv, col, inb, q1, q2, scale, skb, sks, skh,
                              spb, sps, scb, scs, ssb, sss, HALF, ROPE)
-            if not NORM_ALL:
-                tl.store(buf_row + jj, lg, mask=valid)     # the logits; pass 2 normalises them in place
+            valid = inb
             if NORM_ALL:
-                valid = _in_softmax(valid, col, row, prev_ptr, am_ptr, b, spb, sps, sab, sas, HAS_PREV, HAS_AM)
+                valid = _in_softmax(inb, col, row, prev_ptr, am_ptr, b, spb, sps, sab, sas, HAS_PREV, HAS_AM)
             lg = tl.where(valid, lg, float("-inf"))
+            tl.store(lg_ptr + bh * n + jj, lg, mask=inb)
             m_new = tl.maximum(m_run, lg)
             s_run = s_run * tl.exp(m_run - m_new) + tl.exp(lg - m_new)
             m_run = m_new
             j0 += BLOCK_K
-        m_all = tl.max(m_run, axis=0)
-        s_all = tl.sum(s_run * tl.exp(m_run - m_all), axis=0)
-        tl.debug_barrier()   # pass 1's logit stores before pass 2's loads
-        # pass 2: the K scored keys' probabilities
-        j0 = 0
-        while j0 < K:
-            jj = j0 + tl.arange(0, BLOCK_K)
-            valid = jj < K
-            if NORM_ALL:
-                col = tl.load(keys_ptr + b * syb + jj * syk, mask=valid, other=0)
-                lg = _key_logits(k_ptr, cos_ptr, sin_ptr, prev_ptr, b, hkv, col, valid, q1, q2, scale, skb, sks,
-                                 skh, spb, sps, scb, scs, ssb, sss, HALF, ROPE)
-                # a key outside the softmax's set (not in the contract, but the reference gives it 0)
-                ok = _in_softmax(valid, col, row, prev_ptr, am_ptr, b, spb, sps, sab, sas, HAS_PREV, HAS_AM)
-                lg = tl.where(ok, lg, float("-inf"))
-            else:
-                lg = tl.load(buf_row + jj, mask=valid, other=0.0)
-            tl.store(buf_row + jj, tl.exp(lg - m_all) / s_all, mask=valid)
-            j0 += BLOCK_K
+        m_part = tl.max(m_run, axis=0)
+        tl.store(mp_ptr + bh * MAX_SPLITS + part, m_part)
+        tl.store(sp_ptr + bh * MAX_SPLITS + part, tl.sum(s_run * tl.exp(m_run - m_part), axis=0))
+
+    @triton.jit(do_not_specialize=["K", "n", "splits"])
+    def _head_mean_kernel(lg_ptr, mp_ptr, sp_ptr, rows_ptr, keys_ptr, out_ptr, H, K, n, splits, srb, syb, syk,
+                          NORM_ALL: tl.constexpr, H_P2: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                          BLOCK_J: tl.constexpr):
+        """Program (b, key block): each head's softmax normaliser from its chunk partials, then the mean over
+        heads of p = exp(logit - max) / sum at the block's keys (one fixed-order reduction: deterministic)."""
+        b = tl.program_id(0).to(tl.int64)
+        hh = tl.arange(0, H_P2)
+        hok = hh < H
+        sp = tl.arange(0, MAX_SPLITS)
+        pok = hok[:, None] & (sp[None, :] < splits)
+        part = (b * H + hh)[:, None] * MAX_SPLITS + sp[None, :]
+        mp = tl.load(mp_ptr + part, mask=pok, other=-1.0e30)
+        m_h = tl.max(mp, axis=1)
+        s_h = tl.sum(tl.load(sp_ptr + part, mask=pok, other=0.0) * tl.exp(mp - m_h[:, None]), axis=1)
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jok = j < K
+        if NORM_ALL:   # the scored keys' logits, gathered from the current columns'
+            col = tl.load(keys_ptr + b * syb + j * syk, mask=jok, other=0)
+            jok = jok & (col <= tl.load(rows_ptr + b * srb))
+        else:
+            col = j
+        ok = hok[:, None] & jok[None, :]
+        lg = tl.load(lg_ptr + (b * H + hh)[:, None] * n + col[None, :], mask=ok, other=float("-inf"))
+        p = tl.where(ok, tl.exp(lg - m_h[:, None]) / s_h[:, None], 0.0)
+        tl.store(out_ptr + b * K + j, tl.sum(p, axis=0) / H, mask=j < K)
 
     @triton.jit
     def _compact_row(flag_row, n, n_out, out_row, src_row, src_stride, val_row, HAS_VAL: tl.constexpr,
@@ -361,9 +377,11 @@ def _check(name, why, *tensors):
 
 
 def last_row_scores_triton(q, k, rows, keys, scale, norm_all=False, prev=None, am=None, cos=None, sin=None):
-    """One Triton launch (grid (B, H): each program runs its head's softmax in two passes over the keys) and one
-    mean over heads; the same results as :func:`last_row_scores_torch` up to fp32 rounding. q / k may be strided
-    views (last axis contiguous); hd a power of two from 16 to 256."""
+    """Two Triton launches: grid (B, H, chunks) writes each head's logits over a chunk of its softmax's key set with
+    the chunk's max and sum of exp (RoPE, GQA and the norm_all mask in-kernel); grid (B, key blocks) combines the
+    chunks and averages the heads' probabilities at the scored keys. The same results as
+    :func:`last_row_scores_torch` up to fp32 rounding, deterministic. q / k may be strided views (last axis
+    contiguous); hd a power of two from 16 to 256."""
     _check("last_row_scores", _scores_fit(q, k, rows, keys, prev, am, cos, sin), q, k)
     return _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, sin)
 
@@ -373,9 +391,9 @@ def _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, si
         raise ValueError("last_row_scores: cos / sin need prev (the absolute column of each current column)")
     B, Sc, H, hd = q.shape
     K = keys.shape[1]
+    out = torch.empty(B, K, dtype=torch.float32, device=q.device)
     if B == 0 or K == 0 or H == 0:
-        return torch.empty(B, K, dtype=torch.float32, device=q.device)
-    buf = torch.empty(B, H, K, dtype=torch.float32, device=q.device)
+        return out
     norm_all = bool(norm_all)
     has_prev, has_am, rope = prev is not None, norm_all and am is not None, cos is not None
     if has_am and am.dtype == torch.bool:
@@ -383,15 +401,28 @@ def _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, si
     pv = prev if has_prev else rows.view(B, 1)
     a = am if has_am else rows.view(B, 1)
     c, s = (cos, sin) if rope else (q, q)
-    _last_row_kernel[(B, H)](
-        q, k, rows, keys, pv, a, c, s, buf, Sc, K, float(scale),
+    # split each head's key set into chunks so that ~_PROGRAMS programs run at batch 1 too (B * H alone is 32)
+    n = Sc if norm_all else K
+    block_k = max(16, min(128, 4096 // hd))
+    blocks = triton.cdiv(n, block_k)
+    splits = max(1, min(blocks, _MAX_SPLITS, triton.cdiv(_PROGRAMS, B * H)))
+    chunk = triton.cdiv(blocks, splits) * block_k
+    splits = triton.cdiv(n, chunk)
+    lg = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
+    mp = torch.empty(B, H, _MAX_SPLITS, dtype=torch.float32, device=q.device)
+    sp = torch.empty_like(mp)
+    _logits_kernel[(B, H, splits)](
+        q, k, rows, keys, pv, a, c, s, lg, mp, sp, Sc, n, chunk, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), rows.stride(0),
         keys.stride(0), keys.stride(1), pv.stride(0), pv.stride(1), a.stride(0), a.stride(1),
         _bstride(c) if rope else 0, c.stride(1) if rope else 0, _bstride(s) if rope else 0,
         s.stride(1) if rope else 0,
         GROUP=H // k.shape[2], HALF=hd // 2, NORM_ALL=norm_all, HAS_PREV=has_prev, HAS_AM=has_am, ROPE=rope,
-        BLOCK_K=max(16, min(128, 4096 // hd)), num_warps=4)
-    return buf.mean(1)
+        BLOCK_K=block_k, MAX_SPLITS=_MAX_SPLITS, num_warps=4)
+    _head_mean_kernel[(B, triton.cdiv(K, 64))](
+        lg, mp, sp, rows, keys, out, H, K, n, splits, rows.stride(0), keys.stride(0), keys.stride(1),
+        NORM_ALL=norm_all, H_P2=max(2, triton.next_power_of_2(H)), MAX_SPLITS=_MAX_SPLITS, BLOCK_J=64, num_warps=4)
+    return out
 
 
 def topk_rows_triton(scores, k, force=None):

@@ -73,6 +73,21 @@ def test_last_row_scores_matches_reference(H, Hkv, hd, layout, dtype, rope, norm
         assert not torch.allclose(last_row_scores_torch(q, k, rows, keys, hd ** -0.5, True, prev, None, cos, sin), want)
 
 
+@pytest.mark.parametrize("B,H,Hkv,Sc,K", [(2, 4, 2, 150, 70), (1, 2, 1, 1100, 40)])
+def test_last_row_scores_split_key_sets(B, H, Hkv, Sc, K):
+    """hd=128 (32-key blocks) and few heads: each head's key set runs in several chunks (up to the 32-chunk cap, the
+    second case), some of them empty after a right-padded row; the combined softmax is the reference's."""
+    g = torch.Generator().manual_seed(Sc)
+    hd = 128
+    q, k = qk_views(B, Sc, H, Hkv, hd, "fused", torch.float32, g)
+    prev, am, rows, keys = cut_state(B, Sc, Sc + 20, K, g, left_pad=[(0, 3)], right_pad=[(B - 1, 60)])
+    prev, am, rows, keys = (t.to(DEV) for t in (prev, am, rows, keys))
+    cos, sin = (torch.randn(1, Sc + 20, hd, generator=g).to(DEV) for _ in range(2))
+    for norm_all in (False, True):
+        args = (q, k, rows, keys, hd ** -0.5, norm_all, prev, am, cos, sin)
+        close(last_row_scores_triton(*args), last_row_scores_torch(*args))
+
+
 @pytest.mark.parametrize("am_dtype", [torch.bool, torch.int32])
 def test_last_row_scores_norm_all_without_prev_and_odd_keys(am_dtype):
     """am indexed by current column when prev is None (am wider than Sc); keys outside the softmax set (padding,
