@@ -35,6 +35,8 @@ def set_instance_attr(obj, name: str, value, undo: list) -> None:
 
 
 def _bind(sig: inspect.Signature, args, kwargs) -> dict:
+    if not args:   # keywords only (model(**inputs)): binding would flatten them into the same dict
+        return dict(kwargs)
     bound = sig.bind_partial(*args, **kwargs).arguments
     out = {}
     for name, value in bound.items():
@@ -124,17 +126,19 @@ class PlaceholderAdapter:
 
         @functools.wraps(fwd)
         def forward(*args, **kwargs):
+            t0 = time.perf_counter()
             call = _bind(fsig, args, kwargs)
-            call, _ = self.prepare(call, default_side="right")
+            call, _ = self.prepare(call, default_side="right", t0=t0)
             return fwd(**call)
 
         @functools.wraps(gen)
         def generate(*args, **kwargs):
+            t0 = time.perf_counter()
             call = _bind(gsig, args, kwargs)
             if call.get("input_ids") is None and isinstance(call.get("inputs"), torch.Tensor):
                 call["input_ids"] = call.pop("inputs")
             original_ids = call.get("input_ids")
-            call, rw = self.prepare(call, default_side="left")
+            call, rw = self.prepare(call, default_side="left", t0=t0)
             if rw is not None:
                 self._shift_lengths(call, rw.orig_len - rw.new_len)
             self._in_generate = True
@@ -168,7 +172,10 @@ class PlaceholderAdapter:
         """Whether the call brings images or videos (a decode step of generate() does not)."""
         return any(call.get(k) is not None for k in getattr(self, "pixel_keys", (self.pixel_key,)))
 
-    def prepare(self, call: dict, default_side: str):
+    def prepare(self, call: dict, default_side: str, t0: float | None = None):
+        """The call as the model should see it (placeholder runs shrunk) and the rewrite (None: unchanged). The
+        time from ``t0`` (the wrapper's start; this call's start when None) counts as time in vltok."""
+        t0 = time.perf_counter() if t0 is None else t0
         if not self.has_pixels(call):
             if self.engine is not None and call.get("mm_encoder_outputs") is None:
                 self.engine.no_images()   # (generate() hands precomputed image features as mm_encoder_outputs)
@@ -187,8 +194,8 @@ class PlaceholderAdapter:
         if self.method.pre_llm is None and self.method.vision is None:   # in-LLM only: layer 0 keeps full length
             if self.engine is not None:
                 self.engine.begin_call(call, self.visual_layout(call))
+            self.handle._add_seconds(time.perf_counter() - t0)
             return call, None
-        t0 = time.perf_counter()
         tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
         # every placeholder kind (Qwen: images, then videos) in one pass: one read-back of input_ids / mask, the
         # index work on the host, one upload (vltok.rewrite.shrink_runs)

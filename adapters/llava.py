@@ -267,8 +267,8 @@ class LlavaAdapter(PlaceholderAdapter):
             self._install_fusion(fusion, prefix, undo)
         self._install_method_projector(reducer, prefix, undo)
 
-    def prepare(self, call, default_side):
-        call, rw = super().prepare(call, default_side)
+    def prepare(self, call, default_side, t0=None):
+        call, rw = super().prepare(call, default_side, t0)
         if getattr(self, "_fusion", None) is not None:   # what the LLM-input fusion needs of this call
             ids = call.get("input_ids")
             self._fusion_call = (ids, call.get("labels"))

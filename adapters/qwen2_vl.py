@@ -271,21 +271,21 @@ class Qwen2VLAdapter(PlaceholderAdapter):
                 out = getattr(inner, f"get_{kind}_features")(pixels, call[grid_key])
                 self._ahead[kind] = (pixels, out)
 
-    def _rewrite(self, call, default_side, ahead: bool):
+    def _rewrite(self, call, default_side, ahead: bool, t0=None):
         """The base placeholder rewrite; then, for a data-dependent selection whose runs were shrunk, the call's
         features encoded ahead (their kept indices are needed for positions before the forward)."""
-        new, rw = super().prepare(call, default_side)
+        new, rw = super().prepare(call, default_side, t0)
         if ahead and rw is not None:
             self._encode_ahead(call)
         return new, rw
 
-    def prepare(self, call, default_side):
+    def prepare(self, call, default_side, t0=None):
         ahead = not self._in_generate and getattr(self.method.pre_llm, "data_dependent", False)
         if not self._in_generate:
             self._kept, self._probed, self._ahead = {}, {}, {}
         pos = call.get("position_ids")
         if not (isinstance(pos, torch.Tensor) and pos.dim() == 3) or not self.has_pixels(call):
-            return self._rewrite(call, default_side, ahead)
+            return self._rewrite(call, default_side, ahead, t0)
         if pos.shape[0] not in (3, 4):
             raise IncompatibleError(f"3-D position_ids must be [3, B, S] (t, h, w) or [4, B, S] (text row first); "
                                     f"got {list(pos.shape)}")
@@ -297,7 +297,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         selection = any(p.grid is None for p in plans)
         if plans and not selection and not all(p.identity for p in plans) and not self._already_reduced(call):
             self._check_own_positions(pos, call)   # before anything runs: nothing half-applied
-        new, rw = self._rewrite({k: v for k, v in call.items() if k != "position_ids"}, default_side, ahead)
+        new, rw = self._rewrite({k: v for k, v in call.items() if k != "position_ids"}, default_side, ahead, t0)
         new["position_ids"] = pos if rw is None else self._shrink_mrope(pos, call, new, selection)
         return new, rw
 

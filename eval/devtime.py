@@ -26,6 +26,34 @@ from vltok.eval.speed import cuda_time, ideal_features, make_inputs
 METHODS = ("pool", "fourier", "feather", "fastv")
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"feather"`` or ``"feather:layers=(2,6),a=0.3"`` -> (name, keyword arguments as Python literals)."""
+    import ast
+
+    name, _, rest = spec.partition(":")
+    kw = {}
+    for part in filter(None, _split_top(rest)):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise SystemExit(f"devtime: method spec {spec!r}: expected key=value after ':', got {part!r}")
+        kw[key.strip()] = ast.literal_eval(val.strip())
+    return name, kw
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets ("layers=(2,6),a=0.3" -> two parts)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
 def kernel_ms(fn, reps: int = 3) -> float:
     """Median over reps of the summed device time of the kernels one fn() launches (eval.profile_fast's table)."""
     return statistics.median(kernel_table(fn, reps=1)[0] for _ in range(reps))
@@ -43,7 +71,7 @@ def ideal_run(model, handle, family, inputs):
     return prep, ideal_features(model, counts)
 
 
-def bench(name: str, keep: float = 0.16) -> list[tuple[str, float, float]]:
+def bench(name: str, keep: float = 0.16, methods=METHODS) -> list[tuple[str, float, float]]:
     family = configs.family(name)
     model = configs.build_random(name, device="cuda", dtype=torch.bfloat16)
     inputs = make_inputs(model, family, 1, "cuda")
@@ -54,11 +82,12 @@ def bench(name: str, keep: float = 0.16) -> list[tuple[str, float, float]]:
             fwd()
         rows.append(("none", kernel_ms(fwd), cuda_time(fwd, reps=9)))
         ideal = None
-        for method in METHODS:
-            with vltok.patched(model, method, keep=keep) as h:
+        for spec in methods:
+            method, kw = parse_spec(spec)
+            with vltok.patched(model, method, keep=keep, **kw) as h:
                 for _ in range(3):
                     fwd()
-                rows.append((method, kernel_ms(fwd), cuda_time(fwd, reps=9)))
+                rows.append((spec, kernel_ms(fwd), cuda_time(fwd, reps=9)))
                 if ideal is None and h.method.pre_llm is not None:
                     ideal = ideal_run(model, h, family, inputs)
         ideal_inputs, ctx = ideal
@@ -89,15 +118,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--keep", type=float, default=0.16)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help='method specs: a name, or name:key=value,... e.g. "feather:layers=(2,6)"')
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import transformers
 
     text = [f"# Batch-1 prefill: GPU kernel time vs wall time\n\ndevice: {torch.cuda.get_device_name()}; torch "
             f"{torch.__version__}; transformers {transformers.__version__}; random bf16 weights, sdpa.\n\ncommand: "
-            f"python -m vltok.eval.devtime {' '.join(args.models)}\n"]
+            f"python -m vltok.eval.devtime {' '.join(args.models)}"
+            + (f" --methods {' '.join(repr(m) for m in args.methods)}" if list(args.methods) != list(METHODS) else "")
+            + "\n"]
     for name in args.models:
-        text.append(markdown(name, bench(name, args.keep), args.keep))
+        text.append(markdown(name, bench(name, args.keep, args.methods), args.keep))
         print(text[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:

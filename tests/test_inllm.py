@@ -242,6 +242,27 @@ def test_stats():
     assert [im["tokens_out"] for im in s["images"]] == [n, n]
 
 
+def test_qk_capture_hooks_live_only_on_the_cut_layers_during_a_prefill():
+    m = tiny_llava_deep()
+    inp = batch(m, "b2-left")
+    layers = m.model.language_model.layers
+    projs = lambda: [i for i, l in enumerate(layers) if l.self_attn.q_proj._forward_hooks or   # noqa: E731
+                     l.self_attn.k_proj._forward_hooks]
+    during = []
+    probe = layers[-1].register_forward_pre_hook(lambda mod, args: during.append(projs()))
+    try:
+        with vltok.patched(m, "feather", keep=0.5, layers=(2, 4)) as h:
+            m(**inp)
+            assert during == [[1, 3]] and projs() == []   # read by the cuts before layers 2 and 4, then removed
+            assert h.stats["prune_layers"] == [2, 4]
+            assert h.stats["seconds"] >= h.stats["seconds_scoring"] > 0
+            m.generate(**inp, max_new_tokens=2, do_sample=False)
+            assert projs() == []
+        assert projs() == []
+    finally:
+        probe.remove()
+
+
 def test_refusals_are_clear_and_leave_nothing_half_applied():
     m = tiny_llava_deep()
     inp = batch(m, "b1")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import IncompatibleError
+from .kernels.select import cut_columns, last_row_scores
 
 _STATE = "_vltok_inllm"   # attribute on the DynamicCache: per-layer kept columns for decode steps
 
@@ -184,6 +185,12 @@ def attention_rows_batched(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tenso
     return torch.softmax(logits, dim=-1).mean(1)
 
 
+def _base_rope_code():
+    from vltok.adapters.base import PlaceholderAdapter
+
+    return PlaceholderAdapter.apply_rope.__code__
+
+
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t [B, S, ...] gathered on axis 1 with idx [B, S'] (one launch)."""
     if t.dim() == 2:
@@ -198,6 +205,7 @@ class InLLMEngine:
         self._call = None        # per-call prefill state
         self._decode = None      # state of a decode step (read from the cache)
         self._captured = {}
+        self._capture = []       # this call's q / k capture hooks (registered at prefill for the cut layers)
 
     # -- installation ------------------------------------------------------------------------------------------
     def attach(self, undo: list) -> None:
@@ -215,12 +223,10 @@ class InLLMEngine:
                  lm.register_forward_hook(self._lm_end, with_kwargs=True)]
         for i, layer in enumerate(layers):
             hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-            attn = ad.attention(layer)
-            hooks.append(attn.q_proj.register_forward_hook(self._capture_hook(i, "q")))
-            hooks.append(attn.k_proj.register_forward_hook(self._capture_hook(i, "k")))
         self._attn = [ad.attention(layer) for layer in layers]
         for h in hooks:
             undo.append(h.remove)
+        undo.append(self._drop_capture)
 
     # -- per call ----------------------------------------------------------------------------------------------
     def no_images(self) -> None:
@@ -254,6 +260,8 @@ class InLLMEngine:
             im.saliency = sc.float()
 
     def _lm_start(self, module, args, kwargs):
+        t0 = time.perf_counter()
+        self._drop_capture()
         self._call, self._decode, self._captured = None, None, {}
         pending, self._pending = self._pending, None
         emb = kwargs.get("inputs_embeds")
@@ -267,6 +275,7 @@ class InLLMEngine:
                 raise IncompatibleError(f"{self.method.name}: the images must be in the first (prefill) call on a "
                                         "cache; chunked prefill / continuing a filled cache is not supported")
             self._start_prefill(S, pending[1], pending[2])
+            self._call["scoring"] += time.perf_counter() - t0
         elif cache is not None and getattr(cache, _STATE, None) is not None:
             self._decode = getattr(cache, _STATE)
         return None
@@ -290,10 +299,15 @@ class InLLMEngine:
                 s.images.append([im.positions.to(dev).long(), torch.arange(n, device=dev), im])
             samples.append(s)
         self._call = dict(S=S, cuts={c.layer: c for c in cuts}, samples=samples, am=am.to(dev),
-                          keep=torch.arange(S, device=dev).expand(B, S), per_layer={}, layer_keep={},
-                          dead=torch.zeros(B, S, dtype=torch.bool, device=dev), layer_dead={},
+                          keep=torch.arange(S, device=dev).expand(B, S).contiguous(), per_layer={}, layer_keep={},
+                          dead=torch.zeros(B, S, dtype=torch.bool, device=dev), layer_dead={}, cut_done=False,
                           scoring=0.0, n0=sum(sizes[0]), cache=None, slots=slots, layout=layout, has_dead=False,
-                          rel=None, gathered=None, text_rows=None)
+                          rel=None, gathered=None, text_rows=None, last_abs=None)
+        for c in cuts:   # q / k projections are captured only where a cut reads them, only for this call
+            if c.scores:
+                attn = self._attn[c.layer - 1]
+                self._capture += [attn.q_proj.register_forward_hook(self._capture_hook("q")),
+                                  attn.k_proj.register_forward_hook(self._capture_hook("k"))]
 
     def _slots(self, layout, dev):
         """Batched image slots when every sample holds the same grids and the method selects a slot at once
@@ -318,17 +332,27 @@ class InLLMEngine:
                                im0.image, sal))
         return slots
 
-    def _capture_hook(self, i, which):
+    def _capture_hook(self, which):
         def hook(module, args, out):
-            c = self._call
-            if c is not None and (i + 1) in c["cuts"] and c["cuts"][i + 1].scores:
+            if self._call is not None:
                 self._captured[which] = out
         return hook
 
+    def _drop_capture(self):
+        """Remove this call's q / k capture hooks (at the end of the LLM's forward, the start of the next one, and
+        at unpatch)."""
+        while self._capture:
+            self._capture.pop().remove()
+
     def _layer_hook(self, i):
         def hook(module, args, kwargs):
-            if self._call is not None:
-                return self._prefill_layer(i, args, kwargs)
+            c = self._call
+            if c is not None:
+                t0 = time.perf_counter()
+                try:
+                    return self._prefill_layer(i, args, kwargs)
+                finally:
+                    c["scoring"] += time.perf_counter() - t0
             d = self._decode
             if d is not None and i in d["keep"]:
                 mask = kwargs.get("attention_mask")
@@ -359,18 +383,16 @@ class InLLMEngine:
         hidden = args[0] if args else kwargs["hidden_states"]
         kw = dict(kwargs)
         if i in c["cuts"]:
-            t0 = time.perf_counter()
             new, rel, merged = self._cut(c["cuts"][i], kwargs, hidden)
-            c["keep"] = new
+            c["keep"], c["cut_done"] = new, True
             hidden = self._gather_at_cut(hidden, rel, new, kw)
             if merged is not None:
                 hidden = _put_rows(hidden, new, merged)
-            c["scoring"] += time.perf_counter() - t0
-        if c["slots"] is not None:
-            c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
-        else:
-            c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
-        if c["keep"].shape[1] == c["S"]:
+            if c["slots"] is not None:   # visual tokens entering this layer and the next ones up to the next cut
+                c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
+            else:
+                c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
+        if not c["cut_done"]:
             return None
         keep = c["keep"]
         c["layer_keep"][i] = keep
@@ -483,9 +505,13 @@ class InLLMEngine:
         B, Sc = prev.shape
         dev = prev.device
         slots = c["slots"]
-        cur = [torch.searchsorted(prev, sl.pos) for sl in slots]          # current indices of each slot's tokens
+        # current indices of each slot's tokens (before the first cut the current columns are the absolute ones)
+        cur = [torch.searchsorted(prev, sl.pos) if c["cut_done"] else sl.pos for sl in slots]
         vis = cur[0] if len(cur) == 1 else torch.cat(cur, 1)
-        probs = self._scores_batched(cut, kwargs, q, k, attn, prev, vis) if cut.scores else None
+        probs = None
+        if cut.scores:
+            probs = self._scores_last(cut, kwargs, q, k, attn, prev)
+            probs = self._scores_batched(cut, kwargs, q, k, attn, prev, vis) if probs is None else probs(vis)
         sels, merged, off = [], [], 0
         for sl, cj in zip(slots, cur):
             n_cur = sl.pos.shape[1]
@@ -498,16 +524,41 @@ class InLLMEngine:
                 sel = sel.indices
             sels.append(sel.to(dev))
             off += n_cur
-        keepmask = torch.ones(B, Sc, dtype=torch.bool, device=dev).scatter_(1, vis, False)
-        for sl, cj, sel in zip(slots, cur, sels):
-            keepmask.scatter_(1, cj.gather(1, sel), True)
+        kept = [cj.gather(1, sel) for cj, sel in zip(cur, sels)]
+        for sl, sel in zip(slots, sels):
             sl.pos, sl.raster = sl.pos.gather(1, sel), sl.raster.gather(1, sel)
         S_new = Sc - vis.shape[1] + sum(sel.shape[1] for sel in sels)
-        rel = torch.sort(keepmask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :S_new]   # kept
+        rel, new = cut_columns(prev, vis, kept[0] if len(kept) == 1 else torch.cat(kept, 1), S_new)
         c["has_dead"] = False
         if merged:   # current indices of the merged survivors -> their absolute columns
             merged = (prev.gather(1, torch.cat([m[0] for m in merged], 1)), torch.cat([m[1] for m in merged], 1))
-        return prev.gather(1, rel), rel, merged or None
+        return new, rel, merged or None
+
+    def _scores_last(self, cut, kwargs, q, k, attn, prev):
+        """The last-token criterion in two launches (vltok.kernels.select.last_row_scores), as a function of the
+        scored columns -> [B, 1, K]; None where that kernel does not apply (other queries, another rotary)."""
+        c = self._call
+        if cut.query != "last":
+            return None
+        cos = sin = None
+        if cut.rope:
+            pe = kwargs.get("position_embeddings")
+            if pe is None or len(pe) != 2 or pe[0].dim() != 3 or pe[0].shape[0] not in (1, prev.shape[0]) \
+                    or getattr(type(self.adapter).apply_rope, "__code__", None) is not _base_rope_code():
+                return None
+            cos, sin = pe
+        if c["last_abs"] is None:   # each sample's last real column (absolute), once per call
+            am = c["am"]
+            c["last_abs"] = torch.where(am != 0, torch.arange(am.shape[1], device=am.device), -1).amax(1, keepdim=True)
+        # its current index: the last current column at or before it (the last real token is text unless the
+        # prompt ends with an image, whose last token a cut may have dropped)
+        rows = (torch.searchsorted(prev, c["last_abs"], right=True) - 1)[:, 0] if c["cut_done"] else c["last_abs"][:, 0]
+        norm_all = cut.softmax == "all"
+
+        def scores(keys):
+            return last_row_scores(q, k, rows, keys, attn.scaling, norm_all=norm_all, prev=prev,
+                                   am=c["am"] if norm_all else None, cos=cos, sin=sin)[:, None]
+        return scores
 
     def _scores_batched(self, cut, kwargs, q, k, attn, prev, vis):
         """[B, R, n_vis] attention of the cut's query rows to the slots' current visual columns ``vis``."""
@@ -643,15 +694,20 @@ class InLLMEngine:
         return torch.stack(out), (merged if any(m is not None for m in merged) else None)
 
     def _lm_end(self, module, args, kwargs, output):
+        t0 = time.perf_counter()
         c, self._call = self._call, None
         self._decode = None
+        self._drop_capture()
         if c is None:
             return None
         if c["slots"] is not None:   # the same grids in every sample: per-image counts from the slots' shapes
             c["samples"] = [_Sample([[sl.pos[b], None, im] for sl, im in zip(c["slots"], imgs)])
                             for b, imgs in enumerate(c["layout"])]
         L, N = self.n_layers, c["n0"] + sum(im.extra for _, _, im in c["samples"][0].images)
-        counts = [c["per_layer"].get(i, N) for i in range(L)]
+        counts, n = [], N
+        for i in range(L):
+            n = c["per_layer"].get(i, n)
+            counts.append(n)
         cache = c["cache"]
         self.handle.inllm_prefill_columns = dict(c["layer_keep"])   # per layer: kept prefill columns [B, S_l]
         self.handle.inllm_dead_columns = dict(c["layer_dead"])      # per layer: [B, S_l] True = masked filler
@@ -664,6 +720,7 @@ class InLLMEngine:
         self.handle._record_inllm(counts, N, sorted(c["cuts"]), c["scoring"], final,
                                   [_per_image(s, lambda p, im: im.positions.numel()) for s in c["samples"]],
                                   [_per_image(s, lambda p, im: p.numel()) for s in c["samples"]])
+        self.handle._add_seconds(time.perf_counter() - t0)   # this hook's own work
         return None
 
     def _evict(self, c, cache):

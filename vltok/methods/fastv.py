@@ -40,7 +40,8 @@ class FastVPruner:
 
     def select_batch(self, cut, view, scores):
         """select() for G samples at once: scores [G, R, n_cur] -> [G, k] ascending (no host sync)."""
-        return top_by_score_rows(scores.mean(1), self.count(view.n, cut.params[0]))
+        s = scores[:, 0] if scores.shape[1] == 1 else scores.mean(1)
+        return top_by_score_rows(s, self.count(view.n, cut.params[0]))
 
 
 

@@ -37,10 +37,21 @@ def top_by_score(scores: torch.Tensor, k: int, candidates: torch.Tensor | None =
     return idx[order[:max(k, 0)]].sort().values
 
 
-def top_by_score_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`top_by_score` for every row of scores [G, n] at once -> [G, k] ascending (ties to the lower index)."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, :max(k, 0)].sort(dim=1).values
+def top_by_score_rows(scores: torch.Tensor, k: int, force: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`top_by_score` for every row of scores [G, n] at once -> [G, k] ascending (ties to the lower index);
+    ``force`` [n] bool: indices taken before any score. One Triton rank + compaction on CUDA
+    (vltok.kernels.select.topk_rows), torch sorts elsewhere."""
+    from vltok.kernels.select import topk_rows
+
+    return topk_rows(scores, k, force)
+
+
+@lru_cache(maxsize=64)
+def _grid_mask(grid, n: int, stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniform_grid indices, [n] bool mask of them) on ``device``, cached: built once per grid, not per cut.
+    Callers must not modify them."""
+    u = uniform_grid(grid, n, stride, device)
+    return u, torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, u, True)
 
 
 def feather_stage1(scores: torch.Tensor, raster: torch.Tensor, grid, n: int, n1: int, stride: int) -> torch.Tensor:
@@ -145,21 +156,18 @@ class FeatherPruner:
     def select_batch(self, cut, view, scores):
         """select() for G samples with the same grid at once (vltok.inllm.BatchView): scores [G, R, n_cur] ->
         [G, k] ascending, the same indices as select() row by row, with no host sync."""
-        s = scores.mean(1)
+        s = scores[:, 0] if scores.shape[1] == 1 else scores.mean(1)
         a, s2 = cut.params
         if cut.stage == 1:
             return top_by_score_rows(s, stage2_count(view.raster.shape[1], s2))
         if view.raster.shape[1] != view.n:   # stage 1 runs on the full raster; anything else goes per sample
             return None
-        u = uniform_grid(view.grid, view.n, self.stride, s.device)   # ascending, = local indices here (made on
-        # the device: a host-to-device copy would synchronise)
+        # the grid, ascending (= local indices here), made on the device once (a host-to-device copy would sync)
+        u, on_grid = _grid_mask(view.grid, view.n, self.stride, s.device)
         n1 = stage1_count(view.n, u.numel(), a)
-        G = s.shape[0]
         if u.numel() >= n1:
-            return u[:n1].expand(G, -1)
-        on_grid = torch.zeros(view.n, dtype=torch.bool, device=s.device).index_fill_(0, u, True)
-        rest = top_by_score_rows(s.masked_fill(on_grid, float("-inf")), n1 - u.numel())
-        return torch.cat([u.expand(G, -1), rest], 1).sort(dim=1).values
+            return u[:n1].expand(s.shape[0], -1)
+        return top_by_score_rows(s, n1, force=on_grid)   # the whole grid first, then the best others up to n1
 
 
 def _check(name, keep_mode, stride=1):
