@@ -120,14 +120,26 @@ def bench_gather(bw, rows):
 
 
 def bench_select(rows):
-    """The three in-LLM cut functions as called (host launches included): 7B shapes, H=32, hd=128, bf16."""
+    """The three in-LLM cut functions as called (host launches included), with their kernel launches per call and
+    summed kernel time (torch.profiler): 7B shapes, H=32, hd=128, bf16."""
     from triton.testing import do_bench
 
     from vltok.kernels import select
 
+    from .profile_fast import kernel_table
+
     def timed(fn):
-        return {impl: do_bench(lambda: fn(impl), warmup=25, rep=100, return_mode="median") * 1e3
-                for impl in ("torch", "triton")}
+        """impl -> (µs as called, kernel launches per call, summed kernel µs per call)."""
+        out = {}
+        for impl in ("torch", "triton"):
+            ms = do_bench(lambda: fn(impl), warmup=25, rep=100, return_mode="median")
+            kernel_ms, table = kernel_table(lambda: fn(impl), reps=3, top=10_000)
+            out[impl] = (ms * 1e3, sum(n for _, _, n in table), kernel_ms * 1e3)
+        return out
+
+    def check(t, what):
+        return (f"{what}; launches {t['torch'][1]} vs {t['triton'][1]}; "
+                f"kernel µs {t['torch'][2]:.1f} vs {t['triton'][2]:.1f}")
 
     for (B, Sc, K, keep) in [(1, 676, 576, 60), (8, 676, 576, 60), (1, 2980, 2880, 460), (8, 2980, 2880, 460)]:
         H, hd, first = 32, 128, 35            # visual tokens at current columns [first, first + K)
@@ -143,9 +155,9 @@ def bench_select(rows):
             args = (q, k, rows_, keys, hd ** -0.5, norm_all, prev, am, cos, sin)
             err = (select.last_row_scores(*args, impl="torch") - select.last_row_scores(*args, impl="triton"))
             t = timed(lambda impl: select.last_row_scores(*args, impl=impl))
-            rows.append((f"select scores ({who})", f"B={B} Sc={Sc} H={H} hd={hd} K={K} +rope", t["torch"],
-                         t["triton"], float("nan"), float("nan"), t["torch"] / t["triton"],
-                         f"max abs err {err.abs().max().item():.1e}"))
+            rows.append((f"select scores ({who})", f"B={B} Sc={Sc} H={H} hd={hd} K={K} +rope", t["torch"][0],
+                         t["triton"][0], float("nan"), float("nan"), t["torch"][0] / t["triton"][0],
+                         check(t, f"max abs err {err.abs().max().item():.1e}")))
             print(rows[-1], flush=True)
         scores = torch.rand(B, K, device="cuda")
         force = torch.zeros(K, dtype=torch.bool, device="cuda")
@@ -155,8 +167,8 @@ def bench_select(rows):
                                select.topk_rows(scores, keep, f, impl="triton"))
             t = timed(lambda impl: select.topk_rows(scores, keep, f, impl=impl))
             case = f"[{B}, {K}] k={keep}" + (f" force {int(force.sum())}" if f is not None else "")
-            rows.append(("select topk", case, t["torch"], t["triton"], float("nan"), float("nan"),
-                         t["torch"] / t["triton"], f"equal {same}"))
+            rows.append(("select topk", case, t["torch"][0], t["triton"][0], float("nan"), float("nan"),
+                         t["torch"][0] / t["triton"][0], check(t, f"equal {same}")))
             print(rows[-1], flush=True)
         drop = keys
         kept = first + torch.stack([torch.randperm(K, device="cuda")[:keep] for _ in range(B)])
@@ -165,8 +177,8 @@ def bench_select(rows):
         b = select.cut_columns(prev, drop, kept, n_out, impl="triton")
         same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         t = timed(lambda impl: select.cut_columns(prev, drop, kept, n_out, impl=impl))
-        rows.append(("select cut_columns", f"B={B} Sc={Sc} drop {K} keep {keep}", t["torch"], t["triton"],
-                     float("nan"), float("nan"), t["torch"] / t["triton"], f"equal {same}"))
+        rows.append(("select cut_columns", f"B={B} Sc={Sc} drop {K} keep {keep}", t["torch"][0], t["triton"][0],
+                     float("nan"), float("nan"), t["torch"][0] / t["triton"][0], check(t, f"equal {same}")))
         print(rows[-1], flush=True)
 
 

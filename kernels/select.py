@@ -346,6 +346,8 @@ def _scores_fit(q, k, rows, keys, prev, am, cos, sin) -> str | None:
         return "prev [B, Sc] integer"
     if am is not None and (am.dim() != 2 or am.shape[0] != B or am.is_complex()):
         return "am [B, S]"
+    if any(t is not None and t.device != q.device for t in (k, rows, keys, prev, am, cos, sin)):
+        return "every tensor on q's device"
     if cos is not None and (sin is None or cos.dim() != 3 or cos.shape != sin.shape or cos.shape[0] not in (1, B)
                             or cos.shape[2] != hd or cos.dtype not in _FLOATS or sin.dtype not in _FLOATS
                             or cos.stride(-1) != 1 or sin.stride(-1) != 1):
@@ -366,6 +368,8 @@ def _cut_fit(prev, drop, keep) -> str | None:
         return "prev [B, Sc], drop [B, D], keep [B, Kp]"
     if any(t.dtype not in _INDEX for t in (prev, drop, keep)):
         return "integer prev / drop / keep"
+    if drop.device != prev.device or keep.device != prev.device:
+        return "prev, drop and keep on one device"
     return None
 
 
