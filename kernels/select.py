@@ -9,7 +9,9 @@ launches per cut; these three functions do it in a handful, with the same result
     cut_columns(prev, drop, keep, n_out)             -> (rel, new)    columns that survive a cut, ascending
 
 Each has a torch reference (``*_torch``, the definition) and a Triton version (``*_triton``); the plain name picks
-Triton for CUDA tensors (or under TRITON_INTERPRET=1 with ``impl="triton"``) and torch otherwise.
+Triton for CUDA tensors the kernels take (or under TRITON_INTERPRET=1 with ``impl="triton"``) and torch otherwise.
+The Triton versions take two launches (scores: chunked logits, then chunk combine + head mean; top-k: rank, then
+compaction) and one (cut_columns); eval/kernel_bench.py ``--only select`` times them against torch on a GPU.
 """
 from __future__ import annotations
 
@@ -123,9 +125,9 @@ def cut_columns(prev, drop, keep, n_out: int, impl: str = "auto"):
 
 # -- Triton --------------------------------------------------------------------------------------------------------
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX = (torch.int64, torch.int32)
 _MAX_SPLITS = 32     # chunks per head in last_row_scores (a constexpr tile width)
 _PROGRAMS = 512      # programs last_row_scores aims for (a few per SM on an H100)
-_INDEX = (torch.int64, torch.int32)
 
 if HAVE_TRITON:
     import triton
@@ -171,9 +173,9 @@ if HAVE_TRITON:
             valid = valid & (tl.load(am_ptr + b * sab + acol * sas, mask=valid, other=0) != 0)
         return valid
 
-    @triton.jit(do_not_specialize=["Sc", "n", "chunk"])   # no recompiles across sequence lengths
+    @triton.jit(do_not_specialize=["n", "chunk"])   # no recompiles across sequence lengths
     def _logits_kernel(q_ptr, k_ptr, rows_ptr, keys_ptr, prev_ptr, am_ptr, cos_ptr, sin_ptr, lg_ptr, mp_ptr, sp_ptr,
-                       Sc, n, chunk, scale, sqb, sqs, sqh, skb, sks, skh, srb, syb, syk, spb, sps, sab, sas, scb, scs,
+                       n, chunk, scale, sqb, sqs, sqh, skb, sks, skh, srb, syb, syk, spb, sps, sab, sas, scb, scs,
                        ssb, sss, GROUP: tl.constexpr, HALF: tl.constexpr, NORM_ALL: tl.constexpr,
                        HAS_PREV: tl.constexpr, HAS_AM: tl.constexpr, ROPE: tl.constexpr, BLOCK_K: tl.constexpr,
                        MAX_SPLITS: tl.constexpr):
@@ -416,7 +418,7 @@ def _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, si
     mp = torch.empty(B, H, _MAX_SPLITS, dtype=torch.float32, device=q.device)
     sp = torch.empty_like(mp)
     _logits_kernel[(B, H, splits)](
-        q, k, rows, keys, pv, a, c, s, lg, mp, sp, Sc, n, chunk, float(scale),
+        q, k, rows, keys, pv, a, c, s, lg, mp, sp, n, chunk, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), rows.stride(0),
         keys.stride(0), keys.stride(1), pv.stride(0), pv.stride(1), a.stride(0), a.stride(1),
         _bstride(c) if rope else 0, c.stride(1) if rope else 0, _bstride(s) if rope else 0,
