@@ -337,8 +337,8 @@ def _scores_fit(q, k, rows, keys, prev, am, cos, sin) -> str | None:
     if q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         return "q [B, Sc, H, hd] and k [B, Sc, H_kv, hd]"
     B, Sc, H, hd = q.shape
-    if H % k.shape[2] or hd < 16 or hd > 256 or hd & (hd - 1):
-        return f"H a multiple of H_kv and hd a power of two from 16 to 256 (got H={H}, H_kv={k.shape[2]}, hd={hd})"
+    if H % k.shape[2] or hd < 4 or hd > 256 or hd & (hd - 1):
+        return f"H a multiple of H_kv and hd a power of two from 4 to 256 (got H={H}, H_kv={k.shape[2]}, hd={hd})"
     if q.dtype not in _FLOATS or k.dtype not in _FLOATS or q.stride(-1) != 1 or k.stride(-1) != 1:
         return f"fp16 / bf16 / fp32 q and k with a contiguous last axis (got {q.dtype}, {k.dtype})"
     if rows.shape != (B,) or keys.dim() != 2 or keys.shape[0] != B or rows.dtype not in _INDEX \
@@ -387,7 +387,7 @@ def last_row_scores_triton(q, k, rows, keys, scale, norm_all=False, prev=None, a
     the chunk's max and sum of exp (RoPE, GQA and the norm_all mask in-kernel); grid (B, key blocks) combines the
     chunks and averages the heads' probabilities at the scored keys. The same results as
     :func:`last_row_scores_torch` up to fp32 rounding, deterministic. q / k may be strided views (last axis
-    contiguous); hd a power of two from 16 to 256."""
+    contiguous); hd a power of two from 4 to 256."""
     _check("last_row_scores", _scores_fit(q, k, rows, keys, prev, am, cos, sin), q, k)
     return _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, sin)
 

@@ -192,6 +192,41 @@ def test_cut_columns_matches_reference(B, Sc, sizes):
         cut_columns(prev.float(), drop, keep, n_out, impl="triton")
 
 
+@pytest.mark.parametrize("method,kw,kind", [("fastv", dict(keep=0.5, K=2), "b2-left"),
+                                            ("feather", dict(keep=0.5), "b2-right")])
+def test_engine_with_the_triton_select_equals_torch(monkeypatch, method, kw, kind):
+    """The in-LLM engine's own calls (q / k views from its hooks, RoPE cos / sin, padded batches) through the
+    Triton kernels select the same columns as through the references."""
+    import vltok
+    import vltok.inllm as inllm
+    import vltok.kernels.select as ks
+    from test_inllm import batch, tiny_llava_deep
+
+    m = tiny_llava_deep("sdpa").to(DEV)
+    inp = {key: v.to(DEV) for key, v in batch(m, kind).items()}
+    calls = []
+
+    def forced(fn, impl):
+        def call(*a, **k):
+            calls.append((fn.__name__, impl))
+            return fn(*a, **dict(k, impl=impl))
+        return call
+
+    out, orig = {}, {name: getattr(ks, name) for name in ("last_row_scores", "cut_columns", "topk_rows")}
+    for impl in ("torch", "triton"):
+        for mod, name in ((inllm, "last_row_scores"), (inllm, "cut_columns"), (ks, "topk_rows")):
+            monkeypatch.setattr(mod, name, forced(orig[name], impl))
+        with vltok.patched(m, method, **kw) as h:
+            out[impl] = (m(**inp).logits, h.inllm_prefill_columns)
+    assert {c for c in calls if c[1] == "triton"} == {(n, "triton") for n in ("last_row_scores", "cut_columns",
+                                                                              "topk_rows")}
+    (want, cols_want), (got, cols_got) = out["torch"], out["triton"]
+    assert cols_got.keys() == cols_want.keys() and len(cols_want) >= 2
+    for layer in cols_want:
+        assert torch.equal(cols_got[layer], cols_want[layer])
+    assert (got - want).abs().max() < 1e-5
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="bf16 through the CPU interpreter (numpy) is not supported")
 def test_bf16_on_gpu():
     g = torch.Generator().manual_seed(9)
