@@ -79,3 +79,55 @@ def test_fast_path_rewrites_the_run_wherever_it_sits(method, keep):
         out = fast(**inp)
         assert h.stats["seq_len_in"] == inp["input_ids"].shape[1]
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def _deep_llava(layers=6):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tiny import CLIPV, IMG, LLAMA
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPV, text_config=dict(LLAMA, num_hidden_layers=layers), image_token_index=IMG,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=64)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+IN_LLM = [("fastv", dict(K=2, keep=0.5)), ("feather", dict(keep=0.5, layers=(2, 4))), ("feather", dict(keep=0.3))]
+
+
+@pytest.mark.parametrize("method,kw", IN_LLM)
+def test_fast_path_runs_in_llm_methods(method, kw):
+    """FastV / FEATHER inside the fast path: the same logits and kept columns as the patched forward."""
+    m = _deep_llava()
+    inp = llava_inputs(m, [[1, 5, 6, -1, 7, 8, 4]])
+    fast = PrefillGraph(m, graphs=False)
+    with vltok.patched(m, method, **kw) as h:
+        ref = m(**inp).logits[:, -1]
+        cols, per_layer = h.inllm_kept_columns.clone(), list(h.stats["tokens_per_layer"])
+        out = fast(**inp)
+        assert torch.equal(h.inllm_kept_columns, cols) and h.stats["tokens_per_layer"] == per_layer
+        assert per_layer[-1] < per_layer[0]
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_fast_path_refuses_combined_stage_methods():
+    m = _deep_llava()
+    inp = llava_inputs(m, [[1, 5, -1, 7]])
+    with vltok.patched(m, "mustdrop", keep=0.5):
+        with pytest.raises(vltok.IncompatibleError, match="combines stages"):
+            PrefillGraph(m, graphs=False)(**inp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,kw", IN_LLM[:2])
+def test_graph_replay_of_in_llm_methods_matches_eager_on_gpu(method, kw):
+    m = _deep_llava().cuda()
+    inp = {k: v.cuda() for k, v in llava_inputs(m, [[1, 5, -1, 7, 8]]).items()}
+    with vltok.patched(m, method, **kw) as h:
+        fast = PrefillGraph(m)
+        for pv in (inp["pixel_values"], torch.randn_like(inp["pixel_values"])):   # capture, then a replay
+            cur = dict(inp, pixel_values=pv)
+            ref = m(**cur).logits[:, -1]
+            cols = h.inllm_kept_columns.clone()
+            out = fast(**cur)
+            assert torch.allclose(out, ref, atol=1e-4) and torch.equal(h.inllm_kept_columns, cols)

@@ -10,9 +10,15 @@ input (one contiguous run of the image's placeholders, no padding) and gives the
 ``input_ids`` are a gather whose source columns are computed from that column on the device, so a replay needs no
 host-side rewrite (the generic ``adapter.prepare`` costs a few ms of host time at batch 1).
 
-Scope: LLaVA-1.5 (`LlavaForConditionalGeneration`), batch 1, one image, no padding, patched with a pre-LLM method or
-not patched; it returns the last position's logits (the first generated token), i.e. it measures and serves TTFT.
-Other cases raise a clear error. For a model on the CPU (or with ``graphs=False``) the same function runs eagerly.
+In-LLM methods (FastV, FEATHER: an in-LLM stage only) run inside the graph too: the engine's layout is the run's
+columns computed on the device from that first column, and every cut (scores, selection, compaction, gathers) is
+device work of static shape, so the graph holds it and a replay runs none of vltok's Python. The kept columns
+depend on the image: ``handle.inllm_kept_columns`` is the graph's output tensor, refreshed by each replay.
+
+Scope: LLaVA-1.5 (`LlavaForConditionalGeneration`), batch 1, one image, no padding, patched with a pre-LLM method,
+an in-LLM-only method, or not patched; it returns the last position's logits (the first generated token), i.e. it
+measures and serves TTFT. Other cases raise a clear error. For a model on the CPU (or with ``graphs=False``) the
+same function runs eagerly.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ import torch
 from .api import get_handle
 from .errors import IncompatibleError
 
-GRAPH_STATS = ("images", "tokens_in", "tokens_out", "keep_achieved", "flops_keep", "llm_input_tokens")   # (at capture)
+GRAPH_STATS = ("images", "tokens_in", "tokens_out", "keep_achieved", "flops_keep", "llm_input_tokens",
+               "tokens_per_layer", "stage_tokens", "prune_layers")   # (recorded at capture; shapes are static)
 
 
 class PrefillGraph:
@@ -40,9 +47,12 @@ class PrefillGraph:
     def _prepare(self, input_ids, pixel_values, attention_mask):
         """Checks the call and returns (handle, first placeholder column, native run length, reduced length)."""
         handle = get_handle(self.model)
-        if handle is not None and (handle.method.in_llm is not None or handle.method.decode is not None):
-            raise IncompatibleError(f"the prefill fast path needs fixed per-layer lengths; method "
-                                    f"{handle.method.name!r} prunes inside the LLM: call the model eagerly")
+        if handle is not None and handle.method.in_llm is not None and (
+                handle.method.pre_llm is not None or handle.method.vision is not None
+                or handle.method.decode is not None or getattr(handle.method.in_llm, "needs_saliency", False)):
+            raise IncompatibleError(f"the prefill fast path takes pre-LLM methods and in-LLM-only methods without a "
+                                    f"vision-side score; method {handle.method.name!r} combines stages: call the "
+                                    "model eagerly")
         ids = input_ids
         if ids.dim() != 2 or ids.shape[0] != 1 or pixel_values.shape[0] != 1:
             raise IncompatibleError("the prefill fast path takes batch 1 (one prompt, one image); batch larger "
@@ -58,7 +68,12 @@ class PrefillGraph:
             raise IncompatibleError("the prefill fast path takes batch 1 without padding; pass an all-ones "
                                     "attention_mask (or none)")
         call = {"input_ids": ids, "pixel_values": pixel_values}
-        if handle is not None:
+        if handle is not None and handle.method.in_llm is not None:   # layer 0 keeps every placeholder
+            from .adapters.llava import _prefix
+
+            p = handle.adapter._patch()
+            native = new = [(pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p) + _prefix(self.model)]
+        elif handle is not None:
             native, new = handle.adapter.image_counts(call)
         else:
             native = new = [n_ph]
@@ -74,6 +89,16 @@ class PrefillGraph:
         m = self.model
         cfg = m.config
         L = ids.shape[1]
+        handle = get_handle(m)
+        engine = getattr(handle.adapter, "engine", None) if handle is not None else None
+        if engine is not None:   # in-LLM method: the run's grid columns, computed on the device
+            from .inllm import VisualImage
+
+            ad = handle.adapter
+            p, pre = ad._patch(), n - (pv.shape[-2] // ad._patch()) * (pv.shape[-1] // ad._patch())
+            grid = (pv.shape[-2] // p, pv.shape[-1] // p)
+            cols = first + pre + torch.arange(grid[0] * grid[1], device=ids.device)
+            engine.begin_call({"input_ids": ids}, [[VisualImage(cols, grid, image=0, extra=pre)]])
         j = torch.arange(L - (n - k), device=ids.device)
         src = j + (j >= first + k).long() * (n - k)    # columns after the shortened run come from n - k further on
         new_ids = ids.index_select(1, src)
