@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAVE_TRITON, jit, launch, usable
+from ._triton import HAVE_TRITON, usable
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -45,7 +45,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @jit
+    @triton.jit
     def _gather_kernel(x_ptr, xi_ptr, y_ptr, c_ptr, s_ptr, pi_ptr, co_ptr, so_ptr, p_ptr, po_ptr,
                        K, HD, sxb, sxn, syb, syk, scb, scn, ssb, ssn, sob, sok, spb, spn, D: tl.constexpr,
                        HAS_PE: tl.constexpr, HAS_PID: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HD: tl.constexpr):
@@ -102,7 +102,7 @@ def gather_rows_triton(hidden, idx, cos=None, sin=None, pe_idx=None, position_id
     po = torch.empty(B, k, dtype=position_ids.dtype, device=position_ids.device) if has_pid else idx
     c, s, p = (cos if has_pe else y), (sin if has_pe else y), (position_ids if has_pid else idx)
     bstride = lambda t: 0 if t.shape[0] == 1 else t.stride(0)   # noqa: E731  (broadcast batch)
-    launch(_gather_kernel, (B * k,),
+    _gather_kernel[(B * k,)](
         hidden, idx, y, c, s, pi, co, so, p, po, k, hd, hidden.stride(0), hidden.stride(1), y.stride(0),
         y.stride(1), bstride(c) if has_pe else 0, c.stride(1) if has_pe else 0, bstride(s) if has_pe else 0,
         s.stride(1) if has_pe else 0, co.stride(0) if has_pe else 0, co.stride(1) if has_pe else 0,

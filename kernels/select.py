@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAVE_TRITON, jit, launch, usable
+from ._triton import HAVE_TRITON, usable
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -173,7 +173,7 @@ if HAVE_TRITON:
             valid = valid & (tl.load(am_ptr + b * sab + acol * sas, mask=valid, other=0) != 0)
         return valid
 
-    @jit   # one compiled kernel for every sequence length (vltok.kernels._triton.jit)
+    @triton.jit(do_not_specialize=["n", "chunk"])   # no recompiles across sequence lengths
     def _logits_kernel(q_ptr, k_ptr, rows_ptr, keys_ptr, prev_ptr, am_ptr, cos_ptr, sin_ptr, lg_ptr, mp_ptr, sp_ptr,
                        n, chunk, scale, sqb, sqs, sqh, skb, sks, skh, srb, syb, syk, spb, sps, sab, sas, scb, scs,
                        ssb, sss, GROUP: tl.constexpr, HALF: tl.constexpr, NORM_ALL: tl.constexpr,
@@ -225,7 +225,7 @@ if HAVE_TRITON:
         tl.store(mp_ptr + bh * MAX_SPLITS + part, m_part)
         tl.store(sp_ptr + bh * MAX_SPLITS + part, tl.sum(s_run * tl.exp(m_run - m_part), axis=0))
 
-    @jit
+    @triton.jit(do_not_specialize=["K", "n", "splits"])
     def _head_mean_kernel(lg_ptr, mp_ptr, sp_ptr, rows_ptr, keys_ptr, out_ptr, H, K, n, splits, srb, syb, syk,
                           NORM_ALL: tl.constexpr, H_P2: tl.constexpr, MAX_SPLITS: tl.constexpr,
                           BLOCK_J: tl.constexpr):
@@ -270,7 +270,7 @@ if HAVE_TRITON:
             base += tl.sum(f, 0)
             i0 += BLOCK
 
-    @jit
+    @triton.jit(do_not_specialize=["n", "k"])
     def _rank_kernel(s_ptr, force_ptr, flag_ptr, n, k, ssg, ssn, sf, HAS_FORCE: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_J: tl.constexpr):
         """flag[g, i] = rank_i < k, rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}, forced entries at +inf."""
@@ -293,12 +293,12 @@ if HAVE_TRITON:
             j0 += BLOCK_J
         tl.store(flag_ptr + g * n + i, (cnt < k).to(tl.int8), mask=vi)
 
-    @jit
+    @triton.jit(do_not_specialize=["n", "k"])
     def _topk_compact_kernel(flag_ptr, out_ptr, n, k, BLOCK: tl.constexpr):
         g = tl.program_id(0).to(tl.int64)
         _compact_row(flag_ptr + g * n, n, k, out_ptr + g * k, out_ptr, 0, out_ptr, False, BLOCK)
 
-    @jit
+    @triton.jit(do_not_specialize=["Sc", "D", "Kp", "n_out"])
     def _cut_kernel(prev_ptr, drop_ptr, keep_ptr, flag_ptr, rel_ptr, new_ptr, Sc, D, Kp, n_out, spb, sps, sdb, sdd,
                     skb, skk, BLOCK: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -417,7 +417,7 @@ def _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, si
     lg = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
     mp = torch.empty(B, H, _MAX_SPLITS, dtype=torch.float32, device=q.device)
     sp = torch.empty_like(mp)
-    launch(_logits_kernel, (B, H, splits),
+    _logits_kernel[(B, H, splits)](
         q, k, rows, keys, pv, a, c, s, lg, mp, sp, n, chunk, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), rows.stride(0),
         keys.stride(0), keys.stride(1), pv.stride(0), pv.stride(1), a.stride(0), a.stride(1),
@@ -425,7 +425,7 @@ def _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, si
         s.stride(1) if rope else 0,
         GROUP=H // k.shape[2], HALF=hd // 2, NORM_ALL=norm_all, HAS_PREV=has_prev, HAS_AM=has_am, ROPE=rope,
         BLOCK_K=block_k, MAX_SPLITS=_MAX_SPLITS, num_warps=4)
-    launch(_head_mean_kernel, (B, triton.cdiv(K, 64)),
+    _head_mean_kernel[(B, triton.cdiv(K, 64))](
         lg, mp, sp, rows, keys, out, H, K, n, splits, rows.stride(0), keys.stride(0), keys.stride(1),
         NORM_ALL=norm_all, H_P2=max(2, triton.next_power_of_2(H)), MAX_SPLITS=_MAX_SPLITS, BLOCK_J=64, num_warps=4)
     return out
@@ -448,10 +448,10 @@ def _topk_rows_launch(scores, k, force):
         return out
     flags = torch.empty(G, n, dtype=torch.int8, device=scores.device)
     f = scores if force is None else (force.view(torch.uint8) if force.dtype == torch.bool else force)
-    launch(_rank_kernel, (G, triton.cdiv(n, 64)), scores, f, flags, n, k, scores.stride(0), scores.stride(1),
+    _rank_kernel[(G, triton.cdiv(n, 64))](scores, f, flags, n, k, scores.stride(0), scores.stride(1),
                                           0 if force is None else f.stride(0), HAS_FORCE=force is not None,
                                           BLOCK_I=64, BLOCK_J=128, num_warps=4)
-    launch(_topk_compact_kernel, (G,), flags, out, n, k, BLOCK=min(1024, max(16, triton.next_power_of_2(n))), num_warps=4)
+    _topk_compact_kernel[(G,)](flags, out, n, k, BLOCK=min(1024, max(16, triton.next_power_of_2(n))), num_warps=4)
     return out
 
 
@@ -470,7 +470,7 @@ def _cut_columns_launch(prev, drop, keep, n_out):
     if B == 0 or n_out == 0:
         return rel, new
     flags = torch.empty(B, Sc, dtype=torch.int8, device=prev.device)
-    launch(_cut_kernel, (B,), prev, drop, keep, flags, rel, new, Sc, drop.shape[1], keep.shape[1], n_out, prev.stride(0),
+    _cut_kernel[(B,)](prev, drop, keep, flags, rel, new, Sc, drop.shape[1], keep.shape[1], n_out, prev.stride(0),
                       prev.stride(1), drop.stride(0), drop.stride(1), keep.stride(0), keep.stride(1),
                       BLOCK=min(1024, max(16, triton.next_power_of_2(Sc))), num_warps=4)
     return rel, new
