@@ -124,8 +124,8 @@ def vltok_host_time(handle, fwd, reps: int = 5) -> float:
 def vltok_device_time(handle, fwd) -> float:
     """GPU ms of the kernels launched inside vltok's entry points per call of fwd (median of 3 profiled calls;
     torch.profiler attributes each kernel to the op that launched it, and vltok's entry points are wrapped in
-    record_function ranges here). Run after every timing of a benchmark: a profiler session leaves the host's
-    launches slower for the rest of the process (CUPTI), which inflated later eager batch-1 timings by up to 2x."""
+    record_function ranges here). Run after every timing of a benchmark, so that no profiler state can touch the
+    timed launches."""
     if not torch.cuda.is_available():
         return float("nan")
     from torch.profiler import ProfilerActivity, profile

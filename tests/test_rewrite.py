@@ -237,6 +237,6 @@ def test_one_read_back_and_a_batch_independent_op_count(B):
     assert len(gathers) == 2 and len([o for o in ops.ops if "masked_fill" in o]) == (2 if B > 1 else 0), ops.ops
     kernels = [o for o in ops.ops if o.split(".")[1] not in VIEWS]
     # (the device-side rewrite before ran 55 here); on CUDA the read-back and the uploads add copies (stack, cast,
-    # pinning, host-to-device) that the CPU path does not need
+    # host-to-device) that the CPU path does not need
     assert len(kernels) <= (6 if ids.device.type == "cpu" else 14), " ".join(ops.ops)
     assert rw.new_len == ids.shape[1] - 20

@@ -62,18 +62,17 @@ _read_back._vltok_host = 1   # eval/profile_vltok.py counts one read-back per ca
 
 def _upload(arrays: dict[str, tuple[np.ndarray, torch.dtype, torch.device]]) -> dict[str, torch.Tensor]:
     """Host results to their devices: the integer / bool arrays bound for one device go stacked as int64 in one
-    copy (pinned and asynchronous to CUDA); each result then takes its dtype."""
-    from .inllm import _to_device
-
+    copy; each result then takes its dtype. A plain (pageable) copy: it runs right after the read-back, which
+    already waited for the stream, so it waits for nothing (pinning a fresh buffer cost ~90 us on the H100 host)."""
     out, stacks = {}, {}
     for name, (a, dtype, dev) in arrays.items():
         if a.dtype.kind in "biu":
             stacks.setdefault(dev, []).append(name)
         else:
-            out[name] = _to_device(torch.from_numpy(np.ascontiguousarray(a)), dev).to(dtype)
+            out[name] = torch.from_numpy(np.ascontiguousarray(a)).to(dev).to(dtype)
     for dev, names in stacks.items():
         stacked = np.stack([arrays[n][0] for n in names]).astype(np.int64, copy=False)
-        for n, t in zip(names, _to_device(torch.from_numpy(stacked), dev).unbind(0)):
+        for n, t in zip(names, torch.from_numpy(stacked).to(dev).unbind(0)):
             out[n] = t.to(arrays[n][1])
     return out
 
