@@ -380,6 +380,8 @@ class InLLMEngine:
         if c["cache"] is None and kwargs.get("past_key_values") is not None:
             c["cache"] = kwargs["past_key_values"]
             _check_cache(c["cache"], self.method.name)
+        if not c["cut_done"] and i not in c["cuts"]:   # before the first cut every layer runs as it would
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         kw = dict(kwargs)
         if i in c["cuts"]:
@@ -392,8 +394,6 @@ class InLLMEngine:
                 c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
             else:
                 c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
-        if not c["cut_done"]:
-            return None
         keep = c["keep"]
         c["layer_keep"][i] = keep
         # HF hands every layer the same loop-level position embeddings / ids / mask: gather them once per cut
