@@ -298,6 +298,16 @@ if HAVE_TRITON:
         g = tl.program_id(0).to(tl.int64)
         _compact_row(flag_ptr + g * n, n, k, out_ptr + g * k, out_ptr, 0, out_ptr, False, BLOCK)
 
+    @triton.jit
+    def _set_flags(flag_row, idx_ptr, stride, count, VALUE: tl.constexpr, BLOCK: tl.constexpr):
+        """flag_row[idx[j]] = VALUE for j < count (idx read with ``stride``)."""
+        i0 = 0
+        while i0 < count:
+            i = i0 + tl.arange(0, BLOCK)
+            col = tl.load(idx_ptr + i * stride, mask=i < count, other=0)
+            tl.store(flag_row + col, tl.full((BLOCK,), VALUE, tl.int8), mask=i < count)
+            i0 += BLOCK
+
     @triton.jit(do_not_specialize=["Sc", "D", "Kp", "n_out"])
     def _cut_kernel(prev_ptr, drop_ptr, keep_ptr, flag_ptr, rel_ptr, new_ptr, Sc, D, Kp, n_out, spb, sps, sdb, sdd,
                     skb, skk, BLOCK: tl.constexpr):
@@ -309,19 +319,9 @@ if HAVE_TRITON:
             tl.store(flag_row + i, tl.full((BLOCK,), 1, tl.int8), mask=i < Sc)
             i0 += BLOCK
         tl.debug_barrier()
-        i0 = 0
-        while i0 < D:
-            i = i0 + tl.arange(0, BLOCK)
-            col = tl.load(drop_ptr + b * sdb + i * sdd, mask=i < D, other=0)
-            tl.store(flag_row + col, tl.zeros((BLOCK,), tl.int8), mask=i < D)
-            i0 += BLOCK
+        _set_flags(flag_row, drop_ptr + b * sdb, sdd, D, 0, BLOCK)
         tl.debug_barrier()
-        i0 = 0
-        while i0 < Kp:
-            i = i0 + tl.arange(0, BLOCK)
-            col = tl.load(keep_ptr + b * skb + i * skk, mask=i < Kp, other=0)
-            tl.store(flag_row + col, tl.full((BLOCK,), 1, tl.int8), mask=i < Kp)
-            i0 += BLOCK
+        _set_flags(flag_row, keep_ptr + b * skb, skk, Kp, 1, BLOCK)
         tl.debug_barrier()
         _compact_row(flag_row, Sc, n_out, rel_ptr + b * n_out, prev_ptr + b * spb, sps, new_ptr + b * n_out, True,
                      BLOCK)
