@@ -123,3 +123,31 @@ def test_mustdrop_batched_equals_per_sample_with_key_set_and_decode_eviction(kin
         assert torch.equal(cols_b[layer], cols_s[layer])
     assert (out_b - out_s).abs().max() < 1e-5 and torch.equal(gen_b, gen_s)
     assert st_b["tokens_per_layer"] == st_s["tokens_per_layer"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["b1", "b2-left"])
+@pytest.mark.parametrize("method,kw", METHODS[:3])
+def test_cut_graph_replays_equal_the_eager_cut_on_gpu(kind, method, kw, monkeypatch):
+    """The cut replayed from a CUDA graph (3rd call of a shape on) keeps the eager cut's columns and logits, also
+    with other images between replays, and generate() with the cache is unchanged."""
+    m = tiny_llava_deep("sdpa").cuda()
+    base = {k: v.cuda() for k, v in batch(m, kind).items()}
+    inputs = [dict(base, pixel_values=base["pixel_values"] + 0.5 * i * torch.randn_like(base["pixel_values"]))
+              for i in range(4)]
+    got = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("VLTOK_CUT_GRAPHS", graphs)
+        with vltok.patched(m, method, **kw) as h:
+            runs = []
+            for inp in inputs + inputs[:1]:   # capture on the 2nd call, replays after, with changing pixels
+                logits = m(**inp).logits
+                runs.append((logits, {k: v.clone() for k, v in h.inllm_prefill_columns.items()}))
+            gen = m.generate(**inputs[2], max_new_tokens=3, do_sample=False)
+            n_graphs = sum(isinstance(e, dict) for e in h.adapter.engine._graphs.values())
+        got[graphs] = (runs, gen, n_graphs)
+    assert got["0"][2] == 0 and got["1"][2] >= 1
+    for (la, ca), (lb, cb) in zip(got["0"][0], got["1"][0]):
+        assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+        assert (la - lb).abs().max() < 1e-4
+    assert torch.equal(got["0"][1], got["1"][1])

@@ -20,6 +20,7 @@ store shorter K/V in the ``DynamicCache``; each decode step's 4-D mask is gather
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -206,6 +207,8 @@ class InLLMEngine:
         self._decode = None      # state of a decode step (read from the cache)
         self._captured = {}
         self._capture = []       # this call's q / k capture hooks (registered at prefill for the cut layers)
+        self._graphs = {}        # CUDA graphs of cuts, per shape (see _graphed_cut)
+        self._aranges = {}       # shared read-only index rows (see _arange)
 
     # -- installation ------------------------------------------------------------------------------------------
     def attach(self, undo: list) -> None:
@@ -227,6 +230,8 @@ class InLLMEngine:
         for h in hooks:
             undo.append(h.remove)
         undo.append(self._drop_capture)
+        undo.append(self._graphs.clear)
+        undo.append(self._aranges.clear)
 
     # -- per call ----------------------------------------------------------------------------------------------
     def no_images(self) -> None:
@@ -299,8 +304,8 @@ class InLLMEngine:
                 s.images.append([im.positions.to(dev).long(), torch.arange(n, device=dev), im])
             samples.append(s)
         self._call = dict(S=S, cuts={c.layer: c for c in cuts}, samples=samples, am=am.to(dev),
-                          keep=torch.arange(S, device=dev).expand(B, S).contiguous(), per_layer={}, layer_keep={},
-                          dead=torch.zeros(B, S, dtype=torch.bool, device=dev), layer_dead={}, cut_done=False,
+                          keep=self._arange(B, S, dev), per_layer={}, layer_keep={},
+                          dead=None, layer_dead={}, cut_done=False,
                           scoring=0.0, n0=sum(sizes[0]), cache=None, slots=slots, layout=layout, has_dead=False,
                           rel=None, gathered=None, text_rows=None, last_abs=None)
         for c in cuts:   # q / k projections are captured only where a cut reads them, only for this call
@@ -328,9 +333,17 @@ class InLLMEngine:
                 return None
             pos = _to_device(torch.stack([im.positions.reshape(-1) for im in col]).long(), dev)
             sal = torch.stack([im.saliency for im in col]).to(dev) if im0.saliency is not None else None
-            slots.append(_Slot(pos, torch.arange(n, device=dev).expand(len(col), n), n, im0.grid, im0.extra,
+            slots.append(_Slot(pos, self._arange(len(col), n, dev), n, im0.grid, im0.extra,
                                im0.image, sal))
         return slots
+
+    def _arange(self, B: int, n: int, dev) -> torch.Tensor:
+        """[B, n] rows of 0..n-1, contiguous, made once per shape (read-only: the engine replaces, never writes)."""
+        key = (B, n, str(dev))
+        t = self._aranges.get(key)
+        if t is None:
+            t = self._aranges[key] = torch.arange(n, device=dev).expand(B, n).contiguous()
+        return t
 
     def _capture_hook(self, which):
         def hook(module, args, out):
@@ -385,11 +398,15 @@ class InLLMEngine:
         hidden = args[0] if args else kwargs["hidden_states"]
         kw = dict(kwargs)
         if i in c["cuts"]:
-            new, rel, merged = self._cut(c["cuts"][i], kwargs, hidden)
-            c["keep"], c["cut_done"] = new, True
-            hidden = self._gather_at_cut(hidden, rel, new, kw)
-            if merged is not None:
-                hidden = _put_rows(hidden, new, merged)
+            out = self._graphed_cut(c["cuts"][i], kwargs, hidden, kw)
+            if out is not None:
+                hidden = out
+            else:
+                new, rel, merged = self._cut(c["cuts"][i], kwargs, hidden)
+                c["keep"], c["cut_done"] = new, True
+                hidden = self._gather_at_cut(hidden, rel, new, kw)
+                if merged is not None:
+                    hidden = _put_rows(hidden, new, merged)
             if c["slots"] is not None:   # visual tokens entering this layer and the next ones up to the next cut
                 c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
             else:
@@ -410,6 +427,87 @@ class InLLMEngine:
             return (hidden, *args[1:]), kw
         kw["hidden_states"] = hidden
         return args, kw
+
+    # -- the cut as a CUDA graph ----------------------------------------------------------------------------------
+    def _graphed_cut(self, cut, kwargs, hidden, kw):
+        """The batched cut of a method that declares ``graph_safe`` (its ``select_batch`` is sync-free index work)
+        on CUDA, replayed from a CUDA graph: the first call of a shape runs eagerly (compiling the kernels), the
+        second captures scores, selection, compaction and the gather of the survivors' rows, later ones copy the
+        inputs into the graph's buffers and replay it, a dozen host calls instead of ~70 launches' Python. Returns
+        the survivors' hidden rows (the call's state updated as the eager cut does), or None for the eager path.
+        ``VLTOK_CUT_GRAPHS=0`` turns it off."""
+        c = self._call
+        if not (hidden.is_cuda and c["slots"] is not None and cut.scores and cut.query == "last" and not cut.hidden
+                and getattr(self.method.in_llm, "graph_safe", False)
+                and os.environ.get("VLTOK_CUT_GRAPHS", "1") != "0"
+                and not torch.cuda.is_current_stream_capturing()):   # (inside vltok.fast's graph: captured eagerly)
+            return None
+        pe = kw.get("position_embeddings")
+        pid = kw.get("position_ids") if isinstance(kw.get("position_ids"), torch.Tensor) else None
+        if pe is not None and not (len(pe) == 2 and pe[0].dim() == 3):
+            return None
+        if c["last_abs"] is None:
+            c["last_abs"] = _last_real(c["am"])
+        slots = c["slots"]
+        ins = [self._captured.get("q"), self._captured.get("k"), hidden, c["keep"], c["am"], c["last_abs"],
+               *(pe or (None, None)), pid, *[sl.pos for sl in slots], *[sl.raster for sl in slots]]
+        key = (cut, c["cut_done"], tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in ins))
+        entry = self._graphs.get(key)
+        if entry is None:                    # first sight of this shape: the eager cut (compiles, fills caches)
+            self._graphs[key] = "seen"
+            return None
+        if entry == "off":
+            return None
+        if entry == "seen":
+            entry = self._graphs[key] = self._capture_cut(cut, kwargs, kw, ins) or "off"
+            if entry == "off":
+                return None
+        else:
+            for static, t in zip(entry["in"], ins):
+                if t is not None:
+                    static.copy_(t)
+        entry["graph"].replay()
+        new = entry["new"].clone()           # kept for decode steps: must survive the next replay
+        for sl, pos, raster in zip(slots, entry["pos"], entry["raster"]):
+            sl.pos, sl.raster = pos, raster
+        c["keep"], c["cut_done"], c["has_dead"] = new, True, False
+        c["pre_gathered"] = (new, pe[0] if pe is not None else None, entry["pe"], pid, entry["pid"])
+        return entry["hidden"]
+
+    def _capture_cut(self, cut, kwargs, kw, ins):
+        """Capture the eager cut on static copies of ``ins`` (see _graphed_cut); None when it cannot be captured."""
+        c = self._call
+        slots = c["slots"]
+        static = [None if t is None else t.clone() for t in ins]
+        s_q, s_k, s_hidden, s_keep, s_am, s_last, s_cos, s_sin, s_pid = static[:9]
+        n = len(slots)
+        live = (c["keep"], c["am"], c["last_abs"], dict(self._captured), [(sl.pos, sl.raster) for sl in slots])
+        c["keep"], c["am"], c["last_abs"], self._captured = s_keep, s_am, s_last, {"q": s_q, "k": s_k}
+        for sl, pos, raster in zip(slots, static[9:9 + n], static[9 + n:]):
+            sl.pos, sl.raster = pos, raster
+        pe = None if s_cos is None else (s_cos, s_sin)
+        kw_s = dict(kw, position_embeddings=pe, position_ids=s_pid if s_pid is not None else kw.get("position_ids"))
+        kwargs_s = dict(kwargs, position_embeddings=pe)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                new, rel, merged = self._cut(cut, kwargs_s, s_hidden)
+                hidden = self._gather_at_cut(s_hidden, rel, new, kw_s)
+                pre = c.pop("pre_gathered")
+            if merged is not None:
+                raise RuntimeError("a merge cannot be replayed")
+        except Exception as e:   # a method that syncs or merges: eager from now on, for this shape
+            warnings.warn(f"{self.method.name}: the cut before layer {cut.layer} runs eagerly ({e})", stacklevel=2)
+            entry = None
+        else:
+            entry = {"graph": graph, "in": static, "new": new, "hidden": hidden, "pe": pre[2], "pid": pre[4],
+                     "pos": [sl.pos for sl in slots], "raster": [sl.raster for sl in slots]}
+        c["keep"], c["am"], c["last_abs"], self._captured = live[:4]
+        for sl, (pos, raster) in zip(slots, live[4]):
+            sl.pos, sl.raster = pos, raster
+        c.pop("pre_gathered", None)
+        return entry
 
     def _gather_at_cut(self, hidden, rel, keep, kw):
         """Hidden rows of the survivors and, in the same launch (vltok.kernels.gather), the loop-level cos / sin and
@@ -548,8 +646,7 @@ class InLLMEngine:
                 return None
             cos, sin = pe
         if c["last_abs"] is None:   # each sample's last real column (absolute), once per call
-            am = c["am"]
-            c["last_abs"] = torch.where(am != 0, torch.arange(am.shape[1], device=am.device), -1).amax(1, keepdim=True)
+            c["last_abs"] = _last_real(c["am"])
         # its current index: the last current column at or before it (the last real token is text unless the
         # prompt ends with an image, whose last token a cut may have dropped)
         rows = (torch.searchsorted(prev, c["last_abs"], right=True) - 1)[:, 0] if c["cut_done"] else c["last_abs"][:, 0]
@@ -634,6 +731,8 @@ class InLLMEngine:
             qr, kr = self.adapter.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             q, k = qr.transpose(1, 2), kr.transpose(1, 2)
         am = gather_seq(c["am"], prev, -1).bool()
+        if c["dead"] is None:   # filler columns of ragged samples (only this path makes them)
+            c["dead"] = torch.zeros(prev.shape[0], c["S"], dtype=torch.bool, device=prev.device)
         new_rows, merged = [], []
         for b, s in enumerate(c["samples"]):
             pos_in_cur = [torch.searchsorted(prev[b], p) for p, _, _ in s.images]
@@ -757,6 +856,11 @@ def _put_rows(hidden: torch.Tensor, keep: torch.Tensor, merged) -> torch.Tensor:
             hidden[b, torch.searchsorted(keep[b].contiguous(), m[0].to(keep.device)).to(hidden.device)] = \
                 m[1].to(hidden.dtype)
     return hidden
+
+
+def _last_real(am: torch.Tensor) -> torch.Tensor:
+    """[B, 1] each row's last column with a nonzero mask (-1 for an empty row)."""
+    return torch.where(am != 0, torch.arange(am.shape[1], device=am.device), -1).amax(1, keepdim=True)
 
 
 def _to_device(t: torch.Tensor, dev) -> torch.Tensor:

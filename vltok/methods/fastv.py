@@ -12,6 +12,7 @@ from .feather import _check, top_by_score, top_by_score_rows
 
 
 class FastVPruner:
+    graph_safe = True   # select_batch is sync-free index work: the engine may replay the cut from a CUDA graph
     def __init__(self, keep, K, keep_mode, rope):
         self.keep, self.K, self.keep_mode, self.rope = keep, K, keep_mode, rope
 

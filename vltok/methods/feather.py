@@ -126,6 +126,7 @@ def solve_feather(keep, n_layers, images, layers, a, s2, stride, keep_mode):
 
 
 class FeatherPruner:
+    graph_safe = True   # select_batch is sync-free index work: the engine may replay the cut from a CUDA graph
     def __init__(self, keep, layers, a, s2, stride, keep_mode, preset):
         self.keep, self.layers, self.a, self.s2 = keep, layers, a, s2
         self.stride, self.keep_mode, self.preset = stride, keep_mode, preset
