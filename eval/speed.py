@@ -128,9 +128,25 @@ def vltok_device_time(handle, fwd) -> float:
     timed launches."""
     if not torch.cuda.is_available():
         return float("nan")
-    from torch.profiler import ProfilerActivity, profile
+    import os
 
     dev = []
+    # the in-LLM cut runs eagerly here: the profiler then sees each of its kernels under vltok's ranges (a replayed
+    # cut graph runs the same kernels, plus the copies of its inputs into the graph's buffers)
+    old, os.environ["VLTOK_CUT_GRAPHS"] = os.environ.get("VLTOK_CUT_GRAPHS"), "0"
+    try:
+        _profile_ranges(handle, fwd, dev)
+    finally:
+        if old is None:
+            del os.environ["VLTOK_CUT_GRAPHS"]
+        else:
+            os.environ["VLTOK_CUT_GRAPHS"] = old
+    return statistics.median(dev)
+
+
+def _profile_ranges(handle, fwd, dev):
+    from torch.profiler import ProfilerActivity, profile
+
     with _vltok_ranges(handle):
         fwd()
         torch.cuda.synchronize()
@@ -142,7 +158,6 @@ def vltok_device_time(handle, fwd) -> float:
                    and e.device_type == torch.autograd.DeviceType.CPU]
             top = [e for e in evs if not _has_vltok_parent(e)]
             dev.append(sum(e.device_time_total for e in top) / 1e3)
-    return statistics.median(dev)
 
 
 def _has_vltok_parent(ev) -> bool:
