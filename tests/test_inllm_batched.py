@@ -151,3 +151,26 @@ def test_cut_graph_replays_equal_the_eager_cut_on_gpu(kind, method, kw, monkeypa
         assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
         assert (la - lb).abs().max() < 1e-4
     assert torch.equal(got["0"][1], got["1"][1])
+
+
+
+@pytest.mark.gpu
+def test_cut_graph_cache_is_bounded_on_gpu(monkeypatch):
+    """Many prompt lengths keep at most _MAX_GRAPHS cut graphs (or shapes seen once), and results stay right."""
+    import vltok.inllm as inllm
+
+    monkeypatch.setattr(inllm, "_MAX_GRAPHS", 2)
+    m = tiny_llava_deep("sdpa").cuda()
+    inp = {k: v.cuda() for k, v in batch(m, "b1").items()}
+    calls = [dict(inp, input_ids=torch.cat([inp["input_ids"], inp["input_ids"][:, -1:].repeat(1, extra)], 1),
+                  attention_mask=None) for extra in range(4)]
+    with vltok.patched(m, "fastv", keep=0.5, K=2) as h:
+        ref = []
+        monkeypatch.setenv("VLTOK_CUT_GRAPHS", "0")
+        for call in calls:
+            ref.append(m(**call).logits)
+        monkeypatch.setenv("VLTOK_CUT_GRAPHS", "1")
+        for _ in range(3):   # seen, captured, replayed per length, while older lengths are dropped
+            for call, r in zip(calls, ref):
+                assert (m(**call).logits - r).abs().max() < 1e-4
+                assert len(h.adapter.engine._graphs) <= 2

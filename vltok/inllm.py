@@ -31,6 +31,7 @@ from .errors import IncompatibleError
 from .kernels.select import cut_columns, last_row_scores
 
 _STATE = "_vltok_inllm"   # attribute on the DynamicCache: per-layer kept columns for decode steps
+_MAX_GRAPHS = 32          # cut graphs (and shapes seen once) kept per patched model; each holds its input buffers
 
 
 @dataclass
@@ -454,6 +455,8 @@ class InLLMEngine:
         key = (cut, c["cut_done"], tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in ins))
         entry = self._graphs.get(key)
         if entry is None:                    # first sight of this shape: the eager cut (compiles, fills caches)
+            while len(self._graphs) >= _MAX_GRAPHS:   # many prompt lengths: drop the oldest shape's graph
+                self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = "seen"
             return None
         if entry == "off":
