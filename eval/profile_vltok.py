@@ -73,25 +73,18 @@ def count_syncs(handle=None, scoped=True):
     """``with count_syncs(handle) as c: model(...)`` -> ``c.count`` host syncs inside vltok code (``c.where``: by op).
     With ``scoped=False`` every sync of the forward counts (the model's own included)."""
     counter = SyncCounter(scoped=scoped)
+
+    def depth(fn, name):
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            counter.depth += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                counter.depth -= 1
+        return inner
+
     undo = []
-    if scoped:
-        for owner, name in vltok_entry_points(handle):
-            orig = getattr(owner, name)
-            inst = not isinstance(owner, type)
-
-            def wrap(fn):
-                @functools.wraps(fn)
-                def inner(*a, **k):
-                    counter.depth += 1
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        counter.depth -= 1
-                return inner
-
-            had = inst and name in vars(owner)
-            setattr(owner, name, wrap(orig))
-            undo.append((owner, name, orig, inst, had))
     # a function of vltok.inllm / vltok.rewrite marked ``_vltok_host = n`` works on host tensors after n read-backs
     # (device-to-host copies, which the dispatcher does not flag): n syncs
     import vltok.inllm as inllm
@@ -114,7 +107,7 @@ def count_syncs(handle=None, scoped=True):
             n = getattr(fn, "_vltok_host", None)
             if callable(fn) and n is not None:
                 setattr(mod, name, host_wrap(fn, int(n), f"{name} readback"))
-                undo.append((mod, name, fn, True, True))
+                undo.append((mod, name, fn))
     tolist = torch.Tensor.tolist
 
     def counted_tolist(self):
@@ -123,15 +116,31 @@ def count_syncs(handle=None, scoped=True):
 
     torch.Tensor.tolist = counted_tolist
     try:
-        with counter:
+        with (wrapped_entry_points(handle, depth) if scoped else contextlib.nullcontext()), counter:
             yield counter
     finally:
         torch.Tensor.tolist = tolist
-        for owner, name, orig, inst, had in reversed(undo):
-            if inst and not had:
-                delattr(owner, name)
-            else:
+        for mod, name, fn in reversed(undo):
+            setattr(mod, name, fn)
+
+
+@contextlib.contextmanager
+def wrapped_entry_points(handle, wrap):
+    """Each of vltok's entry points (``vltok_entry_points``) replaced by ``wrap(fn, name)`` for the duration; class
+    and instance attributes are restored exactly (an attribute the owner did not hold itself is deleted again)."""
+    undo = []
+    try:
+        for owner, name in vltok_entry_points(handle):
+            orig = getattr(owner, name)
+            undo.append((owner, name, orig, name in vars(owner)))
+            setattr(owner, name, wrap(orig, name))
+        yield
+    finally:
+        for owner, name, orig, had in reversed(undo):
+            if had:
                 setattr(owner, name, orig)
+            else:
+                delattr(owner, name)
 
 
 def narrow_llava(layers=8, width=256, vision_layers=4, seed=0):

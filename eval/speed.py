@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -128,26 +129,12 @@ def vltok_device_time(handle, fwd) -> float:
     timed launches."""
     if not torch.cuda.is_available():
         return float("nan")
-    import os
+    from torch.profiler import ProfilerActivity, profile
 
     dev = []
     # the in-LLM cut runs eagerly here: the profiler then sees each of its kernels under vltok's ranges (a replayed
     # cut graph runs the same kernels, plus the copies of its inputs into the graph's buffers)
-    old, os.environ["VLTOK_CUT_GRAPHS"] = os.environ.get("VLTOK_CUT_GRAPHS"), "0"
-    try:
-        _profile_ranges(handle, fwd, dev)
-    finally:
-        if old is None:
-            del os.environ["VLTOK_CUT_GRAPHS"]
-        else:
-            os.environ["VLTOK_CUT_GRAPHS"] = old
-    return statistics.median(dev)
-
-
-def _profile_ranges(handle, fwd, dev):
-    from torch.profiler import ProfilerActivity, profile
-
-    with _vltok_ranges(handle):
+    with _env("VLTOK_CUT_GRAPHS", "0"), _vltok_ranges(handle):
         fwd()
         torch.cuda.synchronize()
         for _ in range(3):
@@ -156,8 +143,22 @@ def _profile_ranges(handle, fwd, dev):
                 torch.cuda.synchronize()
             evs = [e for e in prof.events() if e.name.startswith("vltok::")
                    and e.device_type == torch.autograd.DeviceType.CPU]
-            top = [e for e in evs if not _has_vltok_parent(e)]
-            dev.append(sum(e.device_time_total for e in top) / 1e3)
+            dev.append(sum(e.device_time_total for e in evs if not _has_vltok_parent(e)) / 1e3)
+    return statistics.median(dev)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` for the duration, then restored (or removed)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _has_vltok_parent(ev) -> bool:
@@ -175,30 +176,17 @@ def _vltok_ranges(handle):
     inside record_function ranges."""
     from torch.profiler import record_function
 
-    from vltok.eval.profile_vltok import vltok_entry_points
+    from vltok.eval.profile_vltok import wrapped_entry_points
 
-    undo = []
-    for owner, name in vltok_entry_points(handle):
-        orig = getattr(owner, name)
-        had = name in vars(owner)
+    def ranged(fn, name):
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            with record_function(f"vltok::{name}"):
+                return fn(*a, **k)
+        return inner
 
-        def wrap(fn, label=f"vltok::{name}"):
-            @functools.wraps(fn)
-            def inner(*a, **k):
-                with record_function(label):
-                    return fn(*a, **k)
-            return inner
-
-        setattr(owner, name, wrap(orig))
-        undo.append((owner, name, orig, had))
-    try:
+    with wrapped_entry_points(handle, ranged):
         yield
-    finally:
-        for owner, name, orig, had in reversed(undo):
-            if had:
-                setattr(owner, name, orig)
-            else:
-                delattr(owner, name)
 
 
 @contextlib.contextmanager
