@@ -94,9 +94,9 @@ class PrefillGraph:
         if engine is not None:   # in-LLM method: the run's grid columns, computed on the device
             from .inllm import VisualImage
 
-            ad = handle.adapter
-            p, pre = ad._patch(), n - (pv.shape[-2] // ad._patch()) * (pv.shape[-1] // ad._patch())
+            p = handle.adapter._patch()
             grid = (pv.shape[-2] // p, pv.shape[-1] // p)
+            pre = n - grid[0] * grid[1]                    # a CLS kept by strategy "full" leads the run
             cols = first + pre + torch.arange(grid[0] * grid[1], device=ids.device)
             engine.begin_call({"input_ids": ids}, [[VisualImage(cols, grid, image=0, extra=pre)]])
         j = torch.arange(L - (n - k), device=ids.device)

@@ -447,10 +447,8 @@ class InLLMEngine:
         pid = kw.get("position_ids") if isinstance(kw.get("position_ids"), torch.Tensor) else None
         if pe is not None and not (len(pe) == 2 and pe[0].dim() == 3):
             return None
-        if c["last_abs"] is None:
-            c["last_abs"] = _last_real(c["am"])
         slots = c["slots"]
-        ins = [self._captured.get("q"), self._captured.get("k"), hidden, c["keep"], c["am"], c["last_abs"],
+        ins = [self._captured.get("q"), self._captured.get("k"), hidden, c["keep"], c["am"], self._last_abs(),
                *(pe or (None, None)), pid, *[sl.pos for sl in slots], *[sl.raster for sl in slots]]
         key = (cut, c["cut_done"], tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in ins))
         entry = self._graphs.get(key)
@@ -474,7 +472,9 @@ class InLLMEngine:
         for sl, pos, raster in zip(slots, entry["pos"], entry["raster"]):
             sl.pos, sl.raster = pos, raster
         c["keep"], c["cut_done"], c["has_dead"] = new, True, False
-        c["pre_gathered"] = (new, pe[0] if pe is not None else None, entry["pe"], pid, entry["pid"])
+        # what the captured gather recorded, with this call's loop-level tensors where it used them
+        c["pre_gathered"] = (new, pe[0] if entry["pe_used"] else None, entry["pe"], pid if entry["pid_used"] else None,
+                             entry["pid"])
         return entry["hidden"]
 
     def _capture_cut(self, cut, kwargs, kw, ins):
@@ -505,6 +505,7 @@ class InLLMEngine:
             entry = None
         else:
             entry = {"graph": graph, "in": static, "new": new, "hidden": hidden, "pe": pre[2], "pid": pre[4],
+                     "pe_used": pre[1] is not None, "pid_used": pre[3] is not None,
                      "pos": [sl.pos for sl in slots], "raster": [sl.raster for sl in slots]}
         c["keep"], c["am"], c["last_abs"], self._captured = live[:4]
         for sl, (pos, raster) in zip(slots, live[4]):
@@ -635,6 +636,14 @@ class InLLMEngine:
             merged = (prev.gather(1, torch.cat([m[0] for m in merged], 1)), torch.cat([m[1] for m in merged], 1))
         return new, rel, merged or None
 
+    def _last_abs(self) -> torch.Tensor:
+        """[B, 1] each sample's last real column (absolute), computed once per call."""
+        c = self._call
+        if c["last_abs"] is None:
+            c["last_abs"] = torch.where(c["am"] != 0, torch.arange(c["am"].shape[1], device=c["am"].device),
+                                        -1).amax(1, keepdim=True)
+        return c["last_abs"]
+
     def _scores_last(self, cut, kwargs, q, k, attn, prev):
         """The last-token criterion in two launches (vltok.kernels.select.last_row_scores), as a function of the
         scored columns -> [B, 1, K]; None where that kernel does not apply (other queries, another rotary)."""
@@ -648,11 +657,10 @@ class InLLMEngine:
                     or getattr(type(self.adapter).apply_rope, "__code__", None) is not _base_rope_code():
                 return None
             cos, sin = pe
-        if c["last_abs"] is None:   # each sample's last real column (absolute), once per call
-            c["last_abs"] = _last_real(c["am"])
+        last = self._last_abs()
         # its current index: the last current column at or before it (the last real token is text unless the
         # prompt ends with an image, whose last token a cut may have dropped)
-        rows = (torch.searchsorted(prev, c["last_abs"], right=True) - 1)[:, 0] if c["cut_done"] else c["last_abs"][:, 0]
+        rows = (torch.searchsorted(prev, last, right=True) - 1)[:, 0] if c["cut_done"] else last[:, 0]
         norm_all = cut.softmax == "all"
 
         def scores(keys):
@@ -859,11 +867,6 @@ def _put_rows(hidden: torch.Tensor, keep: torch.Tensor, merged) -> torch.Tensor:
             hidden[b, torch.searchsorted(keep[b].contiguous(), m[0].to(keep.device)).to(hidden.device)] = \
                 m[1].to(hidden.dtype)
     return hidden
-
-
-def _last_real(am: torch.Tensor) -> torch.Tensor:
-    """[B, 1] each row's last column with a nonzero mask (-1 for an empty row)."""
-    return torch.where(am != 0, torch.arange(am.shape[1], device=am.device), -1).amax(1, keepdim=True)
 
 
 def _to_device(t: torch.Tensor, dev) -> torch.Tensor:

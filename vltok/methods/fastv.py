@@ -8,7 +8,7 @@ from ..errors import IncompatibleError
 from ..inllm import Cut
 from ..registry import register
 from ..stages import Method, kept_count
-from .feather import _check, top_by_score, top_by_score_rows
+from .feather import _check, query_mean, top_by_score, top_by_score_rows
 
 
 class FastVPruner:
@@ -41,8 +41,7 @@ class FastVPruner:
 
     def select_batch(self, cut, view, scores):
         """select() for G samples at once: scores [G, R, n_cur] -> [G, k] ascending (no host sync)."""
-        s = scores[:, 0] if scores.shape[1] == 1 else scores.mean(1)
-        return top_by_score_rows(s, self.count(view.n, cut.params[0]))
+        return top_by_score_rows(query_mean(scores), self.count(view.n, cut.params[0]))
 
 
 

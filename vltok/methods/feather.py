@@ -46,6 +46,11 @@ def top_by_score_rows(scores: torch.Tensor, k: int, force: torch.Tensor | None =
     return topk_rows(scores, k, force)
 
 
+def query_mean(scores: torch.Tensor) -> torch.Tensor:
+    """scores [G, R, n] -> [G, n], the mean over the query rows (a view when there is one row: no launch)."""
+    return scores[:, 0] if scores.shape[1] == 1 else scores.mean(1)
+
+
 @lru_cache(maxsize=64)
 def _grid_mask(grid, n: int, stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(uniform_grid indices, [n] bool mask of them) on ``device``, cached: built once per grid, not per cut.
@@ -157,7 +162,7 @@ class FeatherPruner:
     def select_batch(self, cut, view, scores):
         """select() for G samples with the same grid at once (vltok.inllm.BatchView): scores [G, R, n_cur] ->
         [G, k] ascending, the same indices as select() row by row, with no host sync."""
-        s = scores[:, 0] if scores.shape[1] == 1 else scores.mean(1)
+        s = query_mean(scores)
         a, s2 = cut.params
         if cut.stage == 1:
             return top_by_score_rows(s, stage2_count(view.raster.shape[1], s2))
