@@ -4,7 +4,9 @@ Matching, for a metric m [B, N, d] (rows L2-normalised), importance imp [B, N], 
   S = m m^T with the diagonal and protected rows/columns at -inf;
   rank = position of each token when sorted by its row max, descending (stable);
   masked_i = max_{j: rank_j > rank_i} S_ij;  score = imp - masked;  the r smallest scores are sources;
-  dst(src) = argmax_j S[src, j] over tokens that are neither sources nor protected.
+  dst(src) = argmax_j S[src, j] over tokens that are neither sources nor protected; exact ties in S go to the
+  candidate with the lowest score, then the lowest index (the authors' reducer takes the argmax over the
+  destinations listed in ascending score order: CrossGET LLaVA/llava/model/reducer.py @ dc32975).
 No N x N index scatters. The torch path materialises S; the Triton path never stores it: one tiled kernel
 computes a running row max / argmax of m_i . m_j over allowed columns, run three times (row max; rank-masked row
 max; argmax for the r source rows). The sort between the first two passes stays in torch.
@@ -35,10 +37,13 @@ def _ranks(rowmax: torch.Tensor, rowarg: torch.Tensor) -> torch.Tensor:
 
 
 def _select_sources(imp, masked, protected, r):
+    """-> (src [B, r], is_src [B, N], order [B, N]): order lists every token by ascending score (stable on the
+    index); its first r are the sources, and destination ties are broken in this order."""
     score = (imp.to(masked.dtype) - masked).masked_fill(protected, float("inf"))
-    src = torch.sort(score, dim=-1, stable=True).indices[:, :r]
+    order = torch.sort(score, dim=-1, stable=True).indices
+    src = order[:, :r]
     is_src = torch.zeros_like(protected).scatter_(-1, src, True)
-    return src, is_src
+    return src, is_src, order
 
 
 def cgsm_match_torch(metric: torch.Tensor, imp: torch.Tensor, r: int, protected: torch.Tensor | None = None):
@@ -52,9 +57,11 @@ def cgsm_match_torch(metric: torch.Tensor, imp: torch.Tensor, r: int, protected:
     rowmax, rowarg = s.max(-1)
     rank = _ranks(rowmax, rowarg)
     masked = s.masked_fill(rank[:, None, :] <= rank[:, :, None], NEG).amax(-1)
-    src, is_src = _select_sources(imp, masked, protected, r)
-    rows = s.gather(1, src[:, :, None].expand(B, r, N))
-    dst = rows.masked_fill((is_src | protected)[:, None, :], NEG).argmax(-1)
+    src, is_src, order = _select_sources(imp, masked, protected, r)
+    rows = s.gather(1, src[:, :, None].expand(B, r, N)).masked_fill((is_src | protected)[:, None, :], NEG)
+    # argmax over the columns in ascending-score order (argmax takes the first maximum), mapped back to indices
+    best = rows.gather(2, order[:, None, :].expand(B, r, N)).argmax(-1)
+    dst = order.gather(1, best)
     return src, dst, rank
 
 
@@ -177,8 +184,13 @@ def cgsm_match_triton(metric: torch.Tensor, imp: torch.Tensor, r: int, protected
     rank = _ranks(rowmax, rowarg)
     masked, _ = _row_best(m, rows, ~protected, rank)
     masked = masked.masked_fill(protected, NEG)
-    src, is_src = _select_sources(imp, masked, protected, r)
-    _, dst = _row_best(m, src, ~(is_src | protected))
+    src, is_src, order = _select_sources(imp, masked, protected, r)
+    # the destination pass scans the columns in ascending-score order (ties -> lowest score, then index): run it
+    # on the score-permuted metric with the source rows renumbered, and map the argmax back
+    inv = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=m.device).expand(B, N))
+    m_perm = m.gather(1, order[:, :, None].expand(B, N, m.shape[2])).contiguous()
+    _, best = _row_best(m_perm, inv.gather(1, src), ~(is_src | protected).gather(1, order))
+    dst = order.gather(1, best)
     return src, dst, rank
 
 

@@ -21,9 +21,9 @@ def brute_force(metric, imp, r, protected):
     score = [float("inf") if protected[i] else imp[i].item() - masked[i] for i in range(N)]
     src = sorted(range(N), key=lambda i: (score[i], i))[:r]
     dst = []
-    for i in src:
+    for i in src:   # the best similarity; exact ties -> the lowest score, then the lowest index (authors' order)
         cands = [j for j in range(N) if j not in src and not protected[j]]
-        dst.append(max(cands, key=lambda j: (s[i, j].item(), -j)))
+        dst.append(max(cands, key=lambda j: (s[i, j].item(), -score[j], -j)))
     return src, dst
 
 
@@ -49,6 +49,39 @@ def test_ties_break_by_index():
     bs, bd = brute_force(m[0], imp[0], 2, [False] * 6)
     assert src[0].tolist() == bs and dst[0].tolist() == bd
     assert set(src[0].tolist()).isdisjoint(dst[0].tolist())
+
+
+def tied_inputs():
+    """Token 0 (the source: lowest score) has four exact copies (1, 2, 3, 4), equally similar destinations. Their
+    scores (imp - masked max) are -0.6, -0.7, -0.8 and 0.1 (4 ranks last among the copies, so its masked max is
+    lower), so the authors' rule (ascending score) picks 3, where the lowest index would pick 1."""
+    m = torch.nn.functional.normalize(torch.tensor([[[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0],
+                                                    [0, 1, 0], [0, 0, 1], [0, 1, 1]]]), dim=-1)
+    imp = torch.tensor([[-5.0, 0.4, 0.3, 0.2, 0.1, 1.0, 1.0, 1.0]])
+    return m, imp
+
+
+def test_destination_ties_go_to_lowest_score():
+    m, imp = tied_inputs()
+    src, dst, _ = cgsm_match_torch(m, imp, 1, None)
+    bs, bd = brute_force(m[0], imp[0], 1, [False] * 8)
+    assert src[0].tolist() == bs == [0]
+    # exact ties among 1..4: the lowest score (3) wins, not the lowest index (1)
+    assert dst[0].tolist() == bd == [3]
+
+
+def test_destination_ties_random_duplicates():
+    """Many exact duplicates and random importances: the torch path equals the written-out rule."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.nn.functional.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1)
+    m = base[torch.randint(0, 4, (2, 20), generator=g)]
+    imp = torch.rand(2, 20, generator=g, dtype=torch.float64)
+    protected = torch.zeros(2, 20, dtype=torch.bool)
+    protected[:, 0] = True
+    src, dst, _ = cgsm_match_torch(m, imp, 6, protected)
+    for b in range(2):
+        bs, bd = brute_force(m[b], imp[b], 6, protected[b].tolist())
+        assert src[b].tolist() == bs and dst[b].tolist() == bd
 
 
 def test_merge_equal_importance_is_size_weighted_mean_and_sizes_sum():
@@ -80,3 +113,14 @@ def test_triton_matches_torch(N, d, r):
     b = cgsm_match_triton(m, imp, r, protected)
     for x, y in zip(a, b):
         assert torch.equal(x.cpu(), y.cpu())
+
+
+@pytest.mark.skipif(pytest.importorskip("triton") is None, reason="needs triton")
+def test_triton_destination_ties():
+    """The Triton path breaks exact destination ties the same way (interpreter on CPU, the kernel on CUDA)."""
+    from vltok.kernels import cgsm
+
+    m, imp = tied_inputs()
+    a = cgsm_match_torch(m.to(DEV), imp.to(DEV), 1, None)
+    b = cgsm.cgsm_match_triton(m.to(DEV), imp.to(DEV), 1, None)
+    assert a[1].tolist() == b[1].tolist() == [[3]] and a[0].tolist() == b[0].tolist()

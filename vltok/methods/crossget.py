@@ -7,7 +7,8 @@ Per merging layer, between the attention residual and the MLP (shapes: B batch, 
    the index); edge i -> j is allowed only when rank_j > rank_i. masked_i = max over allowed j of S_ij.
 3. score_i = imp_i - masked_i; the r smallest scores are sources (stable on the index); protected tokens and tokens
    with no allowed edge are never sources.
-4. Each source's destination = argmax_j S_ij over non-source, non-protected j (first index on ties).
+4. Each source's destination = argmax_j S_ij over non-source, non-protected j; exact ties go to the candidate with
+   the lowest score, then the lowest index (the authors' reducer scans destinations in ascending score order).
 5. Ensemble in size space: w = 2 softmax([imp_src, imp_dst]); u = x*size; u_dst += w0 u_src + (w1 - 1) u_dst;
    size_dst += size_src; the sources are dropped; x = u / size. Destinations keep their original order.
 
