@@ -69,6 +69,18 @@ def feather_stage1(scores: torch.Tensor, raster: torch.Tensor, grid, n: int, n1:
     return torch.cat([u, rest]).sort().values
 
 
+def feather_stage1_union(scores: torch.Tensor, raster: torch.Tensor, grid, n: int, a: float,
+                         stride: int) -> torch.Tensor:
+    """The paper's stage 1 (FEATHER, prismatic-vlms llama2_models.py FastVLlamaModel, predefined mask
+    ``no_rope_s=3``): the top-floor(a·N) tokens by score over ALL visual tokens, united with the uniform stride grid
+    U. The size varies per image (N=576, a=0.3, stride 3: 172 + 64 - overlap). At least one token. Local indices,
+    ascending."""
+    on_grid = torch.isin(raster, uniform_grid(grid, n, stride).to(raster.device))
+    top = top_by_score(scores, max(1, math.floor(a * raster.numel() + 1e-9)))
+    on_grid[top] = True
+    return on_grid.nonzero().flatten()
+
+
 def stage1_count(n: int, n_grid: int, a: float) -> int:
     return max(1, min(n, round(a * n + n_grid - a * n_grid)))
 
@@ -132,9 +144,9 @@ def solve_feather(keep, n_layers, images, layers, a, s2, stride, keep_mode):
 
 class FeatherPruner:
     graph_safe = True   # select_batch is sync-free index work: the engine may replay the cut from a CUDA graph
-    def __init__(self, keep, layers, a, s2, stride, keep_mode, preset):
+    def __init__(self, keep, layers, a, s2, stride, keep_mode, preset, stage1="count"):
         self.keep, self.layers, self.a, self.s2 = keep, layers, a, s2
-        self.stride, self.keep_mode, self.preset = stride, keep_mode, preset
+        self.stride, self.keep_mode, self.preset, self.stage1 = stride, keep_mode, preset, stage1
 
     def plan(self, n_layers, images):
         if self.keep >= 1.0 and self.preset is None:
@@ -153,6 +165,8 @@ class FeatherPruner:
     def select(self, cut, view, scores):
         s = scores.mean(0)
         a, s2 = cut.params
+        if cut.stage == 0 and self.stage1 == "union":
+            return feather_stage1_union(s, view.raster, view.grid, view.n, a, self.stride)
         if cut.stage == 0:
             on_grid = uniform_grid(view.grid, view.n, self.stride).to(view.raster.device)
             n_grid = int(torch.isin(view.raster, on_grid).sum())
@@ -166,8 +180,8 @@ class FeatherPruner:
         a, s2 = cut.params
         if cut.stage == 1:
             return top_by_score_rows(s, stage2_count(view.raster.shape[1], s2))
-        if view.raster.shape[1] != view.n:   # stage 1 runs on the full raster; anything else goes per sample
-            return None
+        if view.raster.shape[1] != view.n or self.stage1 == "union":
+            return None   # stage 1 runs on the full raster, with one count; anything else goes per sample
         # the grid, ascending (= local indices here), made on the device once (a host-to-device copy would sync)
         u, on_grid = _grid_mask(view.grid, view.n, self.stride, s.device)
         n1 = stage1_count(view.n, u.numel(), a)
@@ -186,10 +200,18 @@ def _check(name, keep_mode, stride=1):
 @register("feather", "FEATHER: in-LLM two-stage pruning, RoPE-free last-token criterion + uniform grid (stage 1), "
           "criterion only (stage 2)", ("in_llm",))
 def make_feather(keep: float, layers=None, a=None, s2=None, stride: int = 3, keep_mode: str = "flops",
-                 preset=None) -> Method:
+                 preset=None, stage1=None) -> Method:
+    """``stage1``: ``"union"`` (the paper's set: top-floor(a·N) of all visual tokens ∪ the stride grid, a size that
+    varies per image; the default with ``preset="paper"``) or ``"count"`` (the grid, then the best off-grid tokens up
+    to n1 = round(a·N + |U| - a·|U|), the same count for every image, so the keep solver's FLOPs are met exactly and
+    batches stay on the batched / graph-replayed path; the default otherwise)."""
     _check("feather", keep_mode, stride)
     if preset not in (None, "paper"):
         raise ValueError(f"feather: preset must be None or 'paper', got {preset!r}")
+    if stage1 is None:
+        stage1 = "union" if preset == "paper" else "count"
+    if stage1 not in ("union", "count"):
+        raise ValueError(f"feather: stage1 must be 'union' or 'count', got {stage1!r}")
     if layers is not None:
         layers = tuple(int(x) for x in layers)
         if len(layers) != 2 or not 1 <= layers[0] < layers[1]:
@@ -197,5 +219,6 @@ def make_feather(keep: float, layers=None, a=None, s2=None, stride: int = 3, kee
     for nm, v in (("a", a), ("s2", s2)):
         if v is not None and not 0.0 <= v <= 1.0:
             raise ValueError(f"feather: {nm} must lie in [0, 1], got {v!r}")
-    params = dict(layers=layers, a=a, s2=s2, stride=stride, keep_mode=keep_mode, preset=preset)
-    return Method("feather", keep, params, in_llm=FeatherPruner(keep, layers, a, s2, stride, keep_mode, preset))
+    params = dict(layers=layers, a=a, s2=s2, stride=stride, keep_mode=keep_mode, preset=preset, stage1=stage1)
+    return Method("feather", keep, params,
+                  in_llm=FeatherPruner(keep, layers, a, s2, stride, keep_mode, preset, stage1))
