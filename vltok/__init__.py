@@ -9,7 +9,9 @@ from .api import PatchHandle, get_handle, patch, patched, unpatch
 from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, UnknownMethodError,
                      UnsupportedModelError, VltokError)
 from .registry import methods
+from .resize import resize_processor
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patched", "methods", "get_handle", "PatchHandle", "VltokError", "UnknownMethodError",
-           "InvalidKeepError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError"]
+           "InvalidKeepError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError",
+           "resize_processor"]
