@@ -23,6 +23,7 @@ from . import runner, shapes
 
 KEEPS = (1.0, 0.5, 0.33, 0.22, 0.16, 0.11, 0.05)
 BASELINES = ("random", "pool")
+PROCESSOR_SIDE = ("resize",)   # not model patches: the runner wraps the processor (vltok.resize)
 # budgets a method reaches exactly, beside the common grid (token-shuffle: keep = 1 / (s_h * s_w))
 NATURAL = {"tokenshuffle": (1 / 4, 1 / 9, 1 / 16)}
 
@@ -201,15 +202,15 @@ def main(argv=None) -> int:
                          "'feather-1cut=feather:{\"layers\": [2, 3]}' (repeatable; the label joins --methods)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    methods = args.methods if args.methods is not None else sorted(vltok.methods())
+    methods = args.methods if args.methods is not None else sorted(vltok.methods()) + list(PROCESSOR_SIDE)
     try:
         variants = parse_variants(args.variant, vltok.methods())
     except ValueError as e:
         ap.error(str(e))
     methods = [m for m in methods if m not in args.skip] + [v for v in variants if v not in args.skip]
-    unknown = sorted(set(methods) - set(vltok.methods()) - set(variants))
+    unknown = sorted(set(methods) - set(vltok.methods()) - set(variants) - set(PROCESSOR_SIDE))
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; registered: {sorted(vltok.methods())}")
+        ap.error(f"unknown method(s) {unknown}; registered: {sorted(vltok.methods())} and {list(PROCESSOR_SIDE)}")
     extra: dict[str, dict] = {}
     for a in args.arg:
         m, _, kv = a.partition(":")

@@ -101,7 +101,16 @@ def evaluate(model, processor, data: str | Path | list[dict], patch: dict | None
     agg = {"tokens_in": 0, "tokens_out": 0, "seconds": 0.0, "flops_weighted": 0.0, "calls": 0}
     last_stats: dict = {}
     handle = None
-    if patch and patch.get("method"):
+    resized = None
+    if patch and patch.get("method") == "resize":   # processor-side: the model stays unpatched (vltok.resize)
+        from vltok.resize import resize_processor
+
+        cfg = dict(patch)
+        resized = processor = resize_processor(processor, float(cfg.pop("keep", 1.0)), model=model)
+        cfg.pop("method")
+        if cfg:
+            raise ValueError(f"resize takes no options, got {sorted(cfg)}")
+    elif patch and patch.get("method"):
         import vltok
 
         cfg = dict(patch)
@@ -149,6 +158,10 @@ def evaluate(model, processor, data: str | Path | list[dict], patch: dict | None
         result["stats"] = {"tokens_in": agg["tokens_in"], "tokens_out": agg["tokens_out"],
                            "keep_achieved": agg["tokens_out"] / tin, "flops_keep": agg["flops_weighted"] / tin,
                            "seconds": agg["seconds"], "calls": agg["calls"], "last": last_stats}
+    if resized is not None:   # the same share for every image (one crop size)
+        k = resized.stats.get("keep_achieved", 1.0)
+        result["stats"] = {"keep_achieved": k, "flops_keep": k, "grid_out": resized.stats.get("grid_out"),
+                           "seconds": 0.0}
     if keep_predictions:
         result["predictions"] = [{"id": r["id"], "type": r["type"], "region": r.get("region"), "answer": r["answer"],
                                   "pred": p, "correct": shapes.is_correct(p, r)} for r, p in zip(records, preds)]

@@ -131,3 +131,19 @@ def test_reference_vlm_resized_runs_unpatched_on_fewer_tokens(reference):
     with torch.no_grad():
         logits = model(**out).logits
     assert logits.shape[1] == out["input_ids"].shape[1] and torch.isfinite(logits).all()
+
+
+@needs_ref
+def test_runner_scores_resize_with_the_model_unpatched(reference, tmp_path):
+    """The eval runner takes {"method": "resize"}: it wraps the processor, the model is never patched, and the
+    result reports the achieved keep (336 px -> 168 px at keep 0.25: 12 x 12 of 24 x 24)."""
+    from vltok.eval import runner, shapes
+
+    model, proc = reference
+    shapes.generate(tmp_path / "d", n=9, seed=0)
+    res = runner.evaluate(model, proc, tmp_path / "d", patch={"method": "resize", "keep": 0.25}, batch_size=9,
+                          max_new_tokens=4, progress=False)
+    assert res["n"] == 9 and res["stats"]["keep_achieved"] == pytest.approx(0.25)
+    assert res["stats"]["grid_out"] == (12, 12) and vltok.get_handle(model) is None
+    with pytest.raises(ValueError, match="no options"):
+        runner.evaluate(model, proc, tmp_path / "d", patch={"method": "resize", "keep": 0.25, "x": 1}, progress=False)
