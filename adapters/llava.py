@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from vltok import compat
 from vltok.errors import IncompatibleError
 from vltok.stages import select
 
@@ -58,7 +59,7 @@ def used_vision_layers(model) -> int:
 
 def llava_next_unpadded(config, image_size) -> tuple[int, int]:
     """(rows, cols) of LLaVA-NeXT's unpadded high-resolution feature map for an image of size (H, W)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    get_anyres_image_grid_shape, unpad_image = compat.anyres_helpers("llava_next")
 
     vc = config.vision_config
     t = vc.image_size // vc.patch_size
@@ -282,7 +283,8 @@ class LlavaAdapter(PlaceholderAdapter):
         visual tokens, image columns, columns to fuse, rope)``; columns to fuse = real tokens that are neither
         answers (labels != -100) nor generated. Decode steps (filled cache) pass through."""
         lm = self.language_model()
-        if prefix or not hasattr(lm, "rotary_emb"):
+        rotary = compat.rotary_embedding(lm)
+        if prefix or rotary is None:
             raise IncompatibleError("LLM-input fusion needs vision_feature_select_strategy='default' (no CLS token in "
                                     "the grid) and an LLM with a rotary_emb module (Llama-style)")
         stock = self.model.model.multi_modal_projector
@@ -291,12 +293,12 @@ class LlavaAdapter(PlaceholderAdapter):
         img_id = self.image_token_id()
 
         def rope(x, position_ids):
-            return lm.rotary_emb(x, position_ids)
+            return rotary(x, position_ids)
 
         def lm_pre_hook(module, args, kwargs):
             emb, vis = kwargs.get("inputs_embeds"), self._fusion_visual
             ids, labels = self._fusion_call
-            past = kwargs.get("past_key_values")
+            past = compat.get_cache(kwargs)
             if emb is None or vis is None or ids is None or (past is not None and past.get_seq_length() > 0):
                 return None   # no image call, or a decode step (fusion ran at prefill)
             if ids.shape[1] != emb.shape[1]:

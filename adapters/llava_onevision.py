@@ -117,8 +117,9 @@ class LlavaOnevisionAdapter(FrameVideos, LlavaNextAdapter):
 
     def _unpadded(self, image_size) -> tuple[int, int]:
         """The packed map's (rows, cols) without newlines: unpadded, then downscaled beyond anyres_max_N tiles."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import (get_anyres_image_grid_shape,
-                                                                                  unpad_image)
+        from vltok import compat
+
+        get_anyres_image_grid_shape, unpad_image = compat.anyres_helpers("llava_onevision")
 
         cfg = self.model.config
         t = self._tile()

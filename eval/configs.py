@@ -114,11 +114,9 @@ def build_random(name: str, device="cuda", dtype=torch.bfloat16, seed: int = 0):
 
 
 def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older 5.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+    from vltok import compat
+
+    return compat.no_init_weights()
 
 
 def build_random_from(cls, cfg, device="cuda", dtype=torch.bfloat16, seed: int = 0):

@@ -49,7 +49,9 @@ def make_inputs(model, family: str, batch: int, device, seed=0, grid=None):
             pv = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
             extra = {}
         else:
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+            from vltok import compat
+
+            image_size_to_num_patches = compat.image_size_to_num_patches("llava_next")
 
             from vltok.adapters.llava import llava_next_unpadded
 

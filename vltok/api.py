@@ -145,6 +145,9 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
     m = fit_to_family(adapter_cls, m)   # e.g. tome on Qwen2-VL merges after the merger; MustDrop's stage 1 dropped
     handle = PatchHandle(model, m, adapter_cls)
     adapter = adapter_cls(model, m, handle)
+    from . import compat
+
+    compat.check(adapter)   # the transformers internals this patch needs: a clear error now, not inside attention
     try:
         adapter.attach(handle._undo)
     except BaseException:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compat import cache_classes, get_cache
 from .errors import IncompatibleError
 from .kernels.select import cut_columns, last_row_scores
 
@@ -274,7 +275,7 @@ class InLLMEngine:
         if emb is None:
             emb = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 else None
         S = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         if pending is not None and pending[0] == S:
             _check_cache(cache, self.method.name)
             if cache is not None and cache.get_seq_length() > 0:
@@ -381,7 +382,7 @@ class InLLMEngine:
                     if isinstance(mask, torch.Tensor):
                         K = mask.shape[-1]
                     else:                           # this step's keys: the layer's cache plus the new tokens
-                        K = kwargs["past_key_values"].layers[i].keys.shape[-2] + q
+                        K = get_cache(kwargs).layers[i].keys.shape[-2] + q
                     pad = torch.zeros(dead.shape[0], K - dead.shape[1], dtype=torch.bool, device=dead.device)
                     mask = self._mask_dead(mask, torch.cat([dead, pad], 1), prefill=False, q=q)
                 if isinstance(mask, torch.Tensor):
@@ -391,8 +392,8 @@ class InLLMEngine:
 
     def _prefill_layer(self, i, args, kwargs):
         c = self._call
-        if c["cache"] is None and kwargs.get("past_key_values") is not None:
-            c["cache"] = kwargs["past_key_values"]
+        if c["cache"] is None and get_cache(kwargs) is not None:
+            c["cache"] = get_cache(kwargs)
             _check_cache(c["cache"], self.method.name)
         if not c["cut_done"] and i not in c["cuts"]:   # before the first cut every layer runs as it would
             return None
@@ -897,7 +898,7 @@ def _per_image(sample, count) -> list[int]:
 def _check_cache(cache, name):
     if cache is None:
         return
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    DynamicCache, DynamicLayer = cache_classes()
 
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or (layers and any(type(l) is not DynamicLayer for l in layers)):

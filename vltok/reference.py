@@ -244,10 +244,9 @@ def build_config(text_cfg: dict, image_token_id: int, vision_feature_layer: int 
 def build_processor(tokenizer):
     from transformers import LlavaProcessor
 
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor  # transformers >= 5: no torchvision needed
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor as ImageProcessor
+    from .compat import clip_image_processor_class
+
+    ImageProcessor = clip_image_processor_class()   # the PIL one where it exists: no torchvision needed
     ip = ImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,

@@ -37,6 +37,7 @@ import torch
 
 import vltok
 
+from . import compat
 from .methods.tokenshuffle import ShuffleProjector, load_projector, save_projector, window_for_keep
 
 
@@ -194,7 +195,7 @@ def shapes_batches(processor, batch_size: int, device=None, offset: int = 0, wor
     from vltok.eval.train_reference import TrainSet, collate
 
     ds = TrainSet(processor, n=1 << 62, offset=offset)
-    pad = processor.tokenizer.pad_token_id or 0
+    pad = compat.tokenizer_of(processor).pad_token_id or 0
 
     def cpu_batch(step):
         ids, labels, mask, pix, _ = collate([ds[step * batch_size + i] for i in range(batch_size)], pad)
@@ -274,7 +275,7 @@ def llava_json_batches(processor, path: str, image_folder: str, batch_size: int,
     recs = [r for r in json.loads(Path(path).read_text()) if r.get("image")]
     if not recs:
         raise vltok.VltokError(f"{path}: no records with an image")
-    tok = processor.tokenizer
+    tok = compat.tokenizer_of(processor)
     eos = tok.eos_token or ""
 
     def encode(rec):
