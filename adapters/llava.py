@@ -191,6 +191,7 @@ class LlavaAdapter(PlaceholderAdapter):
                 self.handle._record_image(n_in, n_out, [getattr(self, "_grid", (n_in - prefix,))], [(n_out - prefix,)])
             self.handle.stats["vision_tokens_per_layer"] = list(run.counts)
             self.handle._add_seconds(run.seconds)
+            self._record_vision_kept(run, n_special)
 
         merger = self.method.vision
         trailing = getattr(merger, "trailing", 0)
@@ -200,7 +201,8 @@ class LlavaAdapter(PlaceholderAdapter):
         self._vision_run = install_vision(encoder_layers(tower), split_layer, merger,
                                           self._vision_schedule, n_special, undo,
                                           attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done,
-                                          nominal=n_patches, trailing_ok=True)
+                                          nominal=n_patches, trailing_ok=True,
+                                          track=lambda: self.handle.record_kept)
         if trailing and any(self._vision_schedule(n_patches)):   # keep=1.0: nothing installed, model unchanged
             run = self._vision_run
 
@@ -215,6 +217,23 @@ class LlavaAdapter(PlaceholderAdapter):
             h = self.model.model.multi_modal_projector.register_forward_pre_hook(strip, with_kwargs=True)
             undo.append(h.remove)
             self._install_method_projector(merger, 0, undo)   # per-token projector: a kept CLS is fine
+
+    def _record_vision_kept(self, run, n_special: int) -> None:
+        """handle.kept_patches() after a vision-stage merge: each output token's first patch (run.pos) and, when
+        tracked, every patch's group; patch indices exclude CLS / registers (and a trailing cross token)."""
+        grid = getattr(self, "_grid", None)
+        n_in = run.counts[0] - n_special
+        h, w = grid if grid and grid[0] * grid[1] == n_in else (1, n_in)
+        if run.pos is None:   # nothing merged in this call
+            self.handle._record_kept("none", (h, w), run.batch)
+            return
+        B = run.pos.shape[0]
+        end = run.pos.shape[1] - run.appended
+        kept = run.pos[:, n_special:end] - n_special
+        groups = run.groups()
+        if groups is not None:
+            groups = groups[:, n_special:n_special + h * w] - n_special
+        self.handle._record_kept("merge", (h, w), B, kept, groups)
 
     def _check_cross_tokens(self, cross, n_special: int, n_patches: int) -> None:
         """Refuse a learned cross-token module that does not fit this model, before anything is installed."""
@@ -339,9 +358,19 @@ class LlavaAdapter(PlaceholderAdapter):
         if plan.identity:
             for _ in range(x.shape[0]):
                 self.handle._record_image(n_tok, n_tok, [(h, w)], [(h, w)])
+            self.handle._record_kept("none", (h, w), x.shape[0])
             return x
         t0 = time.perf_counter()
-        y = reducer.reduce(x[:, prefix:], plan)
+        if plan.grid is None:   # selection: the kept raster indices are part of the record (handle.kept_patches)
+            groups_fn = getattr(reducer, "select_groups", None)
+            if groups_fn is not None and self.handle.record_kept:
+                idx, y, groups = groups_fn(x[:, prefix:], plan)
+            else:
+                (idx, y), groups = select(reducer, x[:, prefix:], plan), None
+            self.handle._record_kept("merge" if groups is not None else "select", (h, w), x.shape[0], idx, groups)
+        else:
+            y = reducer.reduce(x[:, prefix:], plan)
+            self.handle._record_kept("resample", (h, w), x.shape[0], out_grid=tuple(plan.grid))
         if prefix:
             y = torch.cat([x[:, :prefix], y], dim=1)
         self.handle._add_seconds(time.perf_counter() - t0)

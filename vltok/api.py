@@ -21,12 +21,39 @@ class PatchHandle:
         self.family = adapter_cls.family
         self._undo: list = []
         self.stats: dict = {}
+        # True: vision-stage merges also record every patch's group (a one-hot tracer, [B, N, N] memory per call)
+        self.record_kept = False
+        self._kept_stages: list = []   # raw records behind kept_patches() (vltok/kept.py)
+        self._kept_inllm = None
 
     # -- stats (called by adapters) ----------------------------------------------------------------------------
     def _start_call(self):
         self.stats = {"method": self.method.name, "keep": self.method.keep, "images": [], "tokens_in": 0,
                       "tokens_out": 0, "keep_achieved": 1.0, "flops_keep": 1.0, "llm_input_tokens": 0,
                       "seconds": 0.0}
+        self._kept_stages, self._kept_inllm = [], None
+
+    def kept_patches(self):
+        """What the last call kept of each image, in the image's patch grid: a list of vltok.kept.KeptGrid (one per
+        image and grid): kept raster indices (selection), every patch's group (merging; full groups need
+        ``handle.record_kept = True`` during the call), the reduced grid (resampling), and per cut layer the
+        surviving patches (in-LLM). ``vltok.visualize.draw_kept(image, entry)`` draws one."""
+        from .kept import resolve
+
+        return resolve(self)
+
+    def _record_kept(self, kind, grid, batch, kept=None, groups=None, out_grid=None):
+        """Adapters: one pre-LLM / vision reduction of ``batch`` images of patch grid ``grid`` (h, w): kind
+        "none" | "select" | "merge" | "resample"; ``kept`` [batch, k] raster indices, ``groups`` [batch, h*w]
+        (output token per patch, -1 dropped), ``out_grid`` (r_h, r_w). Tensors are kept as they are (no sync)."""
+        self._kept_stages.append(dict(kind=kind, grid=tuple(grid), batch=int(batch), kept=kept, groups=groups,
+                                      out_grid=out_grid))
+
+    def _record_kept_inllm(self, layout, cuts):
+        """In-LLM engine, per prefill: the layout and the cut layers (the columns are the handle's
+        ``inllm_prefill_columns`` / ``inllm_dead_columns``, read when kept_patches() is asked)."""
+        self._kept_inllm = (layout, list(cuts), dict(getattr(self, "inllm_prefill_columns", {})),
+                            dict(getattr(self, "inllm_dead_columns", {}) or {}))
 
     def _record_image(self, tokens_in, tokens_out, grids_in, grids_out):
         s = self.stats or (self._start_call() or self.stats)

@@ -831,6 +831,7 @@ class InLLMEngine:
         self.handle._record_inllm(counts, N, sorted(c["cuts"]), c["scoring"], final,
                                   [_per_image(s, lambda p, im: im.positions.numel()) for s in c["samples"]],
                                   [_per_image(s, lambda p, im: p.numel()) for s in c["samples"]])
+        self.handle._record_kept_inllm(c["layout"], sorted(c["cuts"]))   # handle.kept_patches() (vltok/kept.py)
         self.handle._add_seconds(time.perf_counter() - t0)   # this hook's own work
         return None
 

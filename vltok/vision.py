@@ -33,6 +33,7 @@ it is refused with a clear error while ``prop_attn`` is on).
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -58,7 +59,15 @@ class VisionRun:
     def __init__(self):
         self.probing = False
         self.decide = False
+        self.track = False   # carry the group tracer through the merges (set per call by the adapter: handle.record_kept)
         self.reset(None)
+
+    def groups(self) -> torch.Tensor | None:
+        """After a tracked call: [B, N_in] the index of the output token each input token (CLS included) ended in;
+        None when the call was not tracked or nothing merged."""
+        if self.members is None:
+            return None
+        return self.members.argmax(1)
 
     def reset(self, x):
         self.size = None
@@ -66,8 +75,11 @@ class VisionRun:
         self.q = self.k = None
         self.capture = False
         self.counts = [] if x is None else [x.shape[1]]
+        self.batch = 0 if x is None else x.shape[0]
         self.seconds = 0.0
         self.appended = 0   # trailing tokens appended in this call (stripped by the adapter before the projector)
+        # group tracer (``track``): [B, N_cur, N_in] > 0 where input token j belongs to current token i
+        self.members = None
 
 
 class _Probed(Exception):
@@ -107,13 +119,15 @@ def layer_bias(run: VisionRun, merger, x: torch.Tensor):
 
 def install_vision(layers: list, split: Callable, merger, schedule, n_protected: int, undo: list,
                    attn_impl: str | None = None, on_done: Callable | None = None, nominal: int | None = None,
-                   trailing_ok: bool = False) -> VisionRun:
+                   trailing_ok: bool = False, track: Callable[[], bool] | None = None) -> VisionRun:
     """Wrap ``layers[i].forward`` to merge ``schedule[i]`` tokens after its attention.
 
     ``split(layer) -> LayerSplit``; ``schedule`` has one r per layer (trailing layers may be 0 or missing), or is
     a callable ``n_patches -> list`` evaluated per call on the tokens that reach layer 0 (images of another size
     than the config's), with ``nominal`` patches deciding whether anything is installed at all;
     ``on_done(run)`` is called after the last layer with the run's state (token counts per layer, seconds).
+    ``track()`` (read at layer 0 of each call; e.g. ``handle.record_kept``): carry a one-hot group tracer through
+    the merges (mergers whose ``merge`` takes ``extra``), so ``run.groups()`` gives every input token's group.
     """
     from vltok.adapters.base import set_instance_attr
 
@@ -136,6 +150,7 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
             "cannot take; load the model with attn_implementation='sdpa' (or 'eager'), or pass prop_attn=False")
     first = 0 if (schedule_fn or trailing) else next(i for i, r in enumerate(schedule) if r)
     after_mlp = getattr(merger, "after_mlp", False)
+    can_track = track is not None and "extra" in inspect.signature(merger.merge).parameters
     decide_at = getattr(merger, "merge_layer", -1)
 
     for i, layer in enumerate(layers):
@@ -158,6 +173,7 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
         def forward(hidden_states, *args, _i=i, _orig=orig, _parts=parts, **kwargs):
             if _i == 0:
                 run.reset(hidden_states)
+                run.track = bool(can_track and track() and not run.probing)
                 if schedule_fn is not None:
                     sch = None if run.probing else schedule_fn(hidden_states.shape[1] - n_protected)
                     run.decide = sch is None   # data-dependent count: decided at the merge layer
@@ -202,7 +218,13 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
                     if run.size is None:
                         run.size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
                         run.pos = torch.arange(N, device=x.device).expand(B, N)
-                    x, run.size, run.pos = merger.merge(x, run.size, run.pos, k, query, r, n_protected)
+                    if run.track:   # a one-hot tracer rides along as extra channels: its nonzeros are the groups
+                        if run.members is None:
+                            run.members = torch.eye(N, device=x.device).expand(B, N, N)
+                        x, run.size, run.pos, run.members = merger.merge(x, run.size, run.pos, k, query, r,
+                                                                         n_protected, extra=run.members)
+                    else:
+                        x, run.size, run.pos = merger.merge(x, run.size, run.pos, k, query, r, n_protected)
                 run.q = run.k = None
                 run.seconds += time.perf_counter() - t0
             out = x if after_mlp else _parts.mlp(x)

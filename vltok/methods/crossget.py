@@ -204,7 +204,14 @@ class CrossGetMerger:
     def enter(self, layer: int, x: torch.Tensor, appended: bool) -> torch.Tensor:
         return cross_input(x, layer, self.cross.offsets, appended)
 
-    def merge(self, x, size, pos, keys, query, r, n_protected):
+    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None):
+        """``extra`` [B, N, E] (optional): channels merged alongside x with the same weights, never matched on
+        (vltok.vision's group tracer); then (x, size, pos, extra) is returned."""
+        if extra is not None:   # x is only averaged (the matching reads keys and importance): carry extra along
+            C = x.shape[-1]
+            y, size, pos = self.merge(torch.cat([x.float(), extra.float()], -1), size, pos, keys, query, r,
+                                      n_protected)
+            return y[..., :C].to(x.dtype), size, pos, y[..., C:]
         if self.trailing:   # the cross token (last) is protected: merge the others, then put it back
             t = self.trailing
             y, s, p = self._merge(x[:, :-t], size[:, :-t], pos[:, :-t], keys[:, :-t], query, r, n_protected)

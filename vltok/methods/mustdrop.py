@@ -271,10 +271,16 @@ class MustDropMerger:
         _, scores, blocked = self._windows(x, size, keys, query, n_protected)
         return (self.window ** 2 - 1) * pick_windows(scores, blocked, thr=self.thr).shape[1]
 
-    def merge(self, x, size, pos, keys, query, r, n_protected):
+    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None):
+        """``extra`` [B, N, E] (optional): channels merged alongside x, not scored (vltok.vision's group tracer);
+        then (x, size, pos, extra) is returned."""
         groups, scores, blocked = self._windows(x, size, keys, query, n_protected)
         sel = pick_windows(scores, blocked, r_w=r // (self.window ** 2 - 1))
-        return window_merge(x, size, pos, groups, sel, n_protected)
+        if extra is None:
+            return window_merge(x, size, pos, groups, sel, n_protected)
+        C = x.shape[-1]
+        y, size, pos = window_merge(torch.cat([x.float(), extra.float()], -1), size, pos, groups, sel, n_protected)
+        return y[..., :C].to(x.dtype), size, pos, y[..., C:]
 
 
 class MustDropPruner:

@@ -33,20 +33,23 @@ from .tome import bipartite_merge, round_sizes
 MATCHERS = ("bipartite", "cgsm")
 
 
-def post_merge(x: torch.Tensor, n_out: int, matcher: str = "cgsm") -> tuple[torch.Tensor, torch.Tensor]:
+def post_merge(x: torch.Tensor, n_out: int, matcher: str = "cgsm", groups: bool = False):
     """x [B, N, C] -> (indices [B, n_out] ascending: each group's smallest original index, rows [B, n_out, C]).
 
-    x is not modified; the rows are x's dtype (means taken in fp32 for half inputs)."""
+    x is not modified; the rows are x's dtype (means taken in fp32 for half inputs). ``groups=True`` also returns
+    [B, N]: the output row each input token went into (a one-hot tracer merged alongside, never matched on)."""
     if matcher not in MATCHERS:
         raise ValueError(f"post_merge: matcher must be one of {MATCHERS}, got {matcher!r}")
     B, N, C = x.shape
     if not 1 <= n_out <= N:
         raise ValueError(f"post_merge: n_out={n_out} must be in [1, {N}]")
     y = x if x.dtype == torch.float64 else x.float()
+    if groups:
+        y = torch.cat([y, torch.eye(N, device=x.device, dtype=y.dtype).expand(B, N, N)], -1)
     size = torch.ones(B, N, 1, device=x.device, dtype=y.dtype)
     pos = torch.arange(N, device=x.device).expand(B, N)
     for step in round_sizes(N, 0, N - n_out):
-        metric = F.normalize(y, dim=-1)
+        metric = F.normalize(y[..., :C], dim=-1)
         if matcher == "bipartite":
             y, size, pos = bipartite_merge(y, size, pos, metric, step, 0, "raster")
             continue
@@ -54,8 +57,10 @@ def post_merge(x: torch.Tensor, n_out: int, matcher: str = "cgsm") -> tuple[torc
         src, dst, is_src = cgsm_match(metric, zero, step, 0)
         y, size, pos = cgsm_merge(y, size, pos, zero, src, dst, is_src, "size")
         order = pos.argsort(dim=-1, stable=True)   # destinations keep their order; a group's earliest member
-        y = y.gather(1, order[..., None].expand(-1, -1, C))   # may come before an earlier destination
+        y = y.gather(1, order[..., None].expand(-1, -1, y.shape[-1]))   # may come before an earlier destination
         size, pos = size.gather(1, order[..., None]), pos.gather(1, order)
+    if groups:
+        return pos, y[..., :C].to(x.dtype), y[..., C:].argmax(1)
     return pos, y.to(x.dtype)
 
 
@@ -74,6 +79,13 @@ class PostMergeReducer:
         if plan.count == x.shape[1]:
             return torch.arange(plan.count, device=x.device).expand(x.shape[0], -1), x
         return post_merge(x, plan.count, self.matcher)
+
+    def select_groups(self, x, plan):
+        """(indices, rows, groups [B, N]: the output row each input token went into) -- vltok.kept's record."""
+        if plan.count == x.shape[1]:
+            idx = torch.arange(plan.count, device=x.device).expand(x.shape[0], -1)
+            return idx, x, idx
+        return post_merge(x, plan.count, self.matcher, groups=True)
 
     def indices(self, x, plan):
         return self.select(x, plan)[0]

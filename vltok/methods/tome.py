@@ -117,7 +117,14 @@ class TomeMerger:
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
         return spread_schedule(n_patches, self.keep, n_layers, self.late)
 
-    def merge(self, x, size, pos, keys, query, r, n_protected):
+    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None):
+        """``extra`` [B, N, E] (optional): channels merged alongside x with the same weights, never matched on
+        (vltok.vision's group tracer); then (x, size, pos, extra) is returned."""
+        if extra is not None:   # x is only averaged (the matching reads the keys): carry extra as more channels
+            C = x.shape[-1]
+            y, size, pos = self.merge(torch.cat([x.float(), extra.float()], -1), size, pos, keys, query, r,
+                                      n_protected)
+            return y[..., :C].to(x.dtype), size, pos, y[..., C:]
         kmean = keys.float().mean(2)
         rounds = round_sizes(x.shape[1], n_protected, r)
         if len(rounds) == 1:
