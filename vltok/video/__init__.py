@@ -7,7 +7,7 @@
 
 Same as ``vltok video run``; docs/video.md.
 """
-from .decode import DecodeError, decode, probe
+from .decoding import DecodeError, decode, probe
 from .output import read_results
 from .pipeline import RunResult, run
 from .sampling import Sampling, SamplingError, sample_indices, sample_times

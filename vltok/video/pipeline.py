@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import VltokError
 from . import output, sources
-from .decode import decode, have_decord
+from .decoding import decode, have_decord
 from .sampling import Sampling
 
 DEFAULT_MODEL = "reference-video"
