@@ -403,9 +403,25 @@ def test_item(index: int, seed: int = 0, split: str = "test") -> tuple[Scene, di
     raise RuntimeError(f"no {qtype} question in region {region} after 3000 scenes")  # pragma: no cover
 
 
-def generate(out_dir: str | Path, n: int = 2268, seed: int = 0, split: str = "test", progress: bool = False) -> Path:
-    """Write ``n`` balanced questions (one scene each) as ``out_dir/images/*.png`` + ``out_dir/questions.jsonl``."""
+def generate(out_dir: str | Path, n: int = 2268, seed: int = 0, split: str = "test", progress: bool = False,
+             force: bool = False) -> Path:
+    """Write ``n`` balanced questions (one scene each) as ``out_dir/images/*.png`` + ``out_dir/questions.jsonl``.
+
+    A folder that is not empty is refused (old and new files would mix) unless ``force``: then its
+    ``questions.jsonl`` and ``images/*.png`` are deleted first (nothing else is touched)."""
+    from .datasets import DatasetError
+
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise DatasetError(f"{out} is not empty: old and new files would mix; pick an empty folder or pass "
+                               "--force (deletes its questions.jsonl and images/*.png first)")
+        (out / "questions.jsonl").unlink(missing_ok=True)
+        if (out / "images").is_dir():
+            for f in (out / "images").glob("*.png"):
+                f.unlink()
     (out / "images").mkdir(parents=True, exist_ok=True)
     it = range(n)
     if progress:
@@ -432,7 +448,17 @@ def load_dataset(folder: str | Path, limit: int | None = None) -> list[dict]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                from .datasets import DatasetError
+
+                raise DatasetError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno}); fix or remove "
+                                   "that line") from None
+            if not isinstance(r, dict):
+                from .datasets import DatasetError
+
+                raise DatasetError(f"{path}:{line_no}: expected a JSON object, got {type(r).__name__}")
             for key in ("id", "image", "question", "answer", "type"):
                 if key not in r:
                     raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
@@ -533,3 +559,64 @@ def score(records: list[dict], preds: list[str]) -> dict:
         keys = [k for k in order[g] if k in d] + sorted(k for k in d if k not in order[g])
         res[g] = {k: {"acc": sum(d[k]) / len(d[k]), "n": len(d[k])} for k in keys}
     return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export to an official benchmark layout
+
+VQA_SUBTYPE = "shapes"
+
+
+def export_vqav2(out_dir: str | Path, records: list[dict] | None = None, *, n: int = 2268, seed: int = 0,
+                 split: str = "test", force: bool = False, progress: bool = False) -> Path:
+    """Write shapes questions in the VQAv2 layout: ``v2_OpenEnded_mscoco_shapes_questions.json``,
+    ``v2_mscoco_shapes_annotations.json`` (ten identical human answers per question) and
+    ``shapes/COCO_shapes_<image_id:012d>.jpg`` (JPEG, quality 95).
+
+    ``records``: an existing shapes folder's records (:func:`load_dataset`); None = generate the balanced split
+    (``n``, ``seed``). ``grounding`` questions are left out (a box is not a VQA answer). The answers are written
+    in VQA's normalised form (the official scorer leaves unanimous answers as they are, and the real annotations
+    are normalised already), e.g. ``top-left`` -> ``top left``."""
+    from . import scoring
+    from .datasets import DatasetError
+
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DatasetError(f"{out} is not empty: pick an empty folder or pass --force")
+    img_dir = out / VQA_SUBTYPE
+    img_dir.mkdir(parents=True, exist_ok=True)
+    if records is None:
+        src = ((i, *test_item(i, seed, split)) for i in range(n))
+    else:
+        src = ((i, None, r) for i, r in enumerate(records))
+    if progress:
+        from tqdm import tqdm
+
+        src = tqdm(src, total=n if records is None else len(records), desc="export", unit="q")
+    questions, annotations = [], []
+    for i, scene, q in src:
+        if q["type"] == "grounding":
+            continue
+        qid = image_id = i + 1
+        if scene is not None:
+            img = render(scene)
+        else:
+            from PIL import Image
+
+            with Image.open(q["image_path"]) as im:
+                img = im.convert("RGB")
+        img.save(img_dir / f"COCO_{VQA_SUBTYPE}_{image_id:012d}.jpg", quality=95)
+        ans = scoring.process_digit_article(scoring.process_punctuation(q["answer"]))
+        questions.append({"image_id": image_id, "question": q["question"], "question_id": qid})
+        annotations.append({
+            "question_id": qid, "image_id": image_id, "question_type": q["type"],
+            "answer_type": "yes/no" if ans in ("yes", "no") else "number" if ans.isdigit() else "other",
+            "multiple_choice_answer": ans,
+            "answers": [{"answer": ans, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]})
+    info = {"description": "vltok shapes test split in the VQAv2 format", "version": "2.0"}
+    common = {"info": info, "license": {"name": "Apache-2.0"}, "data_subtype": VQA_SUBTYPE}
+    (out / f"v2_OpenEnded_mscoco_{VQA_SUBTYPE}_questions.json").write_text(json.dumps(
+        {**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions}))
+    (out / f"v2_mscoco_{VQA_SUBTYPE}_annotations.json").write_text(json.dumps(
+        {**common, "data_type": "mscoco", "annotations": annotations}))
+    return out
