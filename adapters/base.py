@@ -138,6 +138,7 @@ class PlaceholderAdapter:
             if call.get("input_ids") is None and isinstance(call.get("inputs"), torch.Tensor):
                 call["input_ids"] = call.pop("inputs")
             original_ids = call.get("input_ids")
+            self._check_generate_mode(call)
             call, rw = self.prepare(call, default_side="left", t0=t0)
             if rw is not None:
                 self._shift_lengths(call, rw.orig_len - rw.new_len)
@@ -148,6 +149,9 @@ class PlaceholderAdapter:
                 self._in_generate = False
             if rw is None:
                 return out
+            seq = out if isinstance(out, torch.Tensor) else out.sequences
+            if seq.shape[0] != original_ids.shape[0]:   # num_return_sequences: rows repeated per sample, in order
+                original_ids = original_ids.repeat_interleave(seq.shape[0] // original_ids.shape[0], dim=0)
             if isinstance(out, torch.Tensor):
                 return restore_prompt(out, original_ids, rw.new_len)
             out.sequences = restore_prompt(out.sequences, original_ids, rw.new_len)
@@ -155,6 +159,21 @@ class PlaceholderAdapter:
 
         set_instance_attr(model, "forward", forward, undo)
         set_instance_attr(model, "generate", generate, undo)
+
+    def _check_generate_mode(self, call: dict) -> None:
+        """Refuse assisted / prompt-lookup decoding with an in-LLM stage: it verifies several tokens per step and
+        crops the cache to a common length, which the per-layer pruned caches do not have. (Pre-LLM and vision
+        stages only shorten the prompt: every decoding mode works.)"""
+        if self.engine is None or not self.has_pixels(call):
+            return
+        gc = call.get("generation_config") or getattr(self.model, "generation_config", None)
+        used = [k for k in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+                if call.get(k) is not None or getattr(gc, k, None) is not None]
+        if used:
+            raise IncompatibleError(
+                f"{self.method.name} prunes tokens inside the LLM, so each layer's cache has its own length; assisted "
+                f"decoding ({', '.join(used)}) crops the cache to one length and is not supported. Drop "
+                f"{', '.join(used)}, use a pre-LLM method (e.g. 'pool', 'fourier'), or vltok.unpatch(model)")
 
     def _shift_lengths(self, call: dict, shrink: int) -> None:
         """Keep max_length / min_length meaning 'prompt + new tokens' for the caller's (longer) prompt."""

@@ -79,15 +79,16 @@ class PatchHandle:
                 im["tokens_out"] = int(b)
             s["tokens_out"] = sum(im["tokens_out"] for im in s["images"])
             s["keep_achieved"] = s["tokens_out"] / max(s["tokens_in"], 1)
-        n0 = sum(sizes_in[0]) if sizes_in else n_visual
+        r = next((b for b, x in enumerate(sizes_in) if x), 0)   # "sample 0": the first sample with images
+        n0 = sum(sizes_in[r]) if sizes_in else n_visual
         n_llm0 = n0
-        if sizes_in and len(s["images"]) >= len(sizes_in[0]):   # an earlier stage (vision) recorded native counts
-            n0 = sum(im["tokens_in"] for im in s["images"][:len(sizes_in[0])])
+        if sizes_in and len(s["images"]) >= len(sizes_in[r]):   # an earlier stage (vision) recorded native counts
+            n0 = sum(im["tokens_in"] for im in s["images"][:len(sizes_in[r])])
         s["tokens_per_layer"] = [int(n) for n in per_layer]
         # sample 0's visual tokens after each stage: native, entering the LLM (after a vision stage), after each cut
         s["stage_tokens"] = {"native": int(n0), "llm_input": int(n_llm0),
                              "cuts": {int(c): int(per_layer[c]) for c in cuts},
-                             "final": int(sum(sizes_out[0])) if sizes_out else int(per_layer[-1])}
+                             "final": int(sum(sizes_out[r])) if sizes_out else int(per_layer[-1])}
         s["prune_layers"] = list(cuts)
         s["flops_keep"] = sum(per_layer) / max(len(per_layer) * n0, 1)
         s["seconds_scoring"] = s.get("seconds_scoring", 0.0) + seconds_scoring

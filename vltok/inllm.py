@@ -205,6 +205,8 @@ class InLLMEngine:
     def __init__(self, adapter, method, handle):
         self.adapter, self.method, self.handle = adapter, method, handle
         self._pending = None     # visual layout of the next LLM call, set by the adapter's forward wrapper
+        self._prompt_seen = None  # [B, S] the prompt columns decode rows see (after a decode stage's eviction)
+        self._prompt = None      # the prefill's (S, layout, mask) in generate(): use_cache=False steps cut it again
         self._call = None        # per-call prefill state
         self._decode = None      # state of a decode step (read from the cache)
         self._captured = {}
@@ -238,7 +240,7 @@ class InLLMEngine:
     # -- per call ----------------------------------------------------------------------------------------------
     def no_images(self) -> None:
         """Called by the adapter's forward wrapper for a call without images: nothing pending may be pruned."""
-        self._pending = None
+        self._pending = self._prompt = None
 
     def begin_call(self, call: dict, layout: list[list[VisualImage]]) -> None:
         """Called by the adapter's forward wrapper with the (rewritten) call and each sample's visual grids."""
@@ -247,6 +249,7 @@ class InLLMEngine:
                 f"{self.method.name} prunes tokens inside the LLM, so the logits cover fewer positions than the "
                 "labels; loss / training is not supported: call the model without labels in eval mode, or "
                 "vltok.unpatch(model) for training")
+        self._prompt = None
         if not any(len(imgs) for imgs in layout):
             self._pending = None
             return
@@ -274,25 +277,39 @@ class InLLMEngine:
         emb = kwargs.get("inputs_embeds")
         if emb is None:
             emb = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 else None
-        S = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
+        B, S = (emb if emb is not None else kwargs["input_ids"]).shape[:2]
         cache = get_cache(kwargs)
+        if pending is not None and B != pending[2].shape[0]:
+            pending = _expand_pending(pending, B)   # beams / num_return_sequences: rows repeated
         if pending is not None and pending[0] == S:
             _check_cache(cache, self.method.name)
             if cache is not None and cache.get_seq_length() > 0:
                 raise IncompatibleError(f"{self.method.name}: the images must be in the first (prefill) call on a "
                                         "cache; chunked prefill / continuing a filled cache is not supported")
+            self._prompt = pending if self.adapter._in_generate else None
             self._start_prefill(S, pending[1], pending[2])
             self._call["scoring"] += time.perf_counter() - t0
         elif cache is not None and getattr(cache, _STATE, None) is not None:
             self._decode = getattr(cache, _STATE)
+        elif (self._prompt is not None and self.adapter._in_generate and S > self._prompt[0]
+              and (cache is None or cache.get_seq_length() == 0)):
+            # generate(use_cache=False): every step re-runs prompt + generated tokens. The prompt's columns are cut
+            # as at prefill (the same scores: the query stays the prompt's last token, whose rows do not see later
+            # columns), the generated columns are kept and never queried, so the tokens equal the cached run's.
+            P, layout, am = self._prompt
+            if B != am.shape[0]:
+                P, layout, am = _expand_pending(self._prompt, B)
+            self._start_prefill(S, layout, torch.cat([am, am.new_zeros(am.shape[0], S - P)], 1), prompt=P)
+            self._call["scoring"] += time.perf_counter() - t0
         return None
 
-    def _start_prefill(self, S, layout, am):
+    def _start_prefill(self, S, layout, am, prompt=None):
         sizes = [[int(im.positions.numel()) for im in imgs] for imgs in layout]
-        first = [(int(im.positions.numel()), im.grid) for im in layout[0]]
+        ref = next(b for b, imgs in enumerate(layout) if imgs)   # the plan's sample: the first one with images
+        first = [(int(im.positions.numel()), im.grid) for im in layout[ref]]
         kw = {}
-        if any(im.native is not None for im in layout[0]):   # a vision stage merged tokens: keep is relative to
-            kw["native"] = [im.native or n for im, (n, _) in zip(layout[0], first)]   # the native count
+        if any(im.native is not None for im in layout[ref]):   # a vision stage merged tokens: keep is relative to
+            kw["native"] = [im.native or n for im, (n, _) in zip(layout[ref], first)]   # the native count
         cuts = sorted((c for c in self.method.in_llm.plan(self.n_layers, first, **kw) if 1 <= c.layer < self.n_layers),
                       key=lambda c: c.layer)
         B = am.shape[0]
@@ -308,8 +325,8 @@ class InLLMEngine:
         self._call = dict(S=S, cuts={c.layer: c for c in cuts}, samples=samples, am=am.to(dev),
                           keep=self._arange(B, S, dev), per_layer={}, layer_keep={},
                           dead=None, layer_dead={}, cut_done=False,
-                          scoring=0.0, n0=sum(sizes[0]), cache=None, slots=slots, layout=layout, has_dead=False,
-                          rel=None, gathered=None, text_rows=None, last_abs=None)
+                          scoring=0.0, n0=sum(sizes[ref]), ref=ref, cache=None, slots=slots, layout=layout, has_dead=False,
+                          rel=None, gathered=None, text_rows=None, last_abs=None, prompt=prompt)
         for c in cuts:   # q / k projections are captured only where a cut reads them, only for this call
             if c.scores:
                 attn = self._attn[c.layer - 1]
@@ -396,6 +413,8 @@ class InLLMEngine:
             c["cache"] = get_cache(kwargs)
             _check_cache(c["cache"], self.method.name)
         if not c["cut_done"] and i not in c["cuts"]:   # before the first cut every layer runs as it would
+            if self._evicts(i):
+                return args, dict(kwargs, attention_mask=self._mask_evicted(kwargs.get("attention_mask"), c["keep"]))
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         kw = dict(kwargs)
@@ -412,7 +431,7 @@ class InLLMEngine:
             if c["slots"] is not None:   # visual tokens entering this layer and the next ones up to the next cut
                 c["per_layer"][i] = sum(sl.pos.shape[1] + sl.extra for sl in c["slots"])
             else:
-                c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][0].images)
+                c["per_layer"][i] = sum(p.numel() + im.extra for p, _, im in c["samples"][c["ref"]].images)
         keep = c["keep"]
         c["layer_keep"][i] = keep
         # HF hands every layer the same loop-level position embeddings / ids / mask: gather them once per cut
@@ -425,10 +444,38 @@ class InLLMEngine:
         if g["dead"] is not None:
             c["layer_dead"][i] = g["dead"]
         kw.update(g["out"])
+        if self._evicts(i):
+            kw["attention_mask"] = self._mask_evicted(kw.get("attention_mask"), keep)
         if args:
             return (hidden, *args[1:]), kw
         kw["hidden_states"] = hidden
         return args, kw
+
+    def _evicts(self, i) -> bool:
+        """A use_cache=False step of generate() whose decode stage evicted layer i's cache in the cached run."""
+        c = self._call
+        if c["prompt"] is None or self.method.decode is None or self._prompt_seen is None or not c["cuts"]:
+            return False
+        return i >= max(self.method.decode.evict_from(sorted(c["cuts"])), 1)
+
+    def _mask_evicted(self, m, keep):
+        """The mask of a use_cache=False step at an evicting layer: the generated rows see only the prompt columns
+        the cached run keeps in that layer's cache (the prefill's final survivors), the prompt rows what they saw."""
+        c = self._call
+        P, seen = c["prompt"], self._prompt_seen
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            raise IncompatibleError(f"{self.method.name}: generate(use_cache=False) with its decode stage needs a 4-D "
+                                    "mask (sdpa / eager attention); use the cache or another attention backend")
+        B, K = keep.shape
+        hide = (keep < P) & ~seen.to(keep.device).gather(1, keep.clamp(max=P - 1))       # [B, K] evicted columns
+        block = ((keep >= P)[:, :, None] & hide[:, None, :])[:, None]                    # [B, 1, Q, K]
+        if m is None:
+            m = torch.ones(K, K, dtype=torch.bool, device=keep.device).tril()[None, None].expand(B, 1, K, K)
+            if (getattr(self._attn[0].config, "_attn_implementation", "sdpa") or "sdpa") == "eager":
+                m = torch.zeros(m.shape, device=keep.device).masked_fill(~m, torch.finfo(torch.float32).min)
+        if m.dtype == torch.bool:
+            return m & ~block
+        return m.masked_fill(block, torch.finfo(m.dtype).min)
 
     # -- the cut as a CUDA graph ----------------------------------------------------------------------------------
     def _graphed_cut(self, cut, kwargs, hidden, kw):
@@ -742,11 +789,15 @@ class InLLMEngine:
             cos, sin = (gather_seq(t, prev, -2) for t in pe) if prev.shape[1] != pe[0].shape[-2] else pe
             qr, kr = self.adapter.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             q, k = qr.transpose(1, 2), kr.transpose(1, 2)
-        am = gather_seq(c["am"], prev, -1).bool()
         if c["dead"] is None:   # filler columns of ragged samples (only this path makes them)
             c["dead"] = torch.zeros(prev.shape[0], c["S"], dtype=torch.bool, device=prev.device)
+        am = gather_seq(c["am"], prev, -1).bool() & ~c["dead"].gather(1, prev)   # fillers are no keys
         new_rows, merged = [], []
         for b, s in enumerate(c["samples"]):
+            if not s.images:   # a text-only sample in a batch with images: every column stays
+                new_rows.append((prev[b], ~c["dead"][b, prev[b]]))
+                merged.append(None)
+                continue
             pos_in_cur = [torch.searchsorted(prev[b], p) for p, _, _ in s.images]
             vis = torch.cat(pos_in_cur)
             probs = None
@@ -814,7 +865,7 @@ class InLLMEngine:
         if c["slots"] is not None:   # the same grids in every sample: per-image counts from the slots' shapes
             c["samples"] = [_Sample([[sl.pos[b], None, im] for sl, im in zip(c["slots"], imgs)])
                             for b, imgs in enumerate(c["layout"])]
-        L, N = self.n_layers, c["n0"] + sum(im.extra for _, _, im in c["samples"][0].images)
+        L, N = self.n_layers, c["n0"] + sum(im.extra for _, _, im in c["samples"][c["ref"]].images)
         counts, n = [], N
         for i in range(L):
             n = c["per_layer"].get(i, n)
@@ -827,6 +878,12 @@ class InLLMEngine:
                 self._evict(c, cache)
             setattr(cache, _STATE, dict(S=c["S"], keep=dict(c["layer_keep"]), dead=dict(c["layer_dead"])))
         final = c["keep"]
+        if c["prompt"] is None and self._prompt is not None:   # generate()'s prefill: what use_cache=False steps
+            seen = torch.zeros(final.shape[0], c["S"], dtype=torch.bool, device=final.device)   # show decode rows
+            seen.scatter_(1, final, True)
+            if c["has_dead"]:
+                seen.scatter_(1, final, ~c["dead"].gather(1, final))
+            self._prompt_seen = seen
         self.handle.inllm_layer_columns = dict(c["layer_keep"])   # what decode steps see (after the decode stage)
         self.handle._record_inllm(counts, N, sorted(c["cuts"]), c["scoring"], final,
                                   [_per_image(s, lambda p, im: im.positions.numel()) for s in c["samples"]],
@@ -886,6 +943,17 @@ def _last_visual(layout) -> list[int]:
 
 
 _last_visual._vltok_host = 0   # host-side work (eval/profile_vltok.py counts its read-backs: none)
+
+
+def _expand_pending(pending, B: int):
+    """The pending call for generate()'s expanded batch (beam search, num_return_sequences): HF repeats each sample
+    ``B // b`` times in a row (repeat_interleave), so each sample's layout and mask are repeated the same way."""
+    S, layout, am = pending
+    if B % am.shape[0]:
+        raise IncompatibleError(f"the LLM runs on {B} rows for {am.shape[0]} prompts; vltok's in-LLM stage expects "
+                                "each prompt repeated the same number of times (beam search / num_return_sequences)")
+    r = B // am.shape[0]
+    return S, [imgs for imgs in layout for _ in range(r)], am.repeat_interleave(r, dim=0)
 
 
 def _per_image(sample, count) -> list[int]:

@@ -1,0 +1,117 @@
+"""Failures a new user hit (issue 14, item 3): mixed batches, generate() modes, copies, threads, option errors.
+
+Tiny random LLaVA-1.5 (tests/test_inllm.py's 6-layer LLM, so in-LLM cuts sit inside the stack)."""
+import pytest
+import torch
+
+import vltok
+from test_inllm import tiny_llava_deep
+from tiny import IMG, llava_inputs
+
+IMG_PROMPT, TEXT_PROMPT = [1, 5, -1, 7, 8, 9], [1, 11, 12, 13, 14, 15, 16]
+INLLM = [("fastv", dict(keep=0.5, K=2)), ("feather", dict(keep=0.5)), ("mustdrop", dict(keep=0.5)),
+         ("llavamini", dict(keep=0.5, mode="early_fusion"))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava_deep()
+
+
+def last_logits(m, inp, handle=None):
+    """Per sample, the logits at its last real column (right padding: positions as in a run alone); with a patch
+    handle and images, that column is found among the columns the patched model kept."""
+    with torch.no_grad():
+        out = m(**inp).logits
+    res = []
+    for b, row in enumerate(inp["attention_mask"]):
+        col = int(row.nonzero().max())
+        if handle is not None and "pixel_values" in inp:
+            cols = getattr(handle, "inllm_kept_columns", None)
+            cols = handle.kept_positions if cols is None else cols
+            col = cols[b].tolist().index(col)
+        res.append(out[b, col])
+    return res
+
+
+# -- 1. a batch where one sample has no image ------------------------------------------------------------------
+@pytest.mark.parametrize("text_first", [False, True])
+@pytest.mark.parametrize("method,kw", INLLM + [("pool", dict(keep=0.25))])
+def test_text_only_sample_in_an_image_batch(model, method, kw, text_first):
+    prompts = [TEXT_PROMPT, IMG_PROMPT] if text_first else [IMG_PROMPT, TEXT_PROMPT]
+    t, i = (0, 1) if text_first else (1, 0)
+    batch = llava_inputs(model, prompts, padding="right")
+    alone_img = llava_inputs(model, [IMG_PROMPT])
+    alone_txt = {k: v for k, v in llava_inputs(model, [TEXT_PROMPT]).items() if k != "pixel_values"}
+    ref_txt = last_logits(model, alone_txt)[0]                         # the unpatched model on the text sample
+    with vltok.patched(model, method, **kw) as h:
+        got = last_logits(model, batch, h)
+        assert h.stats["tokens_out"] < h.stats["tokens_in"]            # the image sample was reduced
+        ref_img = last_logits(model, alone_img, h)[0]                   # the same sample alone, patched
+        alone_txt_patched = last_logits(model, alone_txt, h)[0]
+        gen_b = model.generate(**llava_inputs(model, prompts), max_new_tokens=4, do_sample=False)
+        gen_i = model.generate(**alone_img, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(got[i], ref_img, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[t], ref_txt, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone_txt_patched, ref_txt, atol=0, rtol=0)
+    assert torch.equal(gen_b[i, -4:], gen_i[0, -4:])
+    gen_t = model.generate(**alone_txt, max_new_tokens=4, do_sample=False)   # unpatched
+    assert torch.equal(gen_b[t, -4:], gen_t[0, -4:])
+
+
+# -- 2. / 3. generate() modes ------------------------------------------------------------------------------------
+FAMILIES = [("fourier", dict(keep=0.25)), ("random", dict(keep=0.25)), ("tome", dict(keep=0.5))] + INLLM
+GEN = dict(max_new_tokens=4, min_new_tokens=4, suppress_tokens=[IMG])   # (a random model may emit the image token)
+P2 = [1, 11, 12, -1, 13]
+
+
+@pytest.mark.parametrize("method,kw", FAMILIES)
+def test_beam_search_and_several_sequences(model, method, kw):
+    inp = llava_inputs(model, [IMG_PROMPT, P2])
+    ids = inp["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(**inp, num_beams=2, num_return_sequences=2, do_sample=False, **GEN)
+    with vltok.patched(model, method, **kw) as h, torch.no_grad():
+        beams = model.generate(**inp, num_beams=2, num_return_sequences=2, do_sample=False, **GEN)
+        assert h.stats["tokens_out"] < h.stats["tokens_in"]
+        # each sample of the batch decodes as it does alone (its rows get its own layout / prompt)
+        one = [model.generate(**{**llava_inputs(model, [p]), "pixel_values": inp["pixel_values"][j:j + 1]},
+                              num_beams=2, do_sample=False, **GEN) for j, p in enumerate([IMG_PROMPT, P2])]
+        best = model.generate(**inp, num_beams=2, do_sample=False, **GEN)
+        torch.manual_seed(0)
+        sampled = model.generate(**inp, do_sample=True, num_return_sequences=3, **GEN)
+    assert beams.shape == ref.shape == (4, ids.shape[1] + 4)
+    assert torch.equal(beams[:, :ids.shape[1]], ids.repeat_interleave(2, 0))   # the caller's prompt, per sequence
+    assert sampled.shape == (6, ids.shape[1] + 4)
+    assert torch.equal(sampled[:, :ids.shape[1]], ids.repeat_interleave(3, 0))
+    for j in range(2):
+        assert torch.equal(best[j, -4:], one[j][0, -4:]), j
+
+
+@pytest.mark.parametrize("method,kw", FAMILIES + [("pool", dict(keep=0.25))])
+@pytest.mark.parametrize("prompts", [[IMG_PROMPT, P2], [TEXT_PROMPT, P2]], ids=["images", "text+image"])
+def test_use_cache_false_gives_the_cached_tokens(model, method, kw, prompts):
+    inp = llava_inputs(model, prompts)
+    with vltok.patched(model, method, **kw), torch.no_grad():
+        cached = model.generate(**inp, do_sample=False, max_new_tokens=6, suppress_tokens=[IMG])
+        plain = model.generate(**inp, do_sample=False, max_new_tokens=6, suppress_tokens=[IMG], use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("method,kw", [("pool", dict(keep=0.25)), ("tome", dict(keep=0.5))])
+def test_prompt_lookup_and_assisted_decoding_work_before_the_llm(model, method, kw):
+    inp = llava_inputs(model, [[1, 5, -1, 7, 8, 9, 5, 7]])
+    helper = tiny_llava_deep(layers=2, seed=1)
+    with vltok.patched(model, method, **kw), torch.no_grad():
+        ref = model.generate(**inp, do_sample=False, **GEN)
+        assert torch.equal(model.generate(**inp, do_sample=False, prompt_lookup_num_tokens=2, **GEN), ref)
+        assert torch.equal(model.generate(**inp, do_sample=False, assistant_model=helper, **GEN), ref)
+
+
+@pytest.mark.parametrize("method,kw", INLLM[:1] + INLLM[2:3])
+def test_assisted_decoding_is_refused_in_the_llm(model, method, kw):
+    inp = llava_inputs(model, [[1, 5, -1, 7, 8, 9, 5, 7]])
+    with vltok.patched(model, method, **kw), torch.no_grad():
+        for extra in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=tiny_llava_deep(layers=2, seed=1))):
+            with pytest.raises(vltok.VltokError, match="assisted decoding"):
+                model.generate(**inp, do_sample=False, **GEN, **extra)
