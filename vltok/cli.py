@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules that may add subcommands through register(subparsers); absent ones are skipped
-PLUGINS = ("vltok.eval.cli", "vltok.train")
+PLUGINS = ("vltok.eval.cli", "vltok.train", "vltok.eval.shapes_video")
 
 
 def _methods(args):
