@@ -27,6 +27,7 @@ class FrameVideos:
     says where the frames' grids are (``frame_grid``) and calls ``reduce_frames`` on them."""
 
     pixel_keys = ("pixel_values", "pixel_values_videos")
+    runs_temporal = True   # temporal methods (evs, tmerge) reduce each video's frames together
     frame_prefix = 0
     video_extra = 0
 
@@ -45,8 +46,12 @@ class FrameVideos:
     def video_counts(self, call) -> tuple[list[int], list[int]]:
         pv = call["pixel_values_videos"]
         (h, w), pre, extra = self.frame_grid(), self.frame_prefix, self.video_extra
-        count = self.method.pre_llm.plan(h, w).count
         frames = pv.shape[1]
+        reducer = self.method.pre_llm
+        if getattr(reducer, "temporal", False):   # a budget per video (vltok.methods.temporal), a multiple of frames
+            return [frames * (pre + h * w) + extra] * pv.shape[0], \
+                [frames * pre + reducer.video_count(frames, h, w) + extra] * pv.shape[0]
+        count = reducer.plan(h, w).count
         return [frames * (pre + h * w) + extra] * pv.shape[0], [frames * (pre + count) + extra] * pv.shape[0]
 
     def placeholder_runs(self, call):
@@ -68,6 +73,8 @@ class FrameVideos:
         if x.shape[1] != pre + h * w:
             raise IncompatibleError(f"video frames have {x.shape[1]} tokens, expected {pre} + {h}x{w}; this "
                                     "checkpoint's frame layout is not supported")
+        if getattr(reducer, "temporal", False):
+            return self._reduce_temporal(x, frames)
         if plan.identity:
             y = x
         else:
@@ -83,6 +90,36 @@ class FrameVideos:
         for _ in range(x.shape[0] // frames):
             self.handle._record_image(frames * x.shape[1] + extra, frames * y.shape[1] + extra, [(frames, h, w)],
                                       [(frames, *plan.grid) if plan.grid else (frames, plan.count)])
+        return y
+
+    def _reduce_temporal(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """A temporal method: each video's frames [frames, h, w, D] reduced together (vltok.methods.temporal). Each
+        frame keeps its prefix tokens, followed by its surviving tokens; the result is returned as
+        [videos * frames, prefix + count / frames, D] (count is a multiple of frames), which the model flattens per
+        video into exactly that sequence."""
+        (h, w), pre, extra = self.frame_grid(), self.frame_prefix, self.video_extra
+        reducer = self.method.pre_llm
+        V, D = x.shape[0] // frames, x.shape[-1]
+        count = reducer.video_count(frames, h, w)
+        if count == frames * h * w:
+            y = x
+        else:
+            t0 = time.perf_counter()
+            out = []
+            for v in range(V):
+                xv = x[v * frames:(v + 1) * frames]
+                idx, rows = reducer.reduce_video(xv[:, pre:].reshape(frames, h, w, D))
+                if pre:   # frame f: its prefix, then its survivors (idx ascending = time-major)
+                    seq = torch.cat([xv[:, :pre].reshape(-1, D), rows])
+                    key = torch.cat([torch.arange(frames, device=x.device).repeat_interleave(pre) * (h * w + 1) - 1,
+                                     (idx // (h * w)) * (h * w + 1) + idx % (h * w)])
+                    rows = seq.index_select(0, key.argsort(stable=True))
+                out.append(rows)
+            y = torch.stack(out).reshape(V * frames, pre + count // frames, D)
+            self.handle._add_seconds(time.perf_counter() - t0)
+        for _ in range(V):
+            self.handle._record_image(frames * x.shape[1] + extra, frames * pre + count + extra, [(frames, h, w)],
+                                      [(count,)])
         return y
 
     def video_layout(self, call, per_sample: list) -> list:

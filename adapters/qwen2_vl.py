@@ -37,6 +37,7 @@ MODALITIES = (("image", 1, "image_grid_thw"), ("video", 2, "video_grid_thw"))
 class Qwen2VLAdapter(PlaceholderAdapter):
     family = "qwen2_vl"
     pixel_keys = ("pixel_values", "pixel_values_videos")
+    runs_temporal = True   # temporal methods (evs, tmerge) reduce each video's temporal slices together
     stages = ("pre_llm", "in_llm", "decode")
     not_applicable = {
         "vision": "reducing inside the Qwen ViT breaks the 2x2 PatchMerger grouping, the per-patch rotary table and "
@@ -57,8 +58,20 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         native, new = [], []
         for t, h, w in self._frames(grid_thw):
             native.append(t * h * w)
-            new.append(t * self.method.pre_llm.plan(h, w).count)
+            new.append(self._item_count(t, h, w))
         return native, new
+
+    def _item_count(self, t: int, h: int, w: int) -> int:
+        reducer = self.method.pre_llm
+        if getattr(reducer, "temporal", False):   # one budget per item over its t slices (vltok.methods.temporal)
+            return reducer.video_count(t, h, w)
+        return t * reducer.plan(h, w).count
+
+    def _item_identity(self, t: int, h: int, w: int) -> bool:
+        reducer = self.method.pre_llm
+        if getattr(reducer, "temporal", False):
+            return reducer.video_count(t, h, w) == t * h * w
+        return reducer.plan(h, w).identity
 
     def image_counts(self, call):
         return self._counts(call["image_grid_thw"]) if call.get("image_grid_thw") is not None else ([], [])
@@ -102,6 +115,11 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     def _reduce_item(self, f: torch.Tensor, t: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """f [t*h*w, D] -> ([t*count, D], kept raster indices per frame (selection methods only))."""
         reducer = self.method.pre_llm
+        if getattr(reducer, "temporal", False):
+            if reducer.video_count(t, h, w) == t * h * w:
+                return f, []
+            idx, y = reducer.reduce_video(f.view(t, h, w, f.shape[-1]))
+            return y, [idx[(idx // (h * w)) == s] - s * h * w for s in range(t)]
         plan = reducer.plan(h, w)
         if plan.identity:
             return f, []
@@ -134,7 +152,8 @@ class Qwen2VLAdapter(PlaceholderAdapter):
                 kept.append(idx)
                 plan = self.method.pre_llm.plan(h, w)
                 self.handle._record_image(f.shape[0], y.shape[0], [(t, h, w)],
-                                          [(t, *plan.grid) if plan.grid else (t, plan.count)])
+                                          [(y.shape[0],) if getattr(self.method.pre_llm, "temporal", False) else
+                                           (t, *plan.grid) if plan.grid else (t, plan.count)])
             self._kept[kind] = kept
             self._check_probed(kind)
             out.pooler_output = tuple(feats)
@@ -195,7 +214,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
                 kind = "image" if code == 1 else "video"
                 j = n_seen[code]
                 n_seen[code] += 1
-                if plan.identity:
+                if self._item_identity(t, h, w):
                     keep_idx = torch.arange(t * h * w)
                 else:
                     per_frame = self._probe_indices(kind, j, t, h, w, plan)
@@ -237,8 +256,9 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
         def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None, **kwargs):
             grids = {1: image_grid_thw, 2: video_grid_thw}
-            plans = [reducer.plan(h, w) for g in grids.values() if g is not None for _, h, w in self._frames(g)]
-            if all(p.identity for p in plans):
+            items = [f for g in grids.values() if g is not None for f in self._frames(g)]
+            plans = [reducer.plan(h, w) for _, h, w in items]
+            if all(self._item_identity(t, h, w) for t, h, w in items):
                 return orig_rope(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
                                  video_grid_thw=video_grid_thw, **kwargs)
             if all(p.grid is not None for p in plans):

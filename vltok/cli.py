@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules that may add subcommands through register(subparsers); absent ones are skipped
-PLUGINS = ("vltok.eval.cli", "vltok.train", "vltok.video.cli")
+PLUGINS = ("vltok.eval.cli", "vltok.train", "vltok.video.cli", "vltok.eval.shapes_video")
 
 
 def _methods(args):

@@ -36,6 +36,9 @@ def incompatibility(adapter_cls, method) -> str | None:
     method = _post_fallback(adapter_cls, method)
     stages = method.stages if hasattr(method, "stages") else tuple(method)
     missing = [s for s in stages if s not in adapter_cls.stages and not _optional(method, s)]
+    if getattr(getattr(method, "pre_llm", None), "temporal", False) and not getattr(adapter_cls, "runs_temporal", False):
+        return (f"reduces across video frames (a temporal method); vltok's {adapter_cls.family} adapter has no video "
+                "input, and images pass through a temporal method unchanged")
     if not missing:
         if getattr(getattr(method, "pre_llm", None), "projector", None) is not None and \
                 not getattr(adapter_cls, "runs_method_projector", False):
@@ -62,6 +65,8 @@ def limitations(adapter_cls, method) -> str | None:
     if fitted is not method:
         out.append("merges after the vision encoder (schedule='post'): the family has no vision stage")
         method = fitted
+    if getattr(getattr(method, "pre_llm", None), "temporal", False):
+        out.append("videos only: images (and one-frame videos) pass through unchanged")
     parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     if parts:
         out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")

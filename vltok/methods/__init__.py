@@ -4,3 +4,4 @@ from . import crossget, tome  # noqa: F401
 from . import llavamini, tokenshuffle  # noqa: F401
 from . import fastv, feather  # noqa: F401
 from . import mustdrop  # noqa: F401
+from . import temporal  # noqa: F401
