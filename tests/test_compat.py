@@ -183,3 +183,42 @@ def test_every_transformers_import_goes_through_compat():
                     bad.append(f"{f.relative_to(root)}:{n}: {line.strip()}")
     assert not bad, bad
     assert "get_rope_index" in inspect.getsource(compat.check)
+
+
+def _run_from_root(code, extra_path=None):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(vltok.__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = str(extra_path)
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_repo_kernels_folder_does_not_shadow_pypi_kernels(tmp_path):
+    """From the repository root (no -P) `import kernels` is PyPI's package (transformers >= 5.25 imports it), not
+    vltok's kernels/ folder; without that package installed, the error says why and what to do."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'the real one'\n")
+    r = _run_from_root("import kernels, vltok.kernels.select as s; print(kernels.CUDAProperties, s.__name__)",
+                       tmp_path / "site")
+    assert r.returncode == 0 and "the real one vltok.kernels.select" in r.stdout, r.stderr
+    r = _run_from_root("import importlib.util, kernels; print(kernels.__file__)")
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None:   # PyPI's kernels not installed here (transformers < 5.25)
+        assert r.returncode != 0 and "PyPI package 'kernels' is not installed" in r.stderr and "-P" in r.stderr
+    else:
+        assert r.returncode == 0 and "site-packages" in r.stdout, r.stdout + r.stderr
+
+
+def test_conftest_drops_the_repo_root_from_sys_path():
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vltok.__file__)))
+    assert all(os.path.abspath(p or os.getcwd()) != root for p in sys.path)
