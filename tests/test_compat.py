@@ -262,3 +262,20 @@ def test_every_third_party_import_is_declared():
                     if dist not in declared:
                         missing.setdefault(dist, str(f.relative_to(root)))
     assert not missing, f"imported but not declared in pyproject.toml (dependencies or an extra): {missing}"
+
+
+def test_import_vltok_does_not_import_triton():
+    """triton (~0.5 s to import) is imported on a kernel's first use, never by `import vltok` (nor by importing the
+    in-LLM engine or the kernel modules); a CPU tensor outside the interpreter never imports it."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import torch, vltok, vltok.inllm, vltok.kernels.select, vltok.kernels.cgsm, vltok.kernels.dct, "
+            "vltok.kernels.gather\n"
+            "assert 'triton' not in sys.modules, 'imported'\n"
+            "from vltok.kernels._triton import usable\n"
+            "assert not usable(torch.zeros(2)) and 'triton' not in sys.modules, 'a CPU tensor imported triton'\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -5,6 +5,7 @@
     vltok.unpatch(model)
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
+from .compat import TransformersCompatError
 from .api import PatchHandle, get_handle, patch, patched, unpatch
 from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, UnknownMethodError,
                      UnsupportedModelError, VltokError)
@@ -12,4 +13,5 @@ from .registry import methods
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patched", "methods", "get_handle", "PatchHandle", "VltokError", "UnknownMethodError",
-           "InvalidKeepError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError"]
+           "InvalidKeepError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError",
+           "TransformersCompatError"]
