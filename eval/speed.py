@@ -303,8 +303,10 @@ def bench_model(name, methods, keeps, batches, n_new, reps, fast, model=None, fa
     for r, method, keep, inputs in profile_later:   # the profiler last: it slows the host down afterwards
         with vltok.patched(model, method, keep=keep) as handle, torch.no_grad():
             model(**inputs, logits_to_keep=1)
-            r["vltok_dev_ms"] = vltok_device_time(handle, lambda: model(**inputs, logits_to_keep=1))
-        r["vltok_dev_pct"] = 100 * r["vltok_dev_ms"] / r["ttft_ms"]
+            dev_ms = vltok_device_time(handle, lambda: model(**inputs, logits_to_keep=1))
+        if math.isnan(dev_ms):   # no CUDA: no device profile (the row says "not measured", never "nan%")
+            continue
+        r["vltok_dev_ms"], r["vltok_dev_pct"] = dev_ms, 100 * dev_ms / r["ttft_ms"]
         print(json.dumps({k: r[k] for k in ("model", "batch", "method", "keep", "vltok_dev_ms")}), flush=True)
     del model
     if torch.cuda.is_available():
@@ -380,12 +382,16 @@ def targets(rows, keep=0.16) -> str:
     for r in rows:
         if abs(r["keep"] - keep) < 1e-9 and r.get("vltok_ms") and not r.get("error") and r["method"] in methods:
             b = base(r["model"], r["batch"])
-            pct_base = 100 * r["vltok_ms"] / b["ttft_ms"] if b else float("nan")
-            dev = r.get("vltok_dev_pct", float("nan"))
-            met = "yes" if r["vltok_pct"] < 2 and dev < 2 else ("device time only" if dev < 2 else "no")
+            vs_base = f" ({100 * r['vltok_ms'] / b['ttft_ms']:.1f}% of unpatched)" if b else ""
+            dev = r.get("vltok_dev_pct")   # absent (or nan in older JSON) where no device profile ran (no CUDA)
+            has_dev = dev is not None and not math.isnan(dev)
+            if has_dev:
+                met = "yes" if r["vltok_pct"] < 2 and dev < 2 else ("device time only" if dev < 2 else "no")
+            else:
+                met = "host yes, device not measured" if r["vltok_pct"] < 2 else "no"
             out.append(f"| time in vltok / prefill | {r['model']} | {r['batch']} | {r['method']} | host "
-                       f"{r['vltok_pct']:.1f}% of patched TTFT ({pct_base:.1f}% of unpatched), device {dev:.2f}% | "
-                       f"< 2% | {met} |")
+                       f"{r['vltok_pct']:.1f}% of patched TTFT{vs_base}, device "
+                       f"{f'{dev:.2f}%' if has_dev else 'not measured'} | < 2% | {met} |")
     for m in methods:   # the fast path replays a graph: no vltok host work per call, the same device work
         r, e = find("llava-1.5-7b", 1, f"{m}+fast"), find("llava-1.5-7b", 1, m)
         if r is not None and e is not None and e.get("vltok_dev_ms") is not None:
@@ -405,10 +411,8 @@ def targets(rows, keep=0.16) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
-    from vltok.eval import configs
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "llava-next-7b"])
     ap.add_argument("--methods", nargs="+", default=["fourier", "pool", "random"])
     ap.add_argument("--keeps", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.16, 0.11])
@@ -425,6 +429,8 @@ def main(argv=None):
         with open(args.summarize) as f:
             print(targets(json.load(f)))
         return
+    from vltok.eval import configs
+
     if not torch.cuda.is_available():
         sys.exit("vltok bench needs a CUDA GPU (it builds 7B-size models with random bf16 weights)")
     import transformers

@@ -16,9 +16,11 @@ w = 2*softmax([imp_src, imp_dst]); sizes add unweighted; x = u / size; sources a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._triton import HAVE_TRITON, interpret, usable
+from ._triton import interpret, usable
 
 NEG = float("-inf")
 
@@ -65,7 +67,9 @@ def cgsm_match_torch(metric: torch.Tensor, imp: torch.Tensor, r: int, protected:
     return src, dst, rank
 
 
-if HAVE_TRITON:
+def _define():
+    """Define the Triton kernels (module globals) on first use: `import vltok` must not import triton."""
+    global triton, tl, _row_best_kernel, _CONFIGS, _BEST
     import triton
     import triton.language as tl
 
@@ -116,9 +120,20 @@ if HAVE_TRITON:
     # tile shapes (BLOCK_R, BLOCK_N, BLOCK_D, warps, stages); BLOCK_N divides 128, the column parts' granularity
     _CONFIGS = ((64, 64, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
                 (128, 128, 32, 8, 4), (64, 64, 128, 4, 3))
-    _BEST: dict = {}
+    _BEST = {}
 
 
+def _with_kernels(fn):
+    """``fn`` launches the kernels above: define them (import triton) on its first call."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "tl" not in globals():
+            _define()
+        return fn(*args, **kwargs)
+    return run
+
+
+@_with_kernels
 def _launch(cfg, args, flags, B, R, parts):
     br, bn, bd, w, st = cfg
     _row_best_kernel[(B, triton.cdiv(R, br), parts)](*args, **flags, BLOCK_R=br, BLOCK_N=bn, BLOCK_D=bd,
@@ -147,6 +162,7 @@ def _pick(key, args, flags, B, R, parts):
     return cfg
 
 
+@_with_kernels
 def _row_best(m, rows, colok, rank=None):
     """For each listed row i: max and argmax of m_i . m_j over columns j != i with colok[j] (and rank_j > rank_i)."""
     B, N, D = m.shape

@@ -7,11 +7,14 @@ fp32 accumulation. The gain is folded into the basis and the raster reshape is f
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._triton import HAVE_TRITON
 
-if HAVE_TRITON:
+def _define():
+    """Define the Triton kernels (module globals) on first use: `import vltok` must not import triton."""
+    global triton, tl, _lowpass_kernel
     import triton
     import triton.language as tl
 
@@ -38,6 +41,17 @@ if HAVE_TRITON:
                  mask=(rk[:, None] < K) & (rc[None, :] < C))
 
 
+def _with_kernels(fn):
+    """``fn`` launches the kernels above: define them (import triton) on its first call."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "tl" not in globals():
+            _define()
+        return fn(*args, **kwargs)
+    return run
+
+
+@_with_kernels
 def lowpass_gemm(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """basis [K, N], x [B, N, C] (any strides) -> [B, K, C] in x.dtype (fp32 accumulation)."""
     B, N, C = x.shape

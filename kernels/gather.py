@@ -13,9 +13,11 @@ torch otherwise; eval/kernel_bench.py (``--only gather``) times both on the GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._triton import HAVE_TRITON, usable
+from ._triton import usable
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -41,7 +43,9 @@ def gather_rows_torch(hidden, idx, cos=None, sin=None, pe_idx=None, position_ids
     return (_rows(hidden, idx), *out_pe)
 
 
-if HAVE_TRITON:
+def _define():
+    """Define the Triton kernels (module globals) on first use: `import vltok` must not import triton."""
+    global triton, tl, _gather_kernel
     import triton
     import triton.language as tl
 
@@ -69,6 +73,16 @@ if HAVE_TRITON:
                 tl.store(po_ptr + row, tl.load(p_ptr + b * spb + j * spn))
 
 
+def _with_kernels(fn):
+    """``fn`` launches the kernels above: define them (import triton) on its first call."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "tl" not in globals():
+            _define()
+        return fn(*args, **kwargs)
+    return run
+
+
 def _fits(hidden, idx, cos, sin, pe_idx, position_ids) -> bool:
     B, k = idx.shape
     if hidden.dim() != 3 or hidden.shape[0] != B or hidden.stride(-1) != 1:
@@ -81,6 +95,7 @@ def _fits(hidden, idx, cos, sin, pe_idx, position_ids) -> bool:
     return pe_idx is None or pe_idx.shape == idx.shape
 
 
+@_with_kernels
 def gather_rows_triton(hidden, idx, cos=None, sin=None, pe_idx=None, position_ids=None):
     """One launch; the same results as :func:`gather_rows_torch` (a copy, bit-exact)."""
     if not (usable(hidden, idx) and _fits(hidden, idx, cos, sin, pe_idx, position_ids)):

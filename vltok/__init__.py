@@ -5,6 +5,7 @@
     vltok.unpatch(model)
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
+from .compat import TransformersCompatError
 from .api import PatchHandle, get_handle, patch, patched, unpatch
 from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, UnknownMethodError,
                      UnsupportedModelError, VltokError)
@@ -14,4 +15,4 @@ from .resize import resize_processor
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patched", "methods", "get_handle", "PatchHandle", "VltokError", "UnknownMethodError",
            "InvalidKeepError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError",
-           "resize_processor"]
+           "TransformersCompatError", "resize_processor"]

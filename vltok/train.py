@@ -317,14 +317,15 @@ def llava_json_batches(processor, path: str, image_folder: str, batch_size: int,
 
 # -- CLI: vltok train <method> ... --------------------------------------------------------------------------------
 def register(sub):
-    p = sub.add_parser("train", help="train a method's learned variant (tokenshuffle) on a frozen LLaVA model",
+    p = sub.add_parser("train", help=f"train a method's learned variant ({', '.join(sorted(LEARNED))}) on a frozen LLaVA model",
                        description="Train a learned variant. Model: 'reference' (vltok.reference.load) or a "
                        "LLaVA-family folder/hub id. Data: 'shapes' (reference VLM training split) or a LLaVA-format "
                        "JSON with --image-folder. Eval: shapes test folder every --eval-every steps.")
-    p.add_argument("method", choices=sorted(LEARNED))
+    p.add_argument("method", choices=sorted(LEARNED), help="the method whose learned part is trained")
     p.add_argument("--model", default="reference")
     p.add_argument("--keep", type=float, default=0.25)
-    p.add_argument("--window", type=int, nargs=2, default=None, metavar=("S_H", "S_W"))
+    p.add_argument("--window", type=int, nargs=2, default=None, metavar=("S_H", "S_W"),
+                   help="tokenshuffle: the shuffle window (default: the one --keep implies)")
     p.add_argument("--cross-visible", action="store_true",
                    help="crossget: every token attends to the cross token (the paper); default: it only reads")
     p.add_argument("--no-projector", action="store_true", help="crossget: train the cross token only")
@@ -346,7 +347,8 @@ def register(sub):
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--eval-data", default=None, help="a shapes dataset folder (vltok shapes generate ...)")
+    p.add_argument("--eval-data", default=None,
+                   help="a shapes test folder (write one with: vltok shapes DIR)")
     p.add_argument("--eval-limit", type=int, default=500)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
