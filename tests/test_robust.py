@@ -115,3 +115,74 @@ def test_assisted_decoding_is_refused_in_the_llm(model, method, kw):
         for extra in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=tiny_llava_deep(layers=2, seed=1))):
             with pytest.raises(vltok.VltokError, match="assisted decoding"):
                 model.generate(**inp, do_sample=False, **GEN, **extra)
+
+
+# -- 4. copies and pickling --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,kw", [("fastv", dict(keep=0.5)), ("tome", dict(keep=0.5)), ("pool", dict(keep=0.25))])
+def test_deepcopy_is_an_independent_patched_model(method, kw):
+    import copy
+    import io
+
+    m = tiny_llava_deep()
+    inp = llava_inputs(m, [IMG_PROMPT, P2])
+    with torch.no_grad():
+        plain = m(**inp).logits
+    h = vltok.patch(m, method, **kw)
+    with torch.no_grad():
+        patched = m(**inp).logits
+    c = copy.deepcopy(m)
+    hc = vltok.get_handle(c)
+    assert hc is not None and hc is not h and hc.model is c and h.model is m
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(m.parameters(), c.parameters()))
+    with torch.no_grad():
+        assert torch.equal(c(**inp).logits, patched)
+    vltok.unpatch(c)   # unpatching the copy leaves the original patched
+    assert vltok.get_handle(m) is h
+    with torch.no_grad():
+        assert torch.equal(m(**inp).logits, patched)
+        assert torch.equal(c(**inp).logits, plain)
+    with pytest.raises(vltok.VltokError, match="state_dict"):
+        torch.save(m, io.BytesIO())
+    torch.save(m.state_dict(), io.BytesIO())   # the weights save as usual
+    vltok.unpatch(m)
+    with torch.no_grad():
+        assert torch.equal(m(**inp).logits, plain)
+
+
+# -- 5. concurrent calls -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,kw", [("fastv", dict(keep=0.5)), ("feather", dict(keep=0.5)),
+                                       ("mustdrop", dict(keep=0.5)), ("tome", dict(keep=0.5)),
+                                       ("crossget", dict(keep=0.5)), ("pool", dict(keep=0.25))])
+def test_threads_get_their_serial_results(model, method, kw):
+    import threading
+
+    jobs = [llava_inputs(model, [IMG_PROMPT], seed=1), llava_inputs(model, [IMG_PROMPT, P2], seed=2),
+            llava_inputs(model, [P2, TEXT_PROMPT, IMG_PROMPT], seed=3, padding="right"),
+            llava_inputs(model, [[1, -1, 4]], seed=4)]
+    with vltok.patched(model, method, **kw), torch.no_grad():
+        serial = [model(**inp).logits for inp in jobs]
+        serial_gen = [model.generate(**inp, do_sample=False, **GEN) for inp in jobs]
+        got, errors = {}, []
+        start = threading.Barrier(4)
+
+        def work(t):
+            try:
+                start.wait()
+                for r in range(3):
+                    j = (t + r) % 4
+                    got[t, r] = (j, model(**jobs[j]).logits,
+                                 model.generate(**jobs[j], do_sample=False, **GEN) if r == 0 else None)
+            except Exception as e:   # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors, errors
+    assert len(got) == 12
+    for j, logits, gen in got.values():
+        assert torch.equal(logits, serial[j])
+        if gen is not None:
+            assert torch.equal(gen, serial_gen[j])

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 import math
 import numbers
+import threading
 
 from . import registry
 from .errors import AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, VltokError
@@ -21,6 +24,9 @@ class PatchHandle:
         self.family = adapter_cls.family
         self._undo: list = []
         self.stats: dict = {}
+        # one call at a time: per-call state (placeholder rewrite, in-LLM cut state, stats) lives on the adapter /
+        # engine, so concurrent calls from several threads are serialized (never mixed); see _install_guards
+        self._lock = threading.RLock()
 
     # -- stats (called by adapters) ----------------------------------------------------------------------------
     def _start_call(self):
@@ -134,6 +140,7 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
             "vltok.unpatch(model) (or handle.remove()) before patching it again"
         )
     adapter_cls = find_adapter(model)
+    spec = (method, keep, dict(kwargs))
     m = build_method(method, keep, **kwargs)
     from .support import incompatibility   # late: python -m vltok.support must not find it imported
 
@@ -145,16 +152,68 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
 
     m = fit_to_family(adapter_cls, m)   # e.g. tome on Qwen2-VL merges after the merger; MustDrop's stage 1 dropped
     handle = PatchHandle(model, m, adapter_cls)
-    adapter = adapter_cls(model, m, handle)
+    handle._spec, handle._adapter_cls = spec, adapter_cls
+    _attach(handle)
+    return handle
+
+
+def _attach(handle) -> None:
+    """Install the handle's method on its model (nothing left installed if it fails)."""
+    model = handle.model
+    adapter = handle._adapter_cls(model, handle.method, handle)
     try:
         adapter.attach(handle._undo)
+        _install_guards(model, handle)
     except BaseException:
         while handle._undo:
             handle._undo.pop()()
         raise
     model.__dict__[_ATTR] = handle
     handle.adapter = adapter
-    return handle
+
+
+def _install_guards(model, handle) -> None:
+    """Serialize calls (``forward`` / ``generate`` under the handle's lock, skipped while torch.compile traces), make
+    ``copy.deepcopy`` give an independent patched copy and refuse pickling with a clear error."""
+    from vltok.adapters.base import set_instance_attr   # adapters import vltok, so import late
+    import torch
+
+    for name in ("forward", "generate"):
+        fn = getattr(model, name, None)
+        if fn is None:
+            continue
+
+        def locked(*args, _fn=fn, **kwargs):
+            if torch.compiler.is_compiling():
+                return _fn(*args, **kwargs)
+            with handle._lock:
+                return _fn(*args, **kwargs)
+
+        set_instance_attr(model, name, functools.wraps(fn)(locked), handle._undo)
+
+    def deepcopy(memo):
+        with handle._lock:   # copy the unpatched model, then patch the copy with the same method and options
+            undo, handle._undo = handle._undo, []
+            while undo:
+                undo.pop()()
+            model.__dict__.pop(_ATTR, None)
+            try:
+                clone = copy.deepcopy(model, memo)
+            finally:
+                _attach(handle)
+            name, keep, kwargs = handle._spec
+            patch(clone, name, keep, **copy.deepcopy(kwargs, memo))
+            return clone
+
+    def reduce_ex(protocol):
+        raise VltokError(
+            f"a model patched by vltok ({handle.method.name}) cannot be pickled or shallow-copied (torch.save(model), "
+            "pickle, copy.copy): its hooks are local functions. Save model.state_dict() or model.save_pretrained(dir) "
+            "(vltok does not change the weights: patch again after loading); copy.deepcopy(model) gives an "
+            "independent patched copy")
+
+    set_instance_attr(model, "__deepcopy__", deepcopy, handle._undo)
+    set_instance_attr(model, "__reduce_ex__", reduce_ex, handle._undo)
 
 
 def unpatch(model) -> None:
