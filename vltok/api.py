@@ -10,7 +10,8 @@ import numbers
 import threading
 
 from . import registry
-from .errors import AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, VltokError
+from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, InvalidOptionError, NotPatchedError,
+                     VltokError)
 
 _ATTR = "_vltok_handle"
 
@@ -122,7 +123,13 @@ def build_method(name: str, keep: float, **kwargs):
         valid = [p for p in sig.parameters if p != "keep"]
         raise VltokError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
                          f"{', '.join(valid) or '(none)'}")
-    return info.factory(keep, **kwargs)
+    registry.check_options(info, kwargs)   # types and ranges, from the method's declared option specs
+    try:
+        return info.factory(keep, **kwargs)
+    except VltokError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, OSError) as e:   # a cross-option rule, or a checkpoint to load
+        raise InvalidOptionError(f"method {name!r}: {e}") from e
 
 
 def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
