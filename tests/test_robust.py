@@ -115,3 +115,141 @@ def test_assisted_decoding_is_refused_in_the_llm(model, method, kw):
         for extra in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=tiny_llava_deep(layers=2, seed=1))):
             with pytest.raises(vltok.VltokError, match="assisted decoding"):
                 model.generate(**inp, do_sample=False, **GEN, **extra)
+
+
+# -- 4. copies and pickling --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,kw", [("fastv", dict(keep=0.5)), ("tome", dict(keep=0.5)), ("pool", dict(keep=0.25))])
+def test_deepcopy_is_an_independent_patched_model(method, kw):
+    import copy
+    import io
+
+    m = tiny_llava_deep()
+    inp = llava_inputs(m, [IMG_PROMPT, P2])
+    with torch.no_grad():
+        plain = m(**inp).logits
+    h = vltok.patch(m, method, **kw)
+    with torch.no_grad():
+        patched = m(**inp).logits
+    c = copy.deepcopy(m)
+    hc = vltok.get_handle(c)
+    assert hc is not None and hc is not h and hc.model is c and h.model is m
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(m.parameters(), c.parameters()))
+    with torch.no_grad():
+        assert torch.equal(c(**inp).logits, patched)
+    vltok.unpatch(c)   # unpatching the copy leaves the original patched
+    assert vltok.get_handle(m) is h
+    with torch.no_grad():
+        assert torch.equal(m(**inp).logits, patched)
+        assert torch.equal(c(**inp).logits, plain)
+    with pytest.raises(vltok.VltokError, match="state_dict"):
+        torch.save(m, io.BytesIO())
+    torch.save(m.state_dict(), io.BytesIO())   # the weights save as usual
+    vltok.unpatch(m)
+    with torch.no_grad():
+        assert torch.equal(m(**inp).logits, plain)
+
+
+# -- 5. concurrent calls -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,kw", [("fastv", dict(keep=0.5)), ("feather", dict(keep=0.5)),
+                                       ("mustdrop", dict(keep=0.5)), ("tome", dict(keep=0.5)),
+                                       ("crossget", dict(keep=0.5)), ("pool", dict(keep=0.25))])
+def test_threads_get_their_serial_results(model, method, kw):
+    import threading
+
+    jobs = [llava_inputs(model, [IMG_PROMPT], seed=1), llava_inputs(model, [IMG_PROMPT, P2], seed=2),
+            llava_inputs(model, [P2, TEXT_PROMPT, IMG_PROMPT], seed=3, padding="right"),
+            llava_inputs(model, [[1, -1, 4]], seed=4)]
+    with vltok.patched(model, method, **kw), torch.no_grad():
+        serial = [model(**inp).logits for inp in jobs]
+        serial_gen = [model.generate(**inp, do_sample=False, **GEN) for inp in jobs]
+        got, errors = {}, []
+        start = threading.Barrier(4)
+
+        def work(t):
+            try:
+                start.wait()
+                for r in range(3):
+                    j = (t + r) % 4
+                    got[t, r] = (j, model(**jobs[j]).logits,
+                                 model.generate(**jobs[j], do_sample=False, **GEN) if r == 0 else None)
+            except Exception as e:   # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors, errors
+    assert len(got) == 12
+    for j, logits, gen in got.values():
+        assert torch.equal(logits, serial[j])
+        if gen is not None:
+            assert torch.equal(gen, serial_gen[j])
+
+
+# -- 6. option errors --------------------------------------------------------------------------------------------
+MISSING = "/nonexistent/vltok-checkpoint.safetensors"
+BAD = {
+    "pool": {"rounding": ["up", 1]},
+    "random": {"seed": ["abc", 1.5, -1, True]},
+    "fourier": {"r": ["10", 0, (0, 2), (2,), 1.5, (100, "a")], "gain": [123, "loud"], "rounding": ["x"],
+                "impl": ["cuda"], "precise": ["yes", 1]},
+    "tome": {"order": ["zigzag"], "prop_attn": ["no"], "schedule": ["early"]},
+    "crossget": {"importance": ["x"], "ensemble": [3], "prop_attn": [None], "cross_tokens": [MISSING, 3],
+                 "schedule": ["x"]},
+    "llavamini": {"mode": ["fast"], "budget": ["x"], "K": [0, "2", 1.0], "reduce": ["mean"], "weights": [MISSING, 5]},
+    "tokenshuffle": {"window": [(0, 2), 0, "2", (2, 2, 2)], "pool": ["sum"], "projector": [MISSING, 1]},
+    "fastv": {"K": [0, "2", 2.0], "keep_mode": ["x"], "rope": ["yes"]},
+    "feather": {"layers": ["2,3", (3, 2), (0, 2), (2,)], "a": [1.5, -0.1, "0.5"], "s2": [2], "stride": [0, 1.5],
+                "keep_mode": ["x"], "preset": ["fast"]},
+    "mustdrop": {"mode": ["x"], "keep_mode": ["x"], "stages": ["prefill", ("vision",), ("prefill", "x")],
+                 "key_rate": [1.0, -0.1], "pruning_layers": [(-1,), "2", ()], "thr": [(0.001,), (0, 0.1)],
+                 "window": [1, "3"], "window_thr": [2.0], "vision_windows": [-1, 1.5], "vision_guard": ["yes"],
+                 "prop_attn": [0]},
+}
+CASES = [(m, k, v) for m, opts in BAD.items() for k, vals in opts.items() for v in vals]
+
+
+def test_every_option_of_every_method_is_declared_and_tested():
+    import inspect
+
+    for name, info in vltok.methods().items():
+        params = [p for p in inspect.signature(info.factory).parameters if p != "keep"]
+        assert sorted(info.options) == sorted(params), name
+        assert sorted(BAD[name]) == sorted(params), name
+
+
+@pytest.fixture(scope="module")
+def small():
+    from tiny import tiny_llava
+
+    return tiny_llava()
+
+
+@pytest.mark.parametrize("method,key,value", CASES, ids=[f"{m}-{k}={v!r}" for m, k, v in CASES])
+def test_bad_option_is_refused_naming_option_value_and_accepted(small, method, key, value):
+    before = dict(small.__dict__)
+    with pytest.raises(vltok.VltokError) as e:
+        vltok.patch(small, method, keep=0.5, **{key: value})
+    msg = str(e.value)
+    assert f"{key}={value!r}" in msg and f"{key} must be" in msg, msg
+    assert vltok.get_handle(small) is None and small.__dict__.keys() == before.keys()   # nothing half-applied
+
+
+def test_fourier_r_larger_than_the_grid_warns(small):
+    inp = llava_inputs(small, [IMG_PROMPT])
+    with vltok.patched(small, "fourier", keep=0.5, r=(100, 100)), pytest.warns(UserWarning, match="no reduction"):
+        with torch.no_grad():
+            small(**inp)
+
+
+def test_factory_errors_are_vltok_errors(small):
+    """Cross-option rules (checked by the factories) and plans impossible on this model also raise VltokError, the
+    model left unpatched."""
+    for method, kw, match in [("llavamini", dict(mode="trained"), "weights"),
+                              ("llavamini", dict(K=2), "early_fusion"),
+                              ("feather", dict(layers=(1, 100)), "layer")]:
+        with pytest.raises(vltok.VltokError, match=match):
+            vltok.patch(small, method, keep=0.5, **kw)
+        assert vltok.get_handle(small) is None and "forward" not in small.__dict__

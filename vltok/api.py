@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 import math
 import numbers
+import threading
 
 from . import registry
-from .errors import AlreadyPatchedError, IncompatibleError, InvalidKeepError, NotPatchedError, VltokError
+from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, InvalidOptionError, NotPatchedError,
+                     VltokError)
 
 _ATTR = "_vltok_handle"
 
@@ -25,6 +29,9 @@ class PatchHandle:
         self.record_kept = False
         self._kept_stages: list = []   # raw records behind kept_patches() (vltok/kept.py)
         self._kept_inllm = None
+        # one call at a time: per-call state (placeholder rewrite, in-LLM cut state, stats) lives on the adapter /
+        # engine, so concurrent calls from several threads are serialized (never mixed); see _install_guards
+        self._lock = threading.RLock()
 
     # -- stats (called by adapters) ----------------------------------------------------------------------------
     def _start_call(self):
@@ -143,7 +150,13 @@ def build_method(name: str, keep: float, **kwargs):
         valid = [p for p in sig.parameters if p != "keep"]
         raise VltokError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
                          f"{', '.join(valid) or '(none)'}")
-    return info.factory(keep, **kwargs)
+    registry.check_options(info, kwargs)   # types and ranges, from the method's declared option specs
+    try:
+        return info.factory(keep, **kwargs)
+    except VltokError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, OSError) as e:   # a cross-option rule, or a checkpoint to load
+        raise InvalidOptionError(f"method {name!r}: {e}") from e
 
 
 def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
@@ -161,6 +174,7 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
             "vltok.unpatch(model) (or handle.remove()) before patching it again"
         )
     adapter_cls = find_adapter(model)
+    spec = (method, keep, dict(kwargs))
     m = build_method(method, keep, **kwargs)
     from .support import incompatibility   # late: python -m vltok.support must not find it imported
 
@@ -172,19 +186,71 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
 
     m = fit_to_family(adapter_cls, m)   # e.g. tome on Qwen2-VL merges after the merger; MustDrop's stage 1 dropped
     handle = PatchHandle(model, m, adapter_cls)
-    adapter = adapter_cls(model, m, handle)
+    handle._spec, handle._adapter_cls = spec, adapter_cls
+    _attach(handle)
+    return handle
+
+
+def _attach(handle) -> None:
+    """Install the handle's method on its model (nothing left installed if it fails)."""
+    model = handle.model
+    adapter = handle._adapter_cls(model, handle.method, handle)
     from . import compat
 
     compat.check(adapter)   # the transformers internals this patch needs: a clear error now, not inside attention
     try:
         adapter.attach(handle._undo)
+        _install_guards(model, handle)
     except BaseException:
         while handle._undo:
             handle._undo.pop()()
         raise
     model.__dict__[_ATTR] = handle
     handle.adapter = adapter
-    return handle
+
+
+def _install_guards(model, handle) -> None:
+    """Serialize calls (``forward`` / ``generate`` under the handle's lock, skipped while torch.compile traces), make
+    ``copy.deepcopy`` give an independent patched copy and refuse pickling with a clear error."""
+    from vltok.adapters.base import set_instance_attr   # adapters import vltok, so import late
+    import torch
+
+    for name in ("forward", "generate"):
+        fn = getattr(model, name, None)
+        if fn is None:
+            continue
+
+        def locked(*args, _fn=fn, **kwargs):
+            if torch.compiler.is_compiling():
+                return _fn(*args, **kwargs)
+            with handle._lock:
+                return _fn(*args, **kwargs)
+
+        set_instance_attr(model, name, functools.wraps(fn)(locked), handle._undo)
+
+    def deepcopy(memo):
+        with handle._lock:   # copy the unpatched model, then patch the copy with the same method and options
+            undo, handle._undo = handle._undo, []
+            while undo:
+                undo.pop()()
+            model.__dict__.pop(_ATTR, None)
+            try:
+                clone = copy.deepcopy(model, memo)
+            finally:
+                _attach(handle)
+            name, keep, kwargs = handle._spec
+            patch(clone, name, keep, **copy.deepcopy(kwargs, memo))
+            return clone
+
+    def reduce_ex(protocol):
+        raise VltokError(
+            f"a model patched by vltok ({handle.method.name}) cannot be pickled or shallow-copied (torch.save(model), "
+            "pickle, copy.copy): its hooks are local functions. Save model.state_dict() or model.save_pretrained(dir) "
+            "(vltok does not change the weights: patch again after loading); copy.deepcopy(model) gives an "
+            "independent patched copy")
+
+    set_instance_attr(model, "__deepcopy__", deepcopy, handle._undo)
+    set_instance_attr(model, "__reduce_ex__", reduce_ex, handle._undo)
 
 
 def unpatch(model) -> None:

@@ -27,3 +27,7 @@ class NotPatchedError(VltokError):
 
 class IncompatibleError(VltokError):
     """A method/model (or method/input) combination that cannot work."""
+
+
+class InvalidOptionError(VltokError):
+    """A method option with a value of the wrong type or outside its range (checked at patch time)."""

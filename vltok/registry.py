@@ -1,11 +1,94 @@
 """Method registry: name -> factory, description and stages."""
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-from .errors import UnknownMethodError
+from .errors import InvalidOptionError, UnknownMethodError
 from .stages import Method
+
+
+# -- option specs: what each option of a method accepts, checked at patch time before anything is installed --------
+@dataclass(frozen=True)
+class Opt:
+    """One option's accepted values: ``ok(value)`` says whether a value is accepted; ``accepts`` says which (for the
+    error message)."""
+
+    accepts: str
+    ok: Callable[[Any], bool]
+    why: Callable[[str, Any], str] | None = None   # more detail on a refused value (e.g. a missing file)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(float(v))
+
+
+def choice(*values) -> Opt:
+    return Opt("one of " + ", ".join(map(repr, values)), lambda v: any(v is x or (type(v) is type(x) and v == x)
+                                                                     for x in values))
+
+
+def boolean() -> Opt:
+    return Opt("True or False", lambda v: isinstance(v, bool))
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Opt:
+    rng = (f" >= {lo}" if hi is None else f" in {lo}..{hi}") if lo is not None else ""
+    return Opt(f"an integer{rng}", lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
+
+
+def real(lo: float, hi: float, hi_open: bool = False, lo_open: bool = False) -> Opt:
+    text = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Opt(text, lambda v: _is_real(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi))
+
+
+def int_pair(lo: int = 1, ordered: bool = False) -> Opt:
+    """An integer >= lo (both axes) or a pair (a, b) of them; ``ordered``: a pair only, lo <= a < b."""
+    if ordered:
+        return Opt(f"a pair (a, b) of integers with {lo} <= a < b",
+                   lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(x) for x in v)
+                   and lo <= v[0] < v[1])
+    return Opt(f"an integer >= {lo} or a pair (a, b) of them",
+               lambda v: (_is_int(v) and v >= lo) or (isinstance(v, (tuple, list)) and len(v) == 2
+                                                      and all(_is_int(x) and x >= lo for x in v)))
+
+
+def seq_of(item: Opt, n: int | None = None, min_len: int = 1, extra: Callable[[Any], bool] = lambda v: True,
+           accepts: str | None = None) -> Opt:
+    size = f"{n} " if n is not None else ""
+    text = accepts or f"a list / tuple of {size}values, each {item.accepts}"
+    return Opt(text, lambda v: isinstance(v, (tuple, list)) and (len(v) == n if n is not None else len(v) >= min_len)
+               and all(item.ok(x) for x in v) and extra(v))
+
+
+def optional(opt: Opt) -> Opt:
+    return Opt(f"None or {opt.accepts}", lambda v: v is None or opt.ok(v), opt.why)
+
+
+def file_or(types: Callable[[], tuple], what: str) -> Opt:
+    """An existing file (str / os.PathLike) or an instance of ``types()`` (imported lazily)."""
+    def why(key, v):
+        return f" (cannot read {key}: no file at {os.fspath(v)!r})" if isinstance(v, (str, os.PathLike)) else ""
+
+    return Opt(f"the path of an existing checkpoint file or {what}",
+               lambda v: (isinstance(v, (str, os.PathLike)) and os.path.isfile(v)) or isinstance(v, types()), why)
+
+
+def check_options(info: "MethodInfo", kwargs: dict) -> None:
+    """Refuse an option value its method does not accept (type and range), naming the option, the value and what
+    is accepted. Cross-option rules stay in the factories."""
+    for key, value in kwargs.items():
+        opt = info.options.get(key)
+        if opt is not None and not opt.ok(value):
+            raise InvalidOptionError(f"method {info.name!r}: option {key}={value!r} is not accepted; {key} must be "
+                                     f"{opt.accepts}{opt.why(key, value) if opt.why else ''}")
 
 
 @dataclass(frozen=True)
@@ -18,6 +101,8 @@ class MethodInfo:
     # options that make the method run in other stages (e.g. llavamini mode=early_fusion): (label, options) pairs,
     # each a row of the support matrix (vltok/support.py)
     variants: tuple = ()
+    # option name -> Opt: what each factory option accepts (every option has one: tests/test_robust.py checks)
+    options: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.name:<10} [{', '.join(self.stages)}] {self.description}"
@@ -27,9 +112,10 @@ _REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register(name: str, description: str, stages: tuple[str, ...], trained_variant: bool = False,
-             variants: tuple = ()):
+             variants: tuple = (), options: dict | None = None):
     def deco(factory):
-        _REGISTRY[name] = MethodInfo(name, description, stages, factory, trained_variant, tuple(variants))
+        _REGISTRY[name] = MethodInfo(name, description, stages, factory, trained_variant, tuple(variants),
+                                     dict(options or {}))
         return factory
 
     return deco

@@ -6,7 +6,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..registry import register
+from ..registry import choice, integer, register
 from ..stages import GridPlan, Method, selection_plan
 from ._grid import ROUNDINGS, grid_for_keep
 
@@ -67,7 +67,7 @@ class RandomReducer:
 
 
 @register("pool", "Adaptive average pooling of each image grid to r_h x r_w (sqrt(keep) per axis); baseline",
-          ("pre_llm",))
+          ("pre_llm",), options=dict(rounding=choice(*ROUNDINGS)))
 def make_pool(keep: float, rounding: str = "nearest") -> Method:
     if rounding not in ROUNDINGS:
         raise ValueError(f"pool: rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -75,6 +75,6 @@ def make_pool(keep: float, rounding: str = "nearest") -> Method:
 
 
 @register("random", "Seeded random subset of round(keep*N) tokens per grid, raster order kept; baseline",
-          ("pre_llm",))
+          ("pre_llm",), options=dict(seed=integer(0)))
 def make_random(keep: float, seed: int = 0) -> Method:
     return Method("random", keep, dict(seed=seed), pre_llm=RandomReducer(keep, int(seed)))

@@ -56,9 +56,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register
+from ..registry import boolean, choice, file_or, optional, register
 from ..stages import Method
-from .tome import check_schedule, round_sizes, spread_schedule
+from .tome import SCHEDULES, check_schedule, round_sizes, spread_schedule
 
 IMPORTANCES = ("cls_attn", "cls_query_cos", "none")
 ENSEMBLES = ("importance", "size")
@@ -240,7 +240,10 @@ class CrossGetMerger:
           "(or a learned cross token: cross_tokens=...), importance-weighted merges, proportional attention; "
           "round(keep*N) tokens leave the encoder (schedule='post': merged after the encoder instead, where the "
           "family has no vision stage)", ("vision",), trained_variant=True,
-          variants=(("schedule=post", {"schedule": "post"}),))
+          variants=(("schedule=post", {"schedule": "post"}),),
+          options=dict(importance=choice(*IMPORTANCES), ensemble=choice(*ENSEMBLES), prop_attn=boolean(),
+                       cross_tokens=optional(file_or(lambda: (CrossTokens,), "a CrossTokens module")),
+                       schedule=choice(*SCHEDULES)))
 def make_crossget(keep: float, importance: str = "cls_attn", ensemble: str = "importance",
                   prop_attn: bool = True, cross_tokens=None, schedule: str = "auto") -> Method:
     from .postmerge import PostMergeReducer

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from ..errors import IncompatibleError
 from ..inllm import Cut
-from ..registry import register
+from ..registry import boolean, choice, integer, register
 from ..stages import Method, kept_count
-from .feather import _check, query_mean, top_by_score, top_by_score_rows
+from .feather import KEEP_MODES, _check, query_mean, top_by_score, top_by_score_rows
 
 
 class FastVPruner:
@@ -46,7 +46,8 @@ class FastVPruner:
 
 
 @register("fastv", "FastV: in-LLM pruning before layer K by the last token's attention (with RoPE, softmax over all "
-          "keys); the baseline FEATHER fixes", ("in_llm",))
+          "keys); the baseline FEATHER fixes", ("in_llm",),
+          options=dict(K=integer(1), keep_mode=choice(*KEEP_MODES), rope=boolean()))
 def make_fastv(keep: float, K: int = 2, keep_mode: str = "flops", rope: bool = True) -> Method:
     _check("fastv", keep_mode)
     if not isinstance(K, int) or K < 1:

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import IncompatibleError
-from ..registry import register
+from ..registry import choice, int_pair, integer, optional, real, register
 from ..stages import Method
 from ..inllm import Cut
 
@@ -148,6 +148,12 @@ class FeatherPruner:
         self.keep, self.layers, self.a, self.s2 = keep, layers, a, s2
         self.stride, self.keep_mode, self.preset, self.stage1 = stride, keep_mode, preset, stage1
 
+    def validate(self, n_layers):
+        """At patch time: the two prune layers must exist (a layer past the last one would never prune)."""
+        if self.layers is not None and self.layers[1] >= n_layers:
+            raise IncompatibleError(f"feather: layers={self.layers} must lie in 1..{n_layers - 1} for this "
+                                    f"{n_layers}-layer LLM (it prunes before layer k1 and before layer k2)")
+
     def plan(self, n_layers, images):
         if self.keep >= 1.0 and self.preset is None:
             return []
@@ -198,7 +204,9 @@ def _check(name, keep_mode, stride=1):
 
 
 @register("feather", "FEATHER: in-LLM two-stage pruning, RoPE-free last-token criterion + uniform grid (stage 1), "
-          "criterion only (stage 2)", ("in_llm",))
+          "criterion only (stage 2)", ("in_llm",),
+          options=dict(layers=optional(int_pair(1, ordered=True)), a=optional(real(0, 1)), s2=optional(real(0, 1)),
+                       stride=integer(1), keep_mode=choice(*KEEP_MODES), preset=choice(None, "paper")))
 def make_feather(keep: float, layers=None, a=None, s2=None, stride: int = 3, keep_mode: str = "flops",
                  preset=None, stage1=None) -> Method:
     """``stage1``: ``"union"`` (the paper's set: top-floor(a·N) of all visual tokens ∪ the stride grid, a size that

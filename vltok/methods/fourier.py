@@ -10,11 +10,12 @@ the token axis, applied as one GEMM with a cached basis (dense) or as two small 
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import torch
 
-from ..registry import register
+from ..registry import boolean, choice, int_pair, optional, register
 from ..stages import GridPlan, Method
 from ._grid import ROUNDINGS, grid_for_keep
 
@@ -115,6 +116,9 @@ class FourierReducer:
     def plan(self, h: int, w: int) -> GridPlan:
         if self.r is not None:
             r_h, r_w = (self.r, self.r) if isinstance(self.r, int) else tuple(self.r)
+            if r_h >= h and r_w >= w:
+                warnings.warn(f"fourier: r={self.r!r} is not smaller than this {h}x{w} grid, so it keeps all its "
+                              f"{h * w} tokens (no reduction); pass a smaller r, or keep= instead of r", stacklevel=2)
             r_h, r_w = min(r_h, h), min(r_w, w)
         else:
             r_h, r_w = grid_for_keep(h, w, self.keep, self.rounding)
@@ -125,7 +129,8 @@ class FourierReducer:
 
 
 @register("fourier", "Fourier-VLM: 2-D DCT low-pass resampling of each image grid to r_h x r_w (sqrt(keep) per axis)",
-          ("pre_llm",))
+          ("pre_llm",), options=dict(r=optional(int_pair(1)), gain=choice(*GAINS), rounding=choice(*ROUNDINGS),
+                                     impl=choice(*IMPLS), precise=boolean()))
 def make_fourier(keep: float, r=None, gain: str = "resize", rounding: str = "nearest", impl: str = "auto",
                  precise: bool = False) -> Method:
     if gain not in GAINS:

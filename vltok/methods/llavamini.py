@@ -38,7 +38,7 @@ import torch
 
 from ..errors import IncompatibleError
 from ..inllm import Cut, Merge
-from ..registry import register
+from ..registry import choice, file_or, integer, optional, register
 from ..stages import GridPlan, Method
 from .baselines import pool_grid
 from .feather import top_by_score, top_by_score_rows
@@ -181,11 +181,19 @@ class MiniPoolReducer:
         return pool_grid(x, plan.h, plan.w, *plan.grid)
 
 
+def _mini_module():
+    from .llavamini_trained import MiniModule
+
+    return (MiniModule,)
+
+
 @register("llavamini", "LLaVA-Mini training-free: mode='pool' pools each grid to ~keep*N tokens before the LLM "
           "(aspect-preserving grid); mode='early_fusion' lets the first K LLM layers see every token, then pools "
           "(reduce='pool') / top-k by text attention ('attn') / drops ('drop') the visual rows; the learned "
           "compressor + pre-fusion: mode='trained', weights=...", ("pre_llm",),
-          variants=(("mode=early_fusion", dict(mode="early_fusion")),))
+          variants=(("mode=early_fusion", dict(mode="early_fusion")),),
+          options=dict(mode=choice(*MODES, "trained"), budget=choice(*BUDGETS), K=optional(integer(1)),
+                       reduce=choice(*REDUCES), weights=optional(file_or(_mini_module, "a MiniModule"))))
 def make_llavamini(keep: float, mode: str = "pool", budget: str = "nearest", K: int | None = None,
                    reduce: str = "pool", weights=None) -> Method:
     if mode == "trained":   # learned compressor + pre-fusion: vltok/methods/llavamini_trained.py

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleError
 from ..inllm import Cut
-from ..registry import register
+from ..registry import boolean, choice, integer, optional, real, register, seq_of
 from ..stages import Method
 from .crossget import importance
 from .feather import top_by_score, top_by_score_rows
@@ -347,7 +347,15 @@ class MustDropDecode:
 
 @register("mustdrop", "MustDrop: 3x3 window merge of near-duplicate patches after ViT layer 0 (where the family has "
           "a vision stage) + text-to-vision dual-attention dropping at several LLM layers (CLS-attention key set "
-          "never dropped) + decode-time KV eviction to the final survivors", ("vision", "in_llm", "decode"))
+          "never dropped) + decode-time KV eviction to the final survivors", ("vision", "in_llm", "decode"),
+          options=dict(mode=choice(*MODES), keep_mode=choice(*KEEP_MODES),
+                       stages=seq_of(choice("vision", "prefill", "decode"), extra=lambda v: "prefill" in v,
+                                     accepts="a list / tuple of stages from 'vision', 'prefill', 'decode' that "
+                                             "includes 'prefill'"),
+                       key_rate=real(0, 1, hi_open=True), pruning_layers=optional(seq_of(integer(0))),
+                       thr=seq_of(real(0, math.inf, lo_open=True), n=2), window=integer(2),
+                       window_thr=real(-1, 1), vision_windows=optional(integer(0)), vision_guard=boolean(),
+                       prop_attn=boolean()))
 def make_mustdrop(keep: float, mode: str = "budget", keep_mode: str = "flops",
                   stages=("vision", "prefill", "decode"), key_rate: float = 0.08, pruning_layers=None,
                   thr=(0.001, 0.001), window: int = 3, window_thr: float = 0.8, vision_windows: int | None = None,

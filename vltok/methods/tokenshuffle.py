@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register
+from ..registry import choice, file_or, int_pair, optional, register
 from ..stages import GridPlan, Method
 
 POOLS = ("mean", "max")
@@ -153,7 +153,9 @@ class ShuffleReducer:
 
 
 @register("tokenshuffle", "Token-Shuffle: s_h x s_w space-to-depth windows; training-free = window mean pooling "
-          "(keep = 1/(s_h*s_w)); trained = shuffle projector (projector=...)", ("pre_llm",), trained_variant=True)
+          "(keep = 1/(s_h*s_w)); trained = shuffle projector (projector=...)", ("pre_llm",), trained_variant=True,
+          options=dict(window=optional(int_pair(1)), pool=choice(*POOLS),
+                       projector=optional(file_or(lambda: (ShuffleProjector,), "a ShuffleProjector"))))
 def make_tokenshuffle(keep: float, window=None, pool: str = "mean", projector=None) -> Method:
     if pool not in POOLS:
         raise ValueError(f"tokenshuffle: pool must be one of {POOLS}, got {pool!r}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import register
+from ..registry import boolean, choice, register
 from ..stages import Method, kept_count
 
 ORDERS = ("tome", "raster")
@@ -140,7 +140,8 @@ class TomeMerger:
 
 @register("tome", "ToMe: bipartite soft matching inside the vision encoder, size-weighted merges, proportional "
           "attention; round(keep*N) tokens leave the encoder (schedule='post': merged after the encoder instead, "
-          "where the family has no vision stage)", ("vision",), variants=(("schedule=post", {"schedule": "post"}),))
+          "where the family has no vision stage)", ("vision",), variants=(("schedule=post", {"schedule": "post"}),),
+          options=dict(order=choice(*ORDERS), prop_attn=boolean(), schedule=choice(*SCHEDULES)))
 def make_tome(keep: float, order: str = "raster", prop_attn: bool = True, schedule: str = "auto") -> Method:
     from .postmerge import PostMergeReducer
 
