@@ -381,6 +381,8 @@ def quality_results(path: str | Path | None = None) -> dict:
     runs = json.loads(path.read_text())["runs"]
     out: dict = {"methods": {}, "keeps": set(), "full": None, "n": None, "device": None, "source": path.name}
     for r in runs:
+        if "score" not in r:   # a run the method refused (its error is in the file)
+            continue
         acc = 100.0 * r["score"]["overall"]
         out["n"] = out["n"] or r.get("n")
         out["device"] = out["device"] or f"{r.get('gpu') or r.get('device')}, {r.get('dtype')}"
