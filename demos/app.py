@@ -6,7 +6,6 @@ This module only builds the UI; the work (run one method at one budget, draw wha
 results) is ``vltok.demo_core`` and ``vltok.visualize``. Gradio is imported when the app is built, so ``vltok``'s
 other subcommands do not pay for it.
 """
-from __future__ import annotations
 
 import argparse
 import sys
