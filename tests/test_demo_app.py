@@ -158,5 +158,5 @@ def test_right_and_wrong_marks(dm):
     ex = _example()
     cell = dm.run_cell(ex["image_path"], ex["question"], "pool", 0.5, truth=ex, max_new_tokens=2)
     assert cell.correct is core.is_correct(cell.answer, ex) and cell.correct is not None
-    assert ("✅" in cell.text()) == cell.correct and ("❌" in cell.text()) == (not cell.correct)
+    assert ("✓ right" in cell.text()) == cell.correct and ("✗ wrong" in cell.text()) == (not cell.correct)
     assert cell.overlay is not None and cell.overlay.size == (336, 336)

@@ -25,7 +25,18 @@ from .errors import VltokError
 BUDGETS = (1.0, 0.5, 0.25, 0.16, 0.11)
 MAX_QUESTION = 300            # characters
 MAX_NEW_TOKENS = 24
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "demos" / "examples"
+
+def _examples_dir() -> Path:
+    """demos/examples (the package vltok.demos: a checkout, an editable or a wheel install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vltok.demos")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "examples"
+    return Path(__file__).resolve().parent.parent / "demos" / "examples"   # pragma: no cover
+
+
+EXAMPLES_DIR = _examples_dir()
 # the README tables' paper presets and variants beyond the registry's own (``MethodInfo.variants``)
 PRESETS = {"feather": (("preset=paper", {"preset": "paper"}),)}
 
@@ -193,7 +204,7 @@ class Cell:
         head = f"**{self.method} @ {self.keep:g}**"
         if self.status != "ok":
             return f"{head}  \n**{self.status}**: {self.message}"
-        mark = {True: " ✅ right", False: " ❌ wrong", None: ""}[self.correct]
+        mark = {True: " ✓ right", False: " ✗ wrong", None: ""}[self.correct]
         toks = f"{self.tokens} visual tokens"
         if self.tokens_per_layer and self.final_tokens is not None and self.final_tokens != self.tokens:
             toks += f" → {self.final_tokens} after the cuts"
