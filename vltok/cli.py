@@ -1,5 +1,5 @@
 """The `vltok` command line: `vltok methods`, `vltok bench ...`, and the subcommands other modules register
-(`vltok shapes`, `vltok eval` from vltok.eval.cli; `vltok train` from vltok.train)."""
+(`vltok shapes`, `vltok eval` from vltok.eval.cli; `vltok train` from vltok.train; `vltok demo` from vltok.demos.app)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules that may add subcommands through register(subparsers); absent ones are skipped
-PLUGINS = ("vltok.eval.cli", "vltok.train", "vltok.video.cli", "vltok.eval.shapes_video")
+PLUGINS = ("vltok.eval.cli", "vltok.train", "vltok.video.cli", "vltok.eval.shapes_video", "vltok.demos.app")
 
 
 def _methods(args):
