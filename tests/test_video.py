@@ -446,6 +446,27 @@ def test_bad_arguments_are_refused(vids, tmp_path, models):
         vv.run(root, tmp_path / "o5", model=(tiny_llava(), p), num_workers=0, progress=False)
 
 
+def test_reference_video_name_loads_it_when_vltok_has_it(vids, tmp_path, models, monkeypatch):
+    """The default model 'reference-video' = vltok.reference.load("vltok-ref-video") (issue 17) when the loader
+    knows that name; 16 uniform frames unless --fps / --frames say otherwise."""
+    from vltok import reference
+
+    m, p = get_model(models, "llava_next_video")
+    calls = []
+
+    def load(name="vltok-ref", device=None, dtype=None, delta=True, *, cache=None):
+        calls.append((name, str(device), dtype))
+        return m, p
+    monkeypatch.setattr(reference, "load", load)
+    monkeypatch.setattr(reference, "MODELS", ("vltok-ref", "vltok-ref-video"), raising=False)
+    root = good_folder(tmp_path / "in", vids, ("h264",))
+    rows = vv.run(root, tmp_path / "out", question="what ?", num_workers=0, max_new_tokens=2, progress=False,
+                  device="cpu").rows
+    assert calls == [("vltok-ref-video", "cpu", torch.float32)]
+    assert rows[0]["error"] is None and len(rows[0]["frames"]["indices"]) == 16
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["model"] == "reference-video"
+
+
 def test_cli_registers_video_run():
     from vltok.cli import build_parser
 

@@ -52,6 +52,9 @@ def load_reference_video(device=None, dtype=None):
     return out[0], out[1]
 
 
+REFERENCE_VIDEO_FRAMES = 16   # the video reference VLM takes 16 frames sampled uniformly (issue 17)
+
+
 def load(spec, device=None, dtype=None):
     """``spec``: "reference-video", a local checkpoint folder (config + weights + processor files), or a
     (model, processor) pair. Returns (model, processor, name)."""
@@ -166,7 +169,7 @@ class VideoModel:
         t1 = time.perf_counter()
         ids = inputs["input_ids"]
         n_in = (ids == self.video_token_id).sum(1).tolist()
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=self.pad_id)
         if dev.type == "cuda":

@@ -198,6 +198,10 @@ def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float =
     if task is None and question is None and questions is None:
         task = "caption"
     qs = sources.questions(task, question, questions)
+    if fps is None and frames is None and isinstance(model, str) and model == "reference-video":
+        from .models import REFERENCE_VIDEO_FRAMES
+
+        frames = REFERENCE_VIDEO_FRAMES   # the video reference VLM's own sampling
     sampling = make_sampling(fps, frames, max_frames, min_frames, start, end)
     if int(batch_size) < 1:
         raise VltokError(f"batch_size must be >= 1, got {batch_size}")
