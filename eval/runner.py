@@ -238,6 +238,18 @@ def partial_path(json_path: str | Path) -> Path:
     return json_path.with_name(json_path.name + ".partial.jsonl")
 
 
+def run_header(model_name: str, patch: dict | None, ds, max_new_tokens: int, frames: int) -> dict:
+    """What a partial-results file must agree on to be resumed."""
+    return {"model": model_name, "patch": patch, "dataset": str(ds.root.resolve()), "format": ds.format,
+            "max_new_tokens": max_new_tokens, "frames": frames}
+
+
+def check_resume(json_path, header: dict) -> int:
+    """The number of answered items in ``json_path``'s partial file (0 if none); an error if it is another run's."""
+    p = partial_path(json_path)
+    return len(_read_partial(p, header)) if p.exists() else 0
+
+
 def _read_partial(path: Path, header: dict) -> dict[str, dict]:
     from .datasets import DatasetError, read_jsonl
 
@@ -272,8 +284,7 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
     items = ds.items[:limit] if limit is not None else list(ds.items)
     max_new_tokens = max_new_tokens or ds.max_new_tokens
     patch = dict(patch) if patch else None
-    header = {"model": model_name, "patch": patch, "dataset": str(ds.root.resolve()), "format": ds.format,
-              "max_new_tokens": max_new_tokens, "frames": frames}
+    header = run_header(model_name, patch, ds, max_new_tokens, frames)
     done: dict[str, dict] = {}
     sink = None
     if save is not None:
