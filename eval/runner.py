@@ -29,10 +29,11 @@ REGIONS = shapes.REGIONS
 def build_prompt(processor, question: str, kind: str = "image") -> str:
     """The processor's chat template with one image (or video) and the question; the llava-1.5 format without a
     template."""
+    visual = [] if kind == "text" else [{"type": kind}]
     if getattr(processor, "chat_template", None):
-        msgs = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+        msgs = [{"role": "user", "content": [*visual, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    return f"USER: <{kind}>\n{question} ASSISTANT:"
+    return f"USER: {'' if kind == 'text' else f'<{kind}>' + chr(10)}{question} ASSISTANT:"
 
 
 def _tokenizer(processor):
@@ -104,8 +105,8 @@ def generate(model, processor, texts: list[str], visuals: list, kind: str = "ima
     dtype = next(model.parameters()).dtype
     try:
         prompts = [build_prompt(processor, t, kind) for t in texts]
-        key = "images" if kind == "image" else "videos"
-        inputs = processor(**{key: list(visuals)}, text=prompts, return_tensors="pt", padding=True)
+        vis = {} if kind == "text" else {"images" if kind == "image" else "videos": list(visuals)}
+        inputs = processor(**vis, text=prompts, return_tensors="pt", padding=True)
         inputs = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))
                   for k, v in inputs.items()}
         with torch.inference_mode():
