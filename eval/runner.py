@@ -345,7 +345,7 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
     result = {
         "model": model_name,
         "patch": patch,
-        "dataset": str(data) if not isinstance(data, list) else None,
+        "dataset": None if isinstance(data, list) else str(data) if isinstance(data, (str, Path)) else str(ds.root),
         "format": ds.format,
         "scorer": scorer,
         "n": len(items),
