@@ -52,7 +52,7 @@ def write_task(data_dir: str | Path, out_dir: str | Path, name: str, fmt: str | 
             "doc_to_target: id\n"
             "process_results: !function vltok_task_utils.process_results\n"
             f"generation_kwargs:\n  max_new_tokens: {max_new_tokens or ds.max_new_tokens}\n"
-            "  temperature: 0\n  do_sample: false\n"
+            "  temperature: 0\n  do_sample: false\n  until: []\n"   # lmms-eval's default would cut at a blank line
             f"metric_list:\n{metric_yaml}"
             "metadata:\n  - version: 0.0\n")
     path = out / f"{name}.yaml"
