@@ -122,6 +122,12 @@ def load_model(path: str | None, device: str, dtype: str):
     return (model, processor), str(path)
 
 
+def _patch(args) -> dict | None:
+    if not args.method:
+        return None
+    return {"method": args.method, "keep": args.keep if args.keep is not None else 0.16, **dict(args.arg)}
+
+
 def _check_args(args):
     """Every check that needs no model: a message, or the loaded dataset."""
     from . import datasets, runner
@@ -149,6 +155,10 @@ def _check_args(args):
             return f"--scorer {args.scorer}: the {ds.format} format has only {', '.join(ds.scorers)}"
         if args.json:
             runner.check_writable(args.json)
+        if args.resume:
+            name = "vltok-ref" if args.model in (None, "vltok-ref", "reference") else str(args.model)
+            runner.check_resume(args.json, runner.run_header(name, _patch(args), ds,
+                                                             args.max_new_tokens or ds.max_new_tokens, args.frames))
     except (datasets.DatasetError, FileNotFoundError) as e:
         return str(e)
     return ds
@@ -158,19 +168,20 @@ def cmd_eval(args) -> int:
     import torch
 
     from . import runner
+    from .datasets import DatasetError
 
     ds = _check_args(args)
     if isinstance(ds, str):
         return _fail(ds)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     (model, processor), name = load_model(args.model, device, args.dtype)
-    patch = None
-    if args.method:
-        patch = {"method": args.method, "keep": args.keep if args.keep is not None else 0.16, **dict(args.arg)}
+    patch = _patch(args)
     try:
         res = runner.evaluate(model, processor, ds, patch, limit=args.limit, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, progress=not args.no_progress, model_name=name,
                               scorer=args.scorer, frames=args.frames, save=args.json, resume=args.resume)
+    except DatasetError as e:   # e.g. --resume over another run's partial file
+        return _fail(str(e))
     except KeyboardInterrupt:
         if args.json:
             print(f"\nvltok: interrupted; finished batches are in {runner.partial_path(args.json)}: rerun the same "

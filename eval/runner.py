@@ -29,10 +29,11 @@ REGIONS = shapes.REGIONS
 def build_prompt(processor, question: str, kind: str = "image") -> str:
     """The processor's chat template with one image (or video) and the question; the llava-1.5 format without a
     template."""
+    visual = [] if kind == "text" else [{"type": kind}]
     if getattr(processor, "chat_template", None):
-        msgs = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+        msgs = [{"role": "user", "content": [*visual, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    return f"USER: <{kind}>\n{question} ASSISTANT:"
+    return f"USER: {'' if kind == 'text' else f'<{kind}>' + chr(10)}{question} ASSISTANT:"
 
 
 def _tokenizer(processor):
@@ -104,8 +105,8 @@ def generate(model, processor, texts: list[str], visuals: list, kind: str = "ima
     dtype = next(model.parameters()).dtype
     try:
         prompts = [build_prompt(processor, t, kind) for t in texts]
-        key = "images" if kind == "image" else "videos"
-        inputs = processor(**{key: list(visuals)}, text=prompts, return_tensors="pt", padding=True)
+        vis = {} if kind == "text" else {"images" if kind == "image" else "videos": list(visuals)}
+        inputs = processor(**vis, text=prompts, return_tensors="pt", padding=True)
         inputs = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))
                   for k, v in inputs.items()}
         with torch.inference_mode():
@@ -238,6 +239,18 @@ def partial_path(json_path: str | Path) -> Path:
     return json_path.with_name(json_path.name + ".partial.jsonl")
 
 
+def run_header(model_name: str, patch: dict | None, ds, max_new_tokens: int, frames: int) -> dict:
+    """What a partial-results file must agree on to be resumed."""
+    return {"model": model_name, "patch": patch, "dataset": str(ds.root.resolve()), "format": ds.format,
+            "max_new_tokens": max_new_tokens, "frames": frames}
+
+
+def check_resume(json_path, header: dict) -> int:
+    """The number of answered items in ``json_path``'s partial file (0 if none); an error if it is another run's."""
+    p = partial_path(json_path)
+    return len(_read_partial(p, header)) if p.exists() else 0
+
+
 def _read_partial(path: Path, header: dict) -> dict[str, dict]:
     from .datasets import DatasetError, read_jsonl
 
@@ -272,8 +285,7 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
     items = ds.items[:limit] if limit is not None else list(ds.items)
     max_new_tokens = max_new_tokens or ds.max_new_tokens
     patch = dict(patch) if patch else None
-    header = {"model": model_name, "patch": patch, "dataset": str(ds.root.resolve()), "format": ds.format,
-              "max_new_tokens": max_new_tokens, "frames": frames}
+    header = run_header(model_name, patch, ds, max_new_tokens, frames)
     done: dict[str, dict] = {}
     sink = None
     if save is not None:
@@ -342,7 +354,7 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
     result = {
         "model": model_name,
         "patch": patch,
-        "dataset": str(data) if not isinstance(data, list) else None,
+        "dataset": None if isinstance(data, list) else str(data) if isinstance(data, (str, Path)) else str(ds.root),
         "format": ds.format,
         "scorer": scorer,
         "n": len(items),

@@ -240,3 +240,52 @@ def test_shapes_video_hook(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_sv", fake)
     monkeypatch.setitem(D.READERS, "shapes-video", D._ExternalFormat("shapes-video", "fake_sv"))
     assert D.load(tmp_path, "shapes-video").score(["A"])["overall"] == 1.0
+
+
+def test_runner_video_items_reach_the_processor_as_frames():
+    """A Video-MME item: frames sampled from the mp4, the chat template's "video" entry, videos= to the processor,
+    the answer decoded after the prompt (a recording stand-in processor / model; no video checkpoint offline)."""
+    import torch
+
+    from vltok.eval import runner
+
+    seen = {}
+
+    class Tok:
+        padding_side = "right"
+        pad_token_id = 0
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [" The best answer is D. \n" if int(r[0]) == 7 else "A" for r in ids]
+
+    class Proc:
+        chat_template = "x"
+        tokenizer = Tok()
+
+        def apply_chat_template(self, msgs, add_generation_prompt=True):
+            seen.setdefault("content", []).append(msgs[0]["content"])
+            return "PROMPT:" + msgs[0]["content"][-1]["text"]
+
+        def __call__(self, text, return_tensors, padding, **vis):
+            seen["vis"] = vis
+            seen["pad_side"] = self.tokenizer.padding_side
+            return {"input_ids": torch.ones(len(text), 3, dtype=torch.long),
+                    "pixel_values_videos": torch.zeros(len(text), 4, 3, 2, 2)}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, pixel_values_videos, max_new_tokens, do_sample, pad_token_id):
+            seen["max_new_tokens"] = max_new_tokens
+            return torch.cat([input_ids, torch.full((input_ids.shape[0], 2), 7)], 1)
+
+    ds = D.load(FIX / "videomme")
+    res = runner.evaluate(Model(), Proc(), ds, progress=False, frames=4, batch_size=2)
+    assert [p["pred"] for p in res["predictions"]] == ["The best answer is D."] * 3
+    assert seen["content"][0][0] == {"type": "video"} and seen["content"][0][1]["text"] == ds.items[0].prompt
+    frames = seen["vis"]["videos"]
+    assert list(seen["vis"]) == ["videos"] and len(frames) == 1 and len(frames[0]) == 4   # last batch: 1 video
+    assert seen["pad_side"] == "left" and seen["max_new_tokens"] == 16
+    assert res["score"]["overall"] == pytest.approx(1 / 3)   # "D" is right for the first item only
