@@ -305,13 +305,31 @@ def apply_delta(model, path: str | os.PathLike) -> dict:
     return meta
 
 
-def load(device=None, dtype=None, delta: bool | str | os.PathLike = True, *, cache: str | os.PathLike | None = None):
-    """Build ``(model, processor)`` for the reference VLM, fully offline.
+MODELS = ("vltok-ref", "vltok-ref-video")
 
+
+def load(name="vltok-ref", device=None, dtype=None, delta: bool | str | os.PathLike = True, *,
+         cache: str | os.PathLike | None = None):
+    """Build ``(model, processor)`` for a reference VLM, fully offline.
+
+    name: ``"vltok-ref"`` (images, LLaVA-1.5 classes) or ``"vltok-ref-video"`` (videos, LLaVA-NeXT-Video classes;
+    see vltok.reference_video). For compatibility, a device given first (``load("cuda")``) is taken as the device.
     device: where to put the model (default cpu). dtype: torch dtype (default float32).
-    delta: True = the committed trained delta from ``assets/`` (warns if absent: the model is then untrained),
-    False = the untrained base (random projector), or a path to a delta file.
+    delta: True = the committed trained delta from ``assets/`` (image model: warns if absent, the model is then
+    untrained; video model: an error naming the training command), False = the untrained base, or a path.
     """
+    if isinstance(name, torch.device) or (isinstance(name, str) and name not in MODELS):
+        try:
+            torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown reference model {name!r}; valid: {', '.join(MODELS)}") from None
+        if device is not None:
+            raise ValueError(f"load({name!r}, device={device!r}): give the model name first, or only the device")
+        name, device = "vltok-ref", name
+    if name == "vltok-ref-video":
+        from . import reference_video
+
+        return reference_video.load(device=device, dtype=dtype, delta=delta, cache=cache)
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 

@@ -1,0 +1,269 @@
+"""Train the video reference VLM's delta (``vltok-ref-video``) on one GPU, then score it on the shapes-video test
+split (per type) and run the single-frame check (the same model fed only the middle frame).
+
+    python -m vltok.eval.train_reference_video --out runs/ref-video            # ~6-8 min on one H100 / H200
+
+Starts from the image reference (its trained delta merged; vltok.reference_video) and trains what the image
+reference's training trains minus the vision layers: the projector and LoRA on every LM linear (on top of the
+merged image weights). Data are generated on the fly from the shapes-video ``train`` split (never ``test``), frames
+rendered in memory (no video codec, so PyAV is not needed). Each batch has one frame count: mostly 16 (the model's
+default), some 8 and 4, so the frames x tokens trade-off tables compare frame counts the model has seen; never 1.
+Everything is seeded (train item ``i`` is train seed ``--data-offset + i``); GPU kernels are not bit-deterministic.
+
+Writes into ``--out``: ``vltok-ref-video-delta.safetensors`` (projector fp32, LoRA A/B fp16; merged at load by
+vltok.reference.apply_delta), ``train_log.jsonl``, ``results.json`` / ``results.md`` (test accuracy per type with
+16 frames and with the middle frame only, chance per type). ``--max-minutes`` caps the training loop (the LR schedule
+then follows the clock); the whole run including model conversion, data and evaluation stays within ~8 minutes
+with the defaults. Copy the delta to ``assets/`` to make it the committed one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vltok import reference as R
+from vltok import reference_video as RV
+
+from . import quality_video as Q
+from . import shapes_video as S
+from .train_reference import add_lora, answer_accuracy, save_delta
+
+FRAME_MIX = ((16, 0.7), (8, 0.15), (4, 0.15))
+
+
+def batch_frames(b: int, seed: int = 0) -> int:
+    """Frame count of batch b (deterministic by seed): 16 mostly, else 8 or 4."""
+    r = random.Random(f"frames/{seed}/{b}").random()
+    acc = 0.0
+    for f, p in FRAME_MIX:
+        acc += p
+        if r < acc:
+            return f
+    return FRAME_MIX[0][0]
+
+
+class TrainClips(torch.utils.data.Dataset):
+    """Item i -> (ids, labels, uint8 frames [T, 3, 336, 336], type) of train seed ``offset + i``; T from the batch."""
+
+    def __init__(self, tokenizer, n: int, batch_size: int, offset: int = 0, seed: int = 0, frames: int | None = None):
+        self.tok, self.n, self.bs, self.offset, self.seed, self.frames = tokenizer, n, batch_size, offset, seed, frames
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        scene, q = S.train_sample(self.offset + i)
+        t = self.frames or batch_frames(i // self.bs, self.seed)
+        rec = {"scene": scene, "n_frames": scene["n_frames"]}
+        u8 = Q._clip_pixels(rec, t, "rendered")
+        ids, labels = RV.encode(self.tok, q["question"], t, q["answer"])
+        return torch.tensor(ids), torch.tensor(labels), u8, q["type"]
+
+
+def collate(batch, pad_id: int):
+    n = max(len(b[0]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (x, y, _, _) in enumerate(batch):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
+    return ids, labels, mask, torch.stack([b[2] for b in batch]), [[b[3]] for b in batch]
+
+
+def test_records(n: int, seed: int = 0) -> list[dict]:
+    """The first n items of the balanced test split as records (scene descriptions; no files)."""
+    out = []
+    for i in range(n):
+        scene, q = S.test_item(i, seed)
+        out.append({"id": f"test-{seed}-{i:06d}", "question": q["question"], "answer": q["answer"], "type": q["type"],
+                    "span": q["span"], "n_frames": scene["n_frames"], "scene": scene})
+    return out
+
+
+def results_markdown(res: dict) -> str:
+    types = list(S.TYPES)
+    lines = ["| input | overall | temporal | single-frame types | " + " | ".join(types) + " |",
+             "|" + "---|" * (len(types) + 4)]
+    for key, label in (("clip", f"{res['frames']} frames"), ("single_frame", "middle frame only")):
+        s = res[key]
+        lines.append(f"| {label} | {100 * s['overall']:.1f} | {100 * s['temporal']:.1f} | "
+                     f"{100 * s['single_frame_types']:.1f} | " +
+                     " | ".join(f"{100 * s['by_type'][t]['acc']:.1f}" for t in types) + " |")
+    lines.append("| chance | | | | " + " | ".join(f"{100 * S.chance(t):.0f}" for t in types) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (delta, log, results)")
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate")
+    ap.add_argument("--lr-projector", type=float, default=3e-4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--frames", type=int, default=None, help="one frame count for every batch (default: FRAME_MIX)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-offset", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast (default on cuda)")
+    ap.add_argument("--max-minutes", type=float, default=4.5, help="cap on the training loop")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-n", type=int, default=540, help="test questions (balanced over the 9 types)")
+    ap.add_argument("--eval-batch", type=int, default=32)
+    ap.add_argument("--eval-frames", type=int, default=RV.NUM_FRAMES)
+    ap.add_argument("--no-eval", action="store_true")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    dev = torch.device(args.device)
+    bf16 = args.bf16 if args.bf16 is not None else dev.type == "cuda"
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the untrained-init warning: this is the run that trains it
+        model, processor = R.load("vltok-ref-video", device=dev, delta=False)
+    t_loaded = time.time()
+    torch.manual_seed(args.seed)
+    inner = model.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proj_params = list(inner.multi_modal_projector.parameters())
+    for p in proj_params:
+        p.requires_grad_(True)
+    loras = add_lora(inner.language_model, args.rank, args.alpha)
+    lora_params = [p for l in loras.values() for p in (l.A, l.B)]
+    groups = [{"params": proj_params, "lr": args.lr_projector}, {"params": lora_params, "lr": args.lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98), fused=dev.type == "cuda")
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    tok = processor.tokenizer
+    data = TrainClips(tok, args.steps * args.batch_size, args.batch_size, args.data_offset, args.seed, args.frames)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+        collate_fn=partial(collate, pad_id=tok.pad_token_id), pin_memory=dev.type == "cuda", drop_last=True,
+        prefetch_factor=4 if args.workers else None)
+    log = open(out / "train_log.jsonl", "w")
+    import transformers
+
+    config = dict(vars(args), frame_mix=FRAME_MIX, torch=torch.__version__, transformers=transformers.__version__,
+                  device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", trainable_params=n_train,
+                  load_seconds=round(t_loaded - t_start, 1))
+    log.write(json.dumps({"config": config}) + "\n")
+    print(json.dumps({"config": config}), flush=True)
+    model.train()
+    win = {"loss": [], "tok": [], "types": {}}
+    t_train = time.time()
+    step, stopped_early = 0, None
+    for step, (ids, labels, mask, u8, types) in enumerate(loader, 1):
+        ids, labels, mask = ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), mask.to(dev)
+        px = Q.normalize(u8.to(dev, non_blocking=True), torch.float32)
+        frac = step / args.steps
+        if args.max_minutes is not None:
+            frac = max(frac, (time.time() - t_train) / max(1.0, 60 * args.max_minutes))
+        warm = min(1.0, step / max(1, args.warmup))
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * warm * decay
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = inner(input_ids=ids, pixel_values_videos=px, attention_mask=mask).last_hidden_state
+            tgt = labels[:, 1:]
+            sel = tgt != -100
+            logits = model.lm_head(hidden[:, :-1][sel]).float()
+        loss = F.cross_entropy(logits, tgt[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        with torch.no_grad():
+            ok_flat = logits.argmax(-1) == tgt[sel]
+            ok = torch.zeros_like(tgt, dtype=torch.bool)
+            ok[sel] = ok_flat
+            win["loss"].append(loss.item())
+            win["tok"].append(ok_flat.float().mean().item())
+            for t, v in answer_accuracy(ok.cpu(), labels.cpu(), types).items():
+                win["types"].setdefault(t, []).extend(v)
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t_train
+            rec = {"step": step, "frames": int(u8.shape[1]), "loss": round(sum(win["loss"]) / len(win["loss"]), 4),
+                   "token_acc": round(sum(win["tok"]) / len(win["tok"]), 4),
+                   "answer_acc": {t: round(sum(v) / len(v), 3) for t, v in sorted(win["types"].items())},
+                   "lr": opt.param_groups[1]["lr"], "elapsed_s": round(el, 1),
+                   "videos_per_s": round(step * args.batch_size / el, 1)}
+            if dev.type == "cuda":
+                rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+            win = {"loss": [], "tok": [], "types": {}}
+        if args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes:
+            stopped_early = step
+            break
+        if step >= args.steps:
+            break
+    train_s = time.time() - t_train
+    import hashlib
+
+    img_delta = R.default_delta_path()
+    meta = {"format": "vltok-ref-video-delta/1", "base": "vltok-ref", "lora_scale": args.alpha / args.rank,
+            "lora_rank": args.rank, "steps": step, "seed": args.seed, "batch_size": args.batch_size,
+            "frame_mix": json.dumps(FRAME_MIX if args.frames is None else [[args.frames, 1.0]]),
+            "image_delta_sha256": hashlib.sha256(img_delta.read_bytes()).hexdigest() if img_delta else "",
+            "data_offset": args.data_offset}
+    delta_path = out / RV.DELTA_NAME
+    size = save_delta(model, loras, [], delta_path, meta)
+    done = {"done": True, "steps": step, "stopped_early_at": stopped_early, "train_seconds": round(train_s, 1),
+            "delta_bytes": size, "delta": str(delta_path)}
+    log.write(json.dumps(done) + "\n")
+    log.close()
+    print(json.dumps(done), flush=True)
+    if args.no_eval:
+        return 0
+
+    del model, opt, loras
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    model, processor = R.load("vltok-ref-video", device=dev, delta=delta_path)   # what users load (merged, fp32)
+    records = test_records(args.eval_n)
+    res = {"frames": args.eval_frames, "n": len(records)}
+    for key, single in (("clip", False), ("single_frame", True)):
+        clips = Q.clips_tensor(records, args.eval_frames, "rendered", single, args.workers)
+        preds = Q.predict(model, processor, records, clips, batch_size=args.eval_batch)
+        res[key] = S.score(records, preds)
+        res[key + "_predictions"] = [{"id": r["id"], "type": r["type"], "answer": r["answer"], "pred": p}
+                                     for r, p in zip(records, preds)]
+    res["chance"] = {t: S.chance(t) for t in S.TYPES}
+    res["training"] = {"steps": step, "train_seconds": round(train_s, 1),
+                       "total_seconds": round(time.time() - t_start, 1),
+                       "command": "python -m vltok.eval.train_reference_video " +
+                       " ".join(argv if argv is not None else sys.argv[1:])}
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = results_markdown(res)
+    (out / "results.md").write_text(f"# vltok-ref-video on the shapes-video test split (n = {len(records)})\n\n" + md +
+                                    f"\nTraining: {step} steps in {train_s:.0f} s; total {res['training']['total_seconds']:.0f} s.\n")
+    print(md, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
