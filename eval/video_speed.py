@@ -366,7 +366,10 @@ def main(argv=None):
         res["longest"][name] = {"memory": mem, "rows": rows, "tower_bytes_per_frame": tower_bytes_per_frame(
             model, processor, dev, size), "verify": check}
         print(json.dumps(res["longest"][name]["rows"]), flush=True)
-        del model
+        del model, processor
+        import gc
+
+        gc.collect()
         peak_reset(dev)
         (out / "video-speed.json").write_text(json.dumps(res, indent=1))
     res["total_seconds"] = round(time.perf_counter() - t_all, 1)
