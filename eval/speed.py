@@ -694,7 +694,9 @@ def main(argv=None, prog=None):
                                          n_new=args.new_tokens, rounds=args.rounds)
             del model
             torch.cuda.empty_cache()
-        md = decode_markdown(rows, header.replace("# vltok speed benchmark", "# vltok decode benchmark"))
+        md = decode_markdown(rows, header.replace("# vltok speed benchmark", "# vltok decode benchmark").replace(
+            f"medians of {args.reps} CUDA-event timings after warm-up", f"{args.rounds} interleaved rounds per row "
+            "after a warm-up run, every decode step timed by CUDA events"))
         print(md)
         if args.out:
             with open(args.out, "w") as f:
