@@ -217,9 +217,240 @@ def measure(model, inputs, n_new, reps, run_forward=None):
     ttft = cuda_time(fwd, reps=reps)
     gen = lambda: model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)  # noqa: E731
     t_gen = cuda_time(gen, warmup=1, reps=max(1, reps // 2))
+    steps = []
+    for _ in range(max(1, reps // 2)):   # decode from per-step marks, not (generate - TTFT): see decode_bench
+        steps += generate_steps(model, inputs, n_new)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    decode = (n_new - 1) / max((t_gen - ttft) / 1e3, 1e-9)
+    decode = 1e3 / statistics.median(steps) if steps else float("nan")
     return dict(ttft_ms=ttft, gen_ms=t_gen, decode_tok_s=decode, peak_gib=peak)
+
+
+# -- decode: per-step timing, interleaved rows ---------------------------------------------------------------------
+def _step_clock_class():
+    from transformers import StoppingCriteria
+
+    class StepClock(StoppingCriteria):
+        """A stopping criterion that never stops and marks the end of every generation step: a CUDA event (recorded
+        on the stream, no sync) on the GPU, a synced perf_counter elsewhere. Consecutive marks bound one decode step
+        (the forward on the new token plus generate's own per-token work)."""
+
+        def __init__(self, device):
+            self.cuda = torch.device(device).type == "cuda"
+            self.marks = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.cuda:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                self.marks.append(e)
+            else:
+                self.marks.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        def step_ms(self) -> list[float]:
+            if self.cuda:
+                torch.cuda.synchronize()
+                return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+            return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+    return StepClock
+
+
+def generate_steps(model, inputs, n_new) -> list[float]:
+    """Milliseconds of each decode step of one greedy ``generate`` of ``n_new`` tokens (n_new - 1 steps: the first
+    token comes from the prefill)."""
+    from transformers import StoppingCriteriaList
+
+    dev = inputs["input_ids"].device
+    clock = _step_clock_class()(dev)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([clock]))
+    return clock.step_ms()
+
+
+def _module_hooks(model) -> set:
+    return {(id(m), kind, k) for m in model.modules() for kind in ("_forward_pre_hooks", "_forward_hooks")
+            for k in getattr(m, kind)}
+
+
+@contextlib.contextmanager
+def vltok_host_per_call(model, before: set):
+    """Host seconds spent inside vltok per forward call of ``model`` (a list, one entry per call, filled while the
+    context is open): vltok's forward wrapper work (argument binding, ``prepare``: the placeholder rewrite, the
+    in-LLM engine's call set-up) and every module hook vltok registered (``before``: the hooks present before the
+    patch; e.g. the in-LLM engine's per-layer decode hooks, which gather each layer's mask). Nested vltok code
+    counts once. The timers cost ~0.1 us per call: measure in separate runs, never inside timed ones."""
+    from vltok.adapters import base
+
+    handle = vltok.get_handle(model)
+    per_call, depth, undo = [], [0], []
+
+    def timed(fn):
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            if depth[0] or not per_call:
+                return fn(*a, **k)
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+                per_call[-1] += time.perf_counter() - t0
+        return inner
+
+    def boundary(module, args, kwargs):
+        per_call.append(0.0)
+
+    try:
+        for m in model.modules():
+            for kind in ("_forward_pre_hooks", "_forward_hooks"):
+                d = getattr(m, kind)
+                for k, fn in list(d.items()):
+                    if (id(m), kind, k) not in before:
+                        d[k] = timed(fn)
+                        undo.append(lambda d=d, k=k, fn=fn: d.__setitem__(k, fn))
+        cls = type(handle.adapter)
+        prep = cls.prepare
+        cls.prepare = timed(prep)
+        undo.append(lambda: setattr(cls, "prepare", prep))
+        bind = base._bind
+        base._bind = timed(bind)
+        undo.append(lambda: setattr(base, "_bind", bind))
+        h = model.register_forward_pre_hook(boundary, with_kwargs=True, prepend=True)
+        undo.append(h.remove)
+        yield per_call
+    finally:
+        while undo:
+            undo.pop()()
+
+
+def _ideal_inputs(model, family, inputs, methods, keep):
+    """(visual tokens per image, rewritten inputs) of the first pre-LLM method that patches: the IDEAL row feeds the
+    unpatched model that many (sliced) features; None where no IDEAL applies."""
+    if family in ("qwen2_vl", "blip2"):
+        return None
+    for m in methods:
+        try:
+            h = vltok.patch(model, m, keep=keep)
+        except vltok.VltokError:
+            continue
+        try:
+            if h.method.pre_llm is not None:
+                counts = h.adapter.image_counts(inputs)[1]
+                prep, _ = h.adapter.prepare(dict(inputs), default_side="left")
+                return counts, prep
+        finally:
+            h.remove()
+    return None
+
+
+def decode_bench(model, name, family, methods, keep, batch, n_new=64, rounds=5, device="cuda"):
+    """Decode speed per step: greedy ``generate`` of ``n_new`` tokens, each decode step timed by CUDA events
+    (synced perf_counter on CPU), for the unpatched model, IDEAL (the unpatched model fed the tokens a pre-LLM method
+    keeps) and each method at ``keep``. The rows are interleaved: each of ``rounds`` rounds runs every row once, in
+    an order rotated by one per round, so drifts (clocks, thermals, allocator state) spread over all rows instead of
+    landing on whichever ran last. vltok's own host time per decode step comes from one extra, instrumented run per
+    method (vltok_host_per_call), kept out of the timed runs."""
+    inputs = make_inputs(model, family, batch, device)
+    ideal = _ideal_inputs(model, family, inputs, methods, keep)
+    runners, kinds, errors = {}, {}, {}
+
+    def patched_run(method):
+        def run():
+            with vltok.patched(model, method, keep=keep):
+                return generate_steps(model, inputs, n_new)
+        return run
+
+    runners["unpatched"] = lambda: generate_steps(model, inputs, n_new)
+    kinds["unpatched"] = "baseline"
+    if ideal is not None:
+        counts, prep = ideal
+
+        def run_ideal():
+            with ideal_features(model, counts):
+                return generate_steps(model, prep, n_new)
+        runners["IDEAL"], kinds["IDEAL"] = run_ideal, "baseline"
+    for m in methods:
+        try:
+            with vltok.patched(model, m, keep=keep) as h:
+                kinds[m] = "in_llm" if h.method.in_llm is not None else "pre_llm"
+        except vltok.VltokError as e:
+            errors[m] = f"{type(e).__name__}: {e}"
+            continue
+        runners[m] = patched_run(m)
+    names = list(runners)
+    steps = {n: [] for n in names}
+    for n in names:   # warm-up: caches, autotuning, allocator growth
+        try:
+            runners[n]()
+        except Exception as e:  # one broken row must not sink the run: record it
+            errors[n] = f"{type(e).__name__}: {e}"
+    names = [n for n in names if n not in errors]
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for n in order:
+            steps[n] += runners[n]()
+    host = {}
+    for n in names:
+        if kinds[n] == "baseline":
+            continue
+        before = _module_hooks(model)
+        with vltok.patched(model, n, keep=keep), vltok_host_per_call(model, before) as per_call:
+            generate_steps(model, inputs, n_new)
+        host[n] = statistics.median(per_call[1:]) * 1e6 if len(per_call) > 1 else float("nan")   # [0]: prefill
+    rows = []
+    base = statistics.median(steps["unpatched"]) if steps.get("unpatched") else None
+    ref = statistics.median(steps["IDEAL"]) if steps.get("IDEAL") else None
+    for n in names:
+        st = sorted(steps[n])
+        med = statistics.median(st)
+        q = lambda f: st[min(len(st) - 1, int(f * len(st)))]  # noqa: E731
+        row = dict(model=name, batch=batch, keep=keep, row=n, kind=kinds[n], steps=len(st), decode_ms=med,
+                   decode_ms_mean=statistics.fmean(st), p10_ms=q(0.1), p90_ms=q(0.9), steps_per_s=1e3 / med,
+                   tok_s=batch * 1e3 / med, vs_unpatched=med / base if base else None,
+                   vs_ideal=med / ref if ref else None, timer="cuda events" if st and torch.device(
+                       inputs["input_ids"].device).type == "cuda" else "perf_counter (synced)")
+        if n in host:
+            row["host_us"] = host[n]
+            row["host_pct"] = 100 * host[n] / 1e3 / med
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for n, e in errors.items():
+        rows.append(dict(model=name, batch=batch, keep=keep, row=n, kind=kinds.get(n, "?"), error=e[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+DECODE_TARGET = {"pre_llm": 1.0, "in_llm": 3.0}   # % of a decode step that vltok may add (issue 14)
+
+
+def decode_markdown(rows, header) -> str:
+    lines = [header, "",
+             "| model | batch | keep | row | decode ms/step (median) | p10-p90 ms | steps/s | tok/s (batch x steps/s) "
+             "| vs unpatched | vs IDEAL | vltok host us/step | host share | target | met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['batch']} | {r['keep']:.2f} | {r['row']} | FAILED: "
+                         f"{r['error'][:120].replace('|', '/')} | | | | | | | | | |")
+            continue
+        target = DECODE_TARGET.get(r["kind"])
+        share = r.get("host_pct")
+        ratio = lambda x: "-" if x is None else f"{x:.3f}x"  # noqa: E731
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['keep']:.2f} | {r['row']} | {r['decode_ms']:.3f} | "
+            f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f} | {r['steps_per_s']:.1f} | {r['tok_s']:.1f} | "
+            f"{ratio(r.get('vs_unpatched'))} | {ratio(r.get('vs_ideal'))} | "
+            + ("-" if share is None else f"{r['host_us']:.1f}") + " | "
+            + ("-" if share is None else f"{share:.2f}%") + " | "
+            + ("-" if target is None else f"< {target:g}%") + " | "
+            + ("-" if target is None or share is None else ("yes" if share < target else "no")) + " |")
+    lines += ["", f"Each row: {rows[0].get('steps', '?') if rows else '?'} decode steps (greedy generate, rounds "
+              "interleaved across rows), timed per step; vltok host us/step: the median host time inside vltok's "
+              "entry points per decode step (an extra instrumented run); host share = that / the row's median step."]
+    return "\n".join(lines)
 
 
 def bench_model(name, methods, keeps, batches, n_new, reps, fast, model=None, family=None, device="cuda"):
@@ -422,6 +653,10 @@ def main(argv=None, prog=None):
     ap.add_argument("--no-fast", action="store_true")
     ap.add_argument("--out", default=None, help="Markdown file to write")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode", action="store_true",
+                    help="decode speed only: per-step timing of every method next to the unpatched model and IDEAL, "
+                    "rows interleaved over --rounds rounds, vltok's host time per step (writes --out / --json)")
+    ap.add_argument("--rounds", type=int, default=5, help="--decode: interleaved rounds per row")
     ap.add_argument("--summarize", default=None, metavar="JSON",
                     help="print the targets table of an earlier run's JSON (no GPU needed) and exit")
     args = ap.parse_args(argv)
@@ -447,6 +682,29 @@ def main(argv=None, prog=None):
               f"{args.new_tokens} new tokens; medians of {args.reps} CUDA-event timings after warm-up.\n\n"
               f"command: python -m vltok.eval.speed {' '.join(argv if argv is not None else sys.argv[1:])}")
     rows = []
+    for path in (args.out, args.json):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if args.decode:
+        for name in args.models:
+            model = configs.build_random(name, device="cuda", dtype=torch.bfloat16)
+            for batch in args.batches:
+                for keep in args.keeps:
+                    rows += decode_bench(model, name, configs.family(name), args.methods, keep, batch,
+                                         n_new=args.new_tokens, rounds=args.rounds)
+            del model
+            torch.cuda.empty_cache()
+        md = decode_markdown(rows, header.replace("# vltok speed benchmark", "# vltok decode benchmark").replace(
+            f"medians of {args.reps} CUDA-event timings after warm-up", f"{args.rounds} interleaved rounds per row "
+            "after a warm-up run, every decode step timed by CUDA events"))
+        print(md)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(md + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     for name in args.models:
         rows += bench_model(name, args.methods, args.keeps, args.batches if configs.family(name) == "llava" else [1],
                             args.new_tokens, args.reps, not args.no_fast)

@@ -18,7 +18,7 @@ def _help(capsys, argv):
 def test_bench_help_lists_the_bench_options(capsys):
     out = _help(capsys, ["bench", "--help"])
     assert out.startswith("usage: vltok bench ")
-    for opt in ("--models", "--methods", "--keeps", "--batches", "--summarize"):
+    for opt in ("--models", "--methods", "--keeps", "--batches", "--summarize", "--decode", "--rounds"):
         assert opt in out
 
 
