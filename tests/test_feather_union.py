@@ -47,8 +47,8 @@ def test_paper_preset_uses_union_and_count_rule_stays_available():
     assert got.numel() == 172 + 64 - on_top
     exact = vltok.registry.get("feather").factory(0.16, preset="paper", stage1="count").in_llm
     assert exact.select(cuts[0], view, s).numel() == 218   # round(a·N + |U| - a·|U|)
-    with pytest.raises(ValueError, match="stage1"):
-        vltok.registry.get("feather").factory(0.16, stage1="both")
+    with pytest.raises(vltok.VltokError, match="stage1"):
+        vltok.registry.check_options(vltok.registry.get("feather"), dict(stage1="both"))
 
 
 @pytest.mark.parametrize("kind", ["b2-left", "b2-right"])

@@ -159,8 +159,12 @@ def test_threads_get_their_serial_results(model, method, kw):
     jobs = [llava_inputs(model, [IMG_PROMPT], seed=1), llava_inputs(model, [IMG_PROMPT, P2], seed=2),
             llava_inputs(model, [P2, TEXT_PROMPT, IMG_PROMPT], seed=3, padding="right"),
             llava_inputs(model, [[1, -1, 4]], seed=4)]
-    with vltok.patched(model, method, **kw), torch.no_grad():
+    with vltok.patched(model, method, **kw) as h, torch.no_grad():
         serial = [model(**inp).logits for inp in jobs]
+        serial_stats = []
+        for inp in jobs:
+            model(**inp)
+            serial_stats.append((h.stats["tokens_in"], h.stats["tokens_out"]))
         serial_gen = [model.generate(**inp, do_sample=False, **GEN) for inp in jobs]
         got, errors = {}, []
         start = threading.Barrier(4)
@@ -170,7 +174,9 @@ def test_threads_get_their_serial_results(model, method, kw):
                 start.wait()
                 for r in range(3):
                     j = (t + r) % 4
-                    got[t, r] = (j, model(**jobs[j]).logits,
+                    logits = model(**jobs[j]).logits
+                    stats = (h.stats["tokens_in"], h.stats["tokens_out"])   # this thread's last call
+                    got[t, r] = (j, logits, stats,
                                  model.generate(**jobs[j], do_sample=False, **GEN) if r == 0 else None)
             except Exception as e:   # noqa: BLE001 - reported below
                 errors.append(e)
@@ -182,8 +188,8 @@ def test_threads_get_their_serial_results(model, method, kw):
             th.join()
     assert not errors, errors
     assert len(got) == 12
-    for j, logits, gen in got.values():
-        assert torch.equal(logits, serial[j])
+    for j, logits, stats, gen in got.values():
+        assert torch.equal(logits, serial[j]) and stats == serial_stats[j]
         if gen is not None:
             assert torch.equal(gen, serial_gen[j])
 

@@ -16,15 +16,47 @@ from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, I
 _ATTR = "_vltok_handle"
 
 
+class _PerThread:
+    """A handle attribute each thread reads as its own last call wrote it (calls from several threads at once); a
+    thread that made no call reads what the latest call of any thread wrote."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        try:
+            return getattr(obj._local, self.name)
+        except AttributeError:
+            pass
+        try:
+            return obj.__dict__["_last_" + self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value):
+        setattr(obj._local, self.name, value)
+        obj.__dict__["_last_" + self.name] = value
+
+
 class PatchHandle:
-    """Returned by :func:`patch`. ``stats`` describes the last call that carried images."""
+    """Returned by :func:`patch`. ``stats`` describes the last call that carried images (of this thread)."""
+
+    stats = _PerThread()
+    kept_positions = _PerThread()
+    inllm_kept_columns = _PerThread()
+    inllm_prefill_columns = _PerThread()
+    inllm_dead_columns = _PerThread()
+    inllm_layer_columns = _PerThread()
 
     def __init__(self, model, method, adapter_cls):
         self.model = model
         self.method = method
         self.family = adapter_cls.family
         self._undo: list = []
-        self.stats: dict = {}
+        self._local = threading.local()
+        self.stats = {}
         # True: vision-stage merges also record every patch's group (a one-hot tracer, [B, N, N] memory per call)
         self.record_kept = False
         self._kept_stages: list = []   # raw records behind kept_patches() (vltok/kept.py)

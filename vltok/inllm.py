@@ -249,11 +249,14 @@ class InLLMEngine:
                 f"{self.method.name} prunes tokens inside the LLM, so the logits cover fewer positions than the "
                 "labels; loss / training is not supported: call the model without labels in eval mode, or "
                 "vltok.unpatch(model) for training")
+        ids = call["input_ids"]
+        if self._prompt is not None and self.adapter._in_generate and ids.shape[1] > self._prompt[0]:
+            self._pending = None   # a use_cache=False step that brings the images again: _lm_start cuts the prompt
+            return
         self._prompt = None
         if not any(len(imgs) for imgs in layout):
             self._pending = None
             return
-        ids = call["input_ids"]
         am = call.get("attention_mask")
         am = torch.ones_like(ids) if am is None else am
         self._pending = (ids.shape[1], layout, am)

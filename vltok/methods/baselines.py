@@ -69,8 +69,6 @@ class RandomReducer:
 @register("pool", "Adaptive average pooling of each image grid to r_h x r_w (sqrt(keep) per axis); baseline",
           ("pre_llm",), options=dict(rounding=choice(*ROUNDINGS)))
 def make_pool(keep: float, rounding: str = "nearest") -> Method:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"pool: rounding must be one of {ROUNDINGS}, got {rounding!r}")
     return Method("pool", keep, dict(rounding=rounding), pre_llm=PoolReducer(keep, rounding))
 
 

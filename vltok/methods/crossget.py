@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from ..registry import boolean, choice, file_or, optional, register
 from ..stages import Method
-from .tome import SCHEDULES, check_schedule, round_sizes, spread_schedule
+from .tome import SCHEDULES, round_sizes, spread_schedule
 
 IMPORTANCES = ("cls_attn", "cls_query_cos", "none")
 ENSEMBLES = ("importance", "size")
@@ -248,15 +248,8 @@ def make_crossget(keep: float, importance: str = "cls_attn", ensemble: str = "im
                   prop_attn: bool = True, cross_tokens=None, schedule: str = "auto") -> Method:
     from .postmerge import PostMergeReducer
 
-    check_schedule("crossget", schedule)
-    if importance not in IMPORTANCES:
-        raise ValueError(f"crossget: importance must be one of {IMPORTANCES}, got {importance!r}")
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"crossget: ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-    if isinstance(cross_tokens, str):
+    if cross_tokens is not None and not isinstance(cross_tokens, CrossTokens):   # a checkpoint path
         cross_tokens = load_cross_tokens(cross_tokens)
-    elif cross_tokens is not None and not isinstance(cross_tokens, CrossTokens):
-        raise ValueError("crossget: cross_tokens must be a checkpoint path (vltok train crossget) or a CrossTokens")
     if cross_tokens is not None and importance == "none":
         raise ValueError("crossget: cross_tokens give the importance; importance='none' would ignore them "
                          "(use 'cls_attn' or 'cls_query_cos', computed from the cross token's query)")

@@ -8,7 +8,7 @@ from ..errors import IncompatibleError
 from ..inllm import Cut
 from ..registry import boolean, choice, integer, register
 from ..stages import Method, kept_count
-from .feather import KEEP_MODES, _check, query_mean, top_by_score, top_by_score_rows
+from .feather import KEEP_MODES, query_mean, top_by_score, top_by_score_rows
 
 
 class FastVPruner:
@@ -49,8 +49,5 @@ class FastVPruner:
           "keys); the baseline FEATHER fixes", ("in_llm",),
           options=dict(K=integer(1), keep_mode=choice(*KEEP_MODES), rope=boolean()))
 def make_fastv(keep: float, K: int = 2, keep_mode: str = "flops", rope: bool = True) -> Method:
-    _check("fastv", keep_mode)
-    if not isinstance(K, int) or K < 1:
-        raise ValueError(f"fastv: K must be a positive integer (the layer before which it prunes), got {K!r}")
     return Method("fastv", keep, dict(K=K, keep_mode=keep_mode, rope=rope),
                   in_llm=FastVPruner(keep, K, keep_mode, bool(rope)))

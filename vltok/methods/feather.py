@@ -196,37 +196,21 @@ class FeatherPruner:
         return top_by_score_rows(s, n1, force=on_grid)   # the whole grid first, then the best others up to n1
 
 
-def _check(name, keep_mode, stride=1):
-    if keep_mode not in KEEP_MODES:
-        raise ValueError(f"{name}: keep_mode must be one of {KEEP_MODES}, got {keep_mode!r}")
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"{name}: stride must be a positive integer, got {stride!r}")
-
-
 @register("feather", "FEATHER: in-LLM two-stage pruning, RoPE-free last-token criterion + uniform grid (stage 1), "
           "criterion only (stage 2)", ("in_llm",),
           options=dict(layers=optional(int_pair(1, ordered=True)), a=optional(real(0, 1)), s2=optional(real(0, 1)),
-                       stride=integer(1), keep_mode=choice(*KEEP_MODES), preset=choice(None, "paper")))
+                       stride=integer(1), keep_mode=choice(*KEEP_MODES), preset=choice(None, "paper"),
+                       stage1=choice(None, "union", "count")))
 def make_feather(keep: float, layers=None, a=None, s2=None, stride: int = 3, keep_mode: str = "flops",
                  preset=None, stage1=None) -> Method:
     """``stage1``: ``"union"`` (the paper's set: top-floor(a·N) of all visual tokens ∪ the stride grid, a size that
     varies per image; the default with ``preset="paper"``) or ``"count"`` (the grid, then the best off-grid tokens up
     to n1 = round(a·N + |U| - a·|U|), the same count for every image, so the keep solver's FLOPs are met exactly and
     batches stay on the batched / graph-replayed path; the default otherwise)."""
-    _check("feather", keep_mode, stride)
-    if preset not in (None, "paper"):
-        raise ValueError(f"feather: preset must be None or 'paper', got {preset!r}")
     if stage1 is None:
         stage1 = "union" if preset == "paper" else "count"
-    if stage1 not in ("union", "count"):
-        raise ValueError(f"feather: stage1 must be 'union' or 'count', got {stage1!r}")
     if layers is not None:
         layers = tuple(int(x) for x in layers)
-        if len(layers) != 2 or not 1 <= layers[0] < layers[1]:
-            raise ValueError(f"feather: layers must be (k1, k2) with 1 <= k1 < k2, got {layers!r}")
-    for nm, v in (("a", a), ("s2", s2)):
-        if v is not None and not 0.0 <= v <= 1.0:
-            raise ValueError(f"feather: {nm} must lie in [0, 1], got {v!r}")
     params = dict(layers=layers, a=a, s2=s2, stride=stride, keep_mode=keep_mode, preset=preset, stage1=stage1)
     return Method("feather", keep, params,
                   in_llm=FeatherPruner(keep, layers, a, s2, stride, keep_mode, preset, stage1))

@@ -133,11 +133,5 @@ class FourierReducer:
                                      impl=choice(*IMPLS), precise=boolean()))
 def make_fourier(keep: float, r=None, gain: str = "resize", rounding: str = "nearest", impl: str = "auto",
                  precise: bool = False) -> Method:
-    if gain not in GAINS:
-        raise ValueError(f"fourier: gain must be one of {GAINS}, got {gain!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"fourier: rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"fourier: impl must be one of {IMPLS}, got {impl!r}")
     params = dict(r=r, gain=gain, rounding=rounding, impl=impl, precise=precise)
     return Method("fourier", keep, params, pre_llm=FourierReducer(keep, r, gain, rounding, impl, precise))

@@ -360,21 +360,7 @@ def make_mustdrop(keep: float, mode: str = "budget", keep_mode: str = "flops",
                   stages=("vision", "prefill", "decode"), key_rate: float = 0.08, pruning_layers=None,
                   thr=(0.001, 0.001), window: int = 3, window_thr: float = 0.8, vision_windows: int | None = None,
                   vision_guard: bool = True, prop_attn: bool = True) -> Method:
-    if mode not in MODES:
-        raise ValueError(f"mustdrop: mode must be one of {MODES}, got {mode!r}")
-    if keep_mode not in KEEP_MODES:
-        raise ValueError(f"mustdrop: keep_mode must be one of {KEEP_MODES}, got {keep_mode!r}")
     stages = tuple(stages)
-    if not stages or any(s not in ("vision", "prefill", "decode") for s in stages) or "prefill" not in stages:
-        raise ValueError(f"mustdrop: stages must include 'prefill' and may add 'vision' and 'decode', got {stages!r}")
-    if not 0.0 <= key_rate < 1.0:
-        raise ValueError(f"mustdrop: key_rate must lie in [0, 1), got {key_rate!r}")
-    if len(tuple(thr)) != 2 or min(thr) <= 0:
-        raise ValueError(f"mustdrop: thr must be (global_thr, individual_thr) > 0, got {thr!r}")
-    if not isinstance(window, int) or window < 2:
-        raise ValueError(f"mustdrop: window must be an int >= 2, got {window!r}")
-    if vision_windows is not None and (not isinstance(vision_windows, int) or vision_windows < 0):
-        raise ValueError(f"mustdrop: vision_windows must be None (threshold) or an int >= 0, got {vision_windows!r}")
     params = dict(mode=mode, keep_mode=keep_mode, stages=stages, key_rate=key_rate, pruning_layers=pruning_layers,
                   thr=tuple(thr), window=window, window_thr=window_thr, vision_windows=vision_windows,
                   vision_guard=vision_guard, prop_attn=prop_attn)

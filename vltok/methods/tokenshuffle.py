@@ -157,16 +157,12 @@ class ShuffleReducer:
           options=dict(window=optional(int_pair(1)), pool=choice(*POOLS),
                        projector=optional(file_or(lambda: (ShuffleProjector,), "a ShuffleProjector"))))
 def make_tokenshuffle(keep: float, window=None, pool: str = "mean", projector=None) -> Method:
-    if pool not in POOLS:
-        raise ValueError(f"tokenshuffle: pool must be one of {POOLS}, got {pool!r}")
     if window is not None:
         window = (int(window), int(window)) if isinstance(window, int) else tuple(int(s) for s in window)
-    if isinstance(projector, str):
+    if projector is not None and not isinstance(projector, ShuffleProjector):   # a checkpoint path
         projector = load_projector(projector, window)
         window = window or projector.window
     elif projector is not None:
-        if not isinstance(projector, ShuffleProjector):
-            raise ValueError("tokenshuffle: projector must be a ShuffleProjector or a checkpoint path")
         if window is not None and tuple(window) != projector.window:
             raise ValueError(f"tokenshuffle: the projector is for window {projector.window}, not {window}")
         window = projector.window

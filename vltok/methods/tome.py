@@ -42,12 +42,6 @@ def spread_schedule(n_patches: int, keep: float, n_layers: int, late: bool = Fal
 SCHEDULES = ("auto", "constant", "late", "post")
 
 
-def check_schedule(method: str, schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{method}: schedule must be one of {SCHEDULES} ('auto': inside the vision encoder "
-                         f"where the family allows it, else 'post'), got {schedule!r}")
-
-
 def round_sizes(n_tokens: int, n_protected: int, r: int) -> list[int]:
     """Split one layer's r into rounds of at most half the unprotected tokens each (ToMe's cap)."""
     rounds = []
@@ -145,9 +139,6 @@ class TomeMerger:
 def make_tome(keep: float, order: str = "raster", prop_attn: bool = True, schedule: str = "auto") -> Method:
     from .postmerge import PostMergeReducer
 
-    if order not in ORDERS:
-        raise ValueError(f"tome: order must be one of {ORDERS}, got {order!r}")
-    check_schedule("tome", schedule)
     post = PostMergeReducer(keep, "bipartite")
     if schedule == "post":
         return Method("tome", keep, dict(schedule="post"), pre_llm=post)
