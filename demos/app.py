@@ -8,6 +8,7 @@ other subcommands do not pay for it.
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,6 +43,7 @@ def _summary(cells: list[dict]) -> list[dict]:
 
 def build(dm: core.DemoModel, examples_dir=None, max_new_tokens: int = core.MAX_NEW_TOKENS):
     """The Blocks app around a loaded :class:`vltok.demo_core.DemoModel`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no calls home (offline machines, CI)
     import gradio as gr
     import pandas as pd
 
@@ -196,6 +198,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--max-new-tokens", type=int, default=core.MAX_NEW_TOKENS, help="answer length cap")
+    p.add_argument("--time-grid", action="store_true", help="no server: time the default 4-method x 3-budget grid "
+                   "(twice, the first with warm-up) on the first example, print the seconds and exit")
 
 
 def _main(args) -> int:
@@ -208,6 +212,13 @@ def _main(args) -> int:
     except core.VltokError as e:
         print(f"vltok demo: {e}", file=sys.stderr)
         return 2
+    if args.time_grid:
+        for i, r in enumerate(core.time_grid(dm, DEFAULT_METHODS, [float(k) for k in DEFAULT_BUDGETS],
+                                             max_new_tokens=args.max_new_tokens)):
+            print(f"vltok demo: grid {len(DEFAULT_METHODS)} methods x {len(DEFAULT_BUDGETS)} budgets, run {i + 1}: "
+                  f"{r['seconds']:.2f} s ({r['ok']} / {r['cells']} cells ok, {r['right']} right) on {dm.device}",
+                  flush=True)
+        return 0
     launch(dm, args.host, args.port, args.share, max_new_tokens=args.max_new_tokens)
     return 0
 

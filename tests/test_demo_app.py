@@ -160,3 +160,14 @@ def test_right_and_wrong_marks(dm):
     assert cell.correct is core.is_correct(cell.answer, ex) and cell.correct is not None
     assert ("✓ right" in cell.text()) == cell.correct and ("✗ wrong" in cell.text()) == (not cell.correct)
     assert cell.overlay is not None and cell.overlay.size == (336, 336)
+
+
+def test_time_grid_and_cli(dm):
+    from vltok.cli import build_parser
+
+    runs = core.time_grid(dm, ("pool", "fastv"), (0.5,), repeats=1, max_new_tokens=2)
+    assert runs[0]["cells"] == 2 and runs[0]["ok"] == 2 and runs[0]["seconds"] > 0
+    args = build_parser().parse_args(["demo"])
+    assert (args.port, args.host, args.share, args.model, args.dtype) == (7860, "127.0.0.1", False, None, "float32")
+    args = build_parser().parse_args(["demo", "--port", "7999", "--share", "--model", "/x", "--time-grid"])
+    assert args.port == 7999 and args.share and args.model == "/x" and args.time_grid
