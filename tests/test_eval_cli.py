@@ -199,3 +199,16 @@ def test_shapes_export_vqav2(tmp_path):
     assert ds.score([r["answer"] for r in recs])["overall"] == 1.0
     assert vcli.main(["shapes", str(tmp_path / "g"), "--n", "9", "--export", "vqav2"]) == 0
     assert len(D.load(tmp_path / "g").items) == 8
+
+
+def test_resume_retries_the_items_that_failed(fake, shapes_dir, tmp_path):
+    d = _copy(shapes_dir, tmp_path / "d")
+    img = Path(S.load_dataset(d)[2]["image_path"])
+    good = img.read_bytes()
+    img.write_bytes(b"")
+    out = tmp_path / "r.json"
+    res = runner.evaluate(_Fake(), None, d, progress=False, batch_size=4, save=out)
+    assert res["n_errors"] == 1 and sum(len(b) for b in fake["batches"]) == 8
+    img.write_bytes(good)                                   # the file is fixed: --resume answers only that item
+    res = runner.evaluate(_Fake(), None, d, progress=False, batch_size=4, save=out, resume=True)
+    assert res["n_errors"] == 0 and res["resumed"] == 8 and fake["batches"][-1] == [S.load_dataset(d)[2]["question"]]
