@@ -108,7 +108,7 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
     import vltok
 
     handle = None
-    agg = {"tokens_in": 0, "tokens_out": 0}
+    agg = {"tokens_in": 0, "tokens_out": 0, "flops": 0.0}
     if patch:
         cfg = dict(patch)
         handle = vltok.patch(model, cfg.pop("method"), keep=float(cfg.pop("keep")), **cfg)
@@ -117,6 +117,7 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
         st = handle.stats or {}
         agg["tokens_in"] += int(st.get("tokens_in", 0))
         agg["tokens_out"] += int(st.get("tokens_out", 0))
+        agg["flops"] += float(st.get("flops_keep", 1.0)) * int(st.get("tokens_in", 0))
 
     t0 = time.perf_counter()
     try:
@@ -128,8 +129,10 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
     frames = clips.shape[1]
     native = frames * RV.FRAME_TOKENS
     per_video = agg["tokens_out"] / len(records) if handle is not None and records else native
+    flops = agg["flops"] / agg["tokens_in"] if handle is not None and agg["tokens_in"] else per_video / native
     return {"label": label or (f"{patch['method']}@{patch['keep']:g}" if patch else "full"), "patch": patch,
             "frames": frames, "tokens_per_video": per_video, "keep_achieved": per_video / native,
+            "flops_keep": flops,
             "score": S.score(records, preds), "seconds": round(time.perf_counter() - t0, 2),
             "predictions": [{"id": r["id"], "type": r["type"], "answer": r["answer"], "pred": p}
                             for r, p in zip(records, preds)]}
@@ -156,13 +159,14 @@ def default_methods() -> list[str]:
 def _row(res: dict, types) -> list[str]:
     s = res["score"]
     return [res["label"], str(res["frames"]), f"{res['tokens_per_video']:.0f}", f"{res['keep_achieved']:.3f}",
+            f"{res.get('flops_keep', res['keep_achieved']):.3f}",
             f"{100 * s['overall']:.1f}", f"{100 * (s['temporal'] or 0):.1f}", f"{100 * (s['single_frame_types'] or 0):.1f}",
             *[f"{100 * s['by_type'][t]['acc']:.1f}" if t in s["by_type"] else "-" for t in types]]
 
 
 def markdown(doc: dict) -> str:
     types = list(S.TYPES)
-    head = ["run", "frames", "tokens/video", "keep", "overall", "temporal", "single-frame types", *types]
+    head = ["run", "frames", "tokens/video", "keep", "flops keep", "overall", "temporal", "single-frame types", *types]
     sep = "|" + "---|" * len(head)
     lines = [f"# Video quality: {doc['model']} on {doc['dataset']} (n = {doc['n']}, frames from: {doc['source']})", ""]
     if doc.get("partial"):
@@ -195,12 +199,12 @@ def plot(doc: dict, path: Path) -> None:
             by.setdefault(r["patch"]["method"], []).append(r)
     for ax, key, title in ((axes[0], "overall", "all types"), (axes[1], "temporal", "temporal types")):
         for m, rs in sorted(by.items()):
-            rs = sorted(rs, key=lambda r: r["keep_achieved"])
-            ax.plot([r["keep_achieved"] for r in rs] + ([1.0] if full else []),
+            rs = sorted(rs, key=lambda r: r.get("flops_keep", r["keep_achieved"]))
+            ax.plot([r.get("flops_keep", r["keep_achieved"]) for r in rs] + ([1.0] if full else []),
                     [100 * r["score"][key] for r in rs] + ([100 * full["score"][key]] if full else []),
                     marker="o", label=m, lw=2.2 if m in ("evs", "tmerge") else 1.0)
         ax.set_xscale("log")
-        ax.set_xlabel("visual tokens kept (share of frames x 144)")
+        ax.set_xlabel("FLOPs-equivalent keep (share of frames x 144 tokens)")
         ax.set_ylabel("accuracy %")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -222,6 +226,28 @@ def write(doc: dict, out: Path) -> None:
     (out / "quality-video.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "quality-video.md").write_text(markdown(doc))
     plot(doc, out / "quality-video.png")
+
+
+def eval_folder(folder, method: str | None = None, keep: float | None = None, *, options: dict | None = None,
+                device: str | None = None, dtype: str = "float32", frames: int = RV.NUM_FRAMES,
+                limit: int | None = None, batch_size: int = 16, json_path=None, source: str = "auto") -> dict:
+    """One run of ``vltok-ref-video`` (+ an optional method) on a shapes-video folder: what ``vltok eval DIR`` does
+    when DIR is a video folder (``shapes_video.is_video_folder``). Prints and returns the result."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from vltok import reference as R
+
+    records = S.load_dataset(folder, limit)
+    model, processor = R.load("vltok-ref-video", device=device, dtype=getattr(torch, dtype))
+    patch = {"method": method, "keep": 0.5 if keep is None else keep, **(options or {})} if method else None
+    res = evaluate(model, processor, records, clips_tensor(records, frames, source), patch, batch_size=batch_size)
+    doc = {"model": "vltok-ref-video", "dataset": str(folder), "n": len(records), "source": source, "frames": frames,
+           "runs": [res], "device": device, "command": f"vltok eval {folder}", "seconds": res["seconds"]}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
+        Path(json_path).with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc), end="")
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------------

