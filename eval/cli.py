@@ -51,6 +51,7 @@ def register(subparsers) -> None:
     e.add_argument("dir", help="the benchmark folder (shapes: images/ + questions.jsonl)")
     e.add_argument("--format", default=None, choices=FORMATS,
                    help="the folder's format (default: detected from its files where unambiguous)")
+    e.add_argument("--split", default=None, help="scienceqa: the pid_splits.json split (default test)")
     e.add_argument("--scorer", choices=["official", "lmms"], default="official",
                    help="official scoring (default) or lmms-eval 0.7.3's, where they differ (vqav2, pope)")
     e.add_argument("--method", default=None, help="vltok method (none = the full model)")
@@ -150,7 +151,7 @@ def _check_args(args):
     if not d.is_dir():
         return f"{d} is not a folder"
     try:
-        ds = datasets.load(d, args.format)
+        ds = datasets.load(d, args.format, **({"split": args.split} if args.split else {}))
         if args.scorer not in ds.scorers:
             return f"--scorer {args.scorer}: the {ds.format} format has only {', '.join(ds.scorers)}"
         if args.json:

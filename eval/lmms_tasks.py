@@ -118,7 +118,11 @@ def agg_lmms(rows):
         accs = []
         for r in rows:
             it = by_id[r["id"]]
-            doc = {"question_id": it.meta["question_id"], "answers": [{"answer": a} for a in it.target]}
+            # as in the released annotations (and lmms-lab's copy): each answer dict carries its answer_id;
+            # lmms-eval's leave-one-out compares whole dicts, so ten identical {"answer": a} would all be left out
+            doc = {"question_id": it.meta["question_id"],
+                   "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                               for k, a in enumerate(it.target)]}
             accs.append(vqav2_process_results(doc, [r["pred"]])["exact_match"])
         return sum(accs) / len(accs)
     if fmt == "pope":

@@ -642,7 +642,7 @@ def targets(rows, keep=0.16) -> str:
     return "\n".join(out)
 
 
-def main(argv=None, prog=None):
+def main(argv=None, prog="vltok bench"):   # python -m vltok.eval.speed is the same command
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "llava-next-7b"])
     ap.add_argument("--methods", nargs="+", default=["fourier", "pool", "random"])

@@ -145,3 +145,18 @@ def test_lmms_eval_command_matches_vltok_eval_on_the_reference_vlm(saved_referen
     assert agg["vltok_lmms,none"] == pytest.approx(
         ds.score([ours[it.id] for it in ds.items], scorer="lmms")["pooled"]["accuracy"])
     assert res["score"]["overall"] >= 0.5      # the trained reference answers POPE-style questions on shapes
+
+
+def test_lmms_scorer_metric_runs_lmms_evals_own_functions():
+    """The local task's vltok_lmms metric calls lmms-eval's vqav2 / pope functions: on the fixtures it equals
+    vltok's re-implementation (--scorer lmms), hand-computed in test_bench (0.84 and 5/12)."""
+    root = str((FIX / "vqav2").resolve())
+    preds = ["Two", "yes.", "A dog", "hot-dog", "two"]
+    rows = [{"id": i, "pred": p, "format": "vqav2", "root": root}
+            for i, p in zip(["1001", "1002", "1003", "1004", "1005"], preds)]
+    assert lmms_tasks.agg_lmms(rows) == pytest.approx(0.84)
+    assert lmms_tasks.agg_overall(rows) == pytest.approx(0.62)
+    ds = D.load(FIX / "pope")
+    rows = [{"id": it.id, "pred": p, "format": "pope", "root": str((FIX / "pope").resolve())}
+            for it, p in zip(ds.items, POPE_PREDS)]
+    assert lmms_tasks.agg_lmms(rows) == pytest.approx(5 / 12)

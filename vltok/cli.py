@@ -38,7 +38,7 @@ def main(argv=None):
     if argv[:1] == ["bench"]:   # its options belong to vltok.eval.speed; hand them over untouched
         from vltok.eval import speed
 
-        return speed.main(argv[1:], prog="vltok bench")
+        return speed.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
