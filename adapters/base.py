@@ -123,9 +123,13 @@ class PlaceholderAdapter:
         model = self.model
         fwd, gen = model.forward, model.generate
         fsig, gsig = inspect.signature(fwd), inspect.signature(gen)
+        positional = [p.name for p in fsig.parameters.values()
+                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
         @functools.wraps(fwd)
         def forward(*args, **kwargs):
+            if torch.compiler.is_compiling():   # traced by torch.compile (e.g. generate's compiled decode steps)
+                return self._traced_forward(fwd, positional, args, kwargs)
             t0 = time.perf_counter()
             call = _bind(fsig, args, kwargs)
             call, _ = self.prepare(call, default_side="right", t0=t0)
@@ -148,6 +152,8 @@ class PlaceholderAdapter:
             finally:
                 self._in_generate = False
             if rw is None:
+                return out
+            if original_ids is None:   # from inputs_embeds only: the output holds the new tokens only
                 return out
             seq = out if isinstance(out, torch.Tensor) else out.sequences
             if seq.shape[0] != original_ids.shape[0]:   # num_return_sequences: rows repeated per sample, in order
@@ -175,6 +181,46 @@ class PlaceholderAdapter:
                 f"decoding ({', '.join(used)}) crops the cache to one length and is not supported. Drop "
                 f"{', '.join(used)}, use a pre-LLM method (e.g. 'pool', 'fourier'), or vltok.unpatch(model)")
 
+    def _placeholder_ids(self, emb: torch.Tensor, runs=None) -> torch.Tensor:
+        """For a call with inputs_embeds and no input_ids: [B, L] ids holding each placeholder kind's token id where
+        the embedding row equals that token's embedding (as the model finds its placeholders then) and -1
+        elsewhere, so the placeholder runs can be found and shrunk as in input_ids."""
+        if runs is not None:
+            token_ids = [r[0] for r in runs]
+        else:   # (in-LLM methods: no counts to plan) every placeholder kind of the config
+            video = getattr(self.model.config, "video_token_id", None)
+            token_ids = [self.image_token_id()] + ([video] if isinstance(video, int) else [])
+        table = self.model.get_input_embeddings()
+        out = torch.full(emb.shape[:2], -1, dtype=torch.long, device=emb.device)
+        with torch.no_grad():
+            for tok in token_ids:
+                row = table(torch.tensor(tok, dtype=torch.long, device=table.weight.device)).to(emb.device, emb.dtype)
+                out.masked_fill_((emb == row).all(-1), tok)
+        return out
+
+    def _passes_through(self) -> bool:
+        """Whether this patch leaves every call with images unchanged (keep=1.0 of a plain pre-LLM reducer): then
+        a traced call needs none of the host-side work."""
+        m = self.method
+        return (m.identity and m.vision is None and m.in_llm is None and m.pre_llm is not None
+                and all(getattr(m.pre_llm, a, None) is None for a in ("projector", "fusion")))
+
+    def _traced_forward(self, fwd, positional, args, kwargs):
+        """The forward wrapper under torch.compile: only dynamo-traceable code on the paths where vltok has nothing
+        to do (a call without images, e.g. a decode step; any call when the patch changes nothing); a call it must
+        rewrite runs eagerly (a graph break: torch.compile(fullgraph=True) refuses it, naming the reason)."""
+        call = dict(zip(positional, args))
+        call.update(kwargs)
+        if not self.has_pixels(call):
+            if self.engine is not None and call.get("mm_encoder_outputs") is None:
+                self.engine.no_images()
+            return fwd(*args, **kwargs)
+        if self._passes_through():
+            if not self._in_generate:
+                self.handle._start_call()
+            return fwd(*args, **kwargs)
+        return _eager_forward(self, fwd, call)
+
     def _shift_lengths(self, call: dict, shrink: int) -> None:
         """Keep max_length / min_length meaning 'prompt + new tokens' for the caller's (longer) prompt."""
         gc = call.get("generation_config") or getattr(self.model, "generation_config", None)
@@ -199,12 +245,9 @@ class PlaceholderAdapter:
             if self.engine is not None and call.get("mm_encoder_outputs") is None:
                 self.engine.no_images()   # (generate() hands precomputed image features as mm_encoder_outputs)
             return call, None
-        ids = call.get("input_ids")
-        if ids is None:
-            raise IncompatibleError(
-                f"vltok ({self.method.name}) needs input_ids to find and shrink the image placeholders, but got "
-                "inputs_embeds; pass the processor's input_ids instead (or vltok.unpatch(model) first)"
-            )
+        ids, emb = call.get("input_ids"), call.get("inputs_embeds")
+        if ids is None and emb is None:
+            return call, None   # the model raises its own error
         if call.get("attention_mask") is not None and call["attention_mask"].dim() != 2:
             raise IncompatibleError("vltok supports 2-D attention_mask only (the processor's); got a "
                                     f"{call['attention_mask'].dim()}-D mask")
@@ -212,25 +255,48 @@ class PlaceholderAdapter:
             self.handle._start_call()
         if self.method.pre_llm is None and self.method.vision is None:   # in-LLM only: layer 0 keeps full length
             if self.engine is not None:
-                self.engine.begin_call(call, self.visual_layout(call))
+                find = call if ids is not None else {**call, "input_ids": self._placeholder_ids(emb)}
+                self.engine.begin_call(find, self.visual_layout(find))
             self.handle._add_seconds(time.perf_counter() - t0)
             return call, None
+        runs = self.placeholder_runs(call)
+        if ids is None and self.engine is None and all(native == new for _, native, new, *_ in runs):
+            self.handle._add_seconds(time.perf_counter() - t0)   # inputs_embeds, nothing to shrink: the model
+            return call, None                                    # finds its placeholders as it would unpatched
         tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
+        if emb is not None:   # shrunk with the placeholder columns (its pad rows: zeros, masked out)
+            tensors["inputs_embeds"] = emb
         # every placeholder kind (Qwen: images, then videos) in one pass: one read-back of input_ids / mask, the
         # index work on the host, one upload (vltok.rewrite.shrink_runs)
-        rw = shrink_runs(ids, self.placeholder_runs(call), tensors, self.pad_token_id(), default_side=default_side,
-                         add_mask=True)
+        find = ids if ids is not None else self._placeholder_ids(emb, runs)
+        try:
+            rw = shrink_runs(find, runs, tensors, self.pad_token_id(), default_side=default_side, add_mask=True)
+        except IncompatibleError as e:
+            if ids is not None:
+                raise
+            raise IncompatibleError(f"{e} (from inputs_embeds: a placeholder is a row equal to the placeholder "
+                                    "token's embedding, as the model finds them)") from None
         if rw is not None:
             call = dict(call)
-            call.update(rw.tensors)
+            call.update(rw.tensors if ids is not None else {k: v for k, v in rw.tensors.items() if k != "input_ids"})
             if call.get("position_ids") is not None:
-                am = call.get("attention_mask", torch.ones_like(call["input_ids"]))
+                am = call.get("attention_mask")
+                am = am if am is not None else torch.ones(rw.tensors["input_ids"].shape, dtype=torch.long,
+                                                          device=call["position_ids"].device)
                 call["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
             self.handle._record_rewrite(rw)
         if self.engine is not None:   # the layout reads the rewrite's host copy of the ids (no second read-back)
             self.engine.begin_call(call, self.visual_layout(call if rw is None else {**call, "input_ids": rw.host_ids}))
         self.handle._add_seconds(time.perf_counter() - t0)
         return call, rw
+
+
+@torch._dynamo.disable(reason="vltok shrinks the image placeholder runs on the host before the model runs; "
+                              "compile without fullgraph=True (a graph break), pass no images to the compiled "
+                              "forward, or use keep=1.0 with a pre-LLM method")
+def _eager_forward(adapter, fwd, call):
+    call, _ = adapter.prepare(call, default_side="right")
+    return fwd(**call)
 
 
 def infer_grid(n_tokens: int, prefix: int) -> tuple[int, int]:

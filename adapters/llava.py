@@ -288,6 +288,9 @@ class LlavaAdapter(PlaceholderAdapter):
         self._install_method_projector(reducer, prefix, undo)
 
     def prepare(self, call, default_side, t0=None):
+        if getattr(self, "_fusion", None) is not None and call.get("input_ids") is None and self.has_pixels(call):
+            raise IncompatibleError(f"{self.method.name}'s LLM-input fusion reads the image and answer columns from "
+                                    "input_ids; pass input_ids instead of inputs_embeds")
         call, rw = super().prepare(call, default_side, t0)
         if getattr(self, "_fusion", None) is not None:   # what the LLM-input fusion needs of this call
             ids = call.get("input_ids")

@@ -61,7 +61,7 @@ class FrameVideos:
             runs.append((cfg.image_token_id, *self.image_counts(call)))
         if call.get("pixel_values_videos") is not None:
             self._frames = call["pixel_values_videos"].shape[1]
-            runs.append((cfg.video_token_id, *self.video_counts(call)))
+            runs.append((cfg.video_token_id, *self.video_counts(call), "video"))
         return runs
 
     def reduce_frames(self, x: torch.Tensor) -> torch.Tensor:

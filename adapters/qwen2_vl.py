@@ -78,15 +78,20 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
     def placeholder_runs(self, call):
         cfg = self.model.config
-        if call.get("mm_token_type_ids") is None:
-            raise IncompatibleError(
-                "Qwen2-VL inputs with images or videos need mm_token_type_ids (the processor returns it with "
-                "input_ids); pass the processor's full output")
         runs = []
         for (kind, _, grid_key), token_id in zip(MODALITIES, (cfg.image_token_id, cfg.video_token_id)):
             if call.get(grid_key) is not None:
-                runs.append((token_id, *self._counts(call[grid_key])))
+                runs.append((token_id, *self._counts(call[grid_key]), kind))
         return runs
+
+    def _token_types(self, call) -> torch.Tensor:
+        """The call's mm_token_type_ids; without them (the model needs them only for its own M-RoPE positions, so
+        it runs without them when position_ids are given) the same codes read from input_ids (1 image, 2 video)."""
+        types = call.get("mm_token_type_ids")
+        if types is not None:
+            return types
+        ids, cfg = call["input_ids"], self.model.config
+        return (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
 
     def visual_layout(self, call):
         """In-LLM stage: one grid per image and per video frame (temporal slice), (h/m, w/m) each, in splice order.
@@ -139,10 +144,14 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         def get_features(*args, **kwargs):
             bound = _bind(sig, args, kwargs)
             pixels = next(iter(bound.values()), None)
+            # the reduction needs the output object; the caller gets what the original returns (a tuple when
+            # return_dict=False is passed or set in the config, as transformers' can_return_tuple decides)
+            as_dict = kwargs.pop("return_dict", None)
+            as_dict = getattr(inner.config, "return_dict", True) if as_dict is None else as_dict
             ahead = self._ahead.pop(kind, None)
             if ahead is not None and ahead[0] is pixels:   # encoded ahead in prepare (data-dependent selection)
-                return ahead[1]
-            out = orig(*args, **kwargs)
+                return ahead[1] if as_dict else ahead[1].to_tuple()
+            out = orig(*args, return_dict=True, **kwargs)
             grid_thw = bound.get(grid_kw)
             t0 = time.perf_counter()
             feats, kept = [], []
@@ -158,7 +167,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
             self._check_probed(kind)
             out.pooler_output = tuple(feats)
             self.handle._add_seconds(time.perf_counter() - t0)
-            return out
+            return out if as_dict else out.to_tuple()
 
         set_instance_attr(inner, name, get_features, undo)
 
@@ -288,7 +297,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         for kind, _, grid_key in MODALITIES:
             pixels = call.get("pixel_values" if kind == "image" else "pixel_values_videos")
             if pixels is not None and call.get(grid_key) is not None:
-                out = getattr(inner, f"get_{kind}_features")(pixels, call[grid_key])
+                out = getattr(inner, f"get_{kind}_features")(pixels, call[grid_key], return_dict=True)
                 self._ahead[kind] = (pixels, out)
 
     def _rewrite(self, call, default_side, ahead: bool, t0=None):
@@ -327,14 +336,14 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         ``get_rope_index`` on these reduced inputs."""
         ids = call["input_ids"]
         return all(int((ids == tok).sum()) == sum(new) != sum(native)
-                   for tok, native, new in self.placeholder_runs(call))
+                   for tok, native, new, *_ in self.placeholder_runs(call))
 
     def _check_own_positions(self, pos, call) -> None:
         """Resampling methods recompute positions on the compressed grid copy; that stands in for the caller's
         positions only when they are the model's own for these inputs."""
         inner, ids, am = self.model.model, call["input_ids"], call.get("attention_mask")
         real = (am if am is not None else torch.ones_like(ids)).bool().to(pos.device)
-        own, _ = type(inner).get_rope_index(inner, ids, mm_token_type_ids=call.get("mm_token_type_ids"),
+        own, _ = type(inner).get_rope_index(inner, ids, mm_token_type_ids=self._token_types(call),
                                             image_grid_thw=call.get("image_grid_thw"),
                                             video_grid_thw=call.get("video_grid_thw"), attention_mask=am)
         own = own.to(pos.device)
@@ -353,7 +362,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         am, ids = call.get("attention_mask"), call["input_ids"]
         if selection:
             real = (am if am is not None else torch.ones_like(ids)).bool().to(pos.device)
-            am_new, rows, maps = self._native_columns(new["input_ids"], new["mm_token_type_ids"],
+            am_new, rows, maps = self._native_columns(new["input_ids"], self._token_types(new),
                                                       {1: call.get("image_grid_thw"), 2: call.get("video_grid_thw")},
                                                       new.get("attention_mask"))
             out = torch.ones(pos.shape[0], *new["input_ids"].shape, dtype=pos.dtype, device=pos.device)
@@ -361,7 +370,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
                 cols = real[b].nonzero().flatten()   # the caller's real columns = the native tokens
                 out[:, b, am_new[b].to(pos.device)] = pos[:, b, cols[torch.tensor(maps[b], device=pos.device)]]
             return out
-        small, _ = self.model.model.get_rope_index(new["input_ids"], mm_token_type_ids=new["mm_token_type_ids"],
+        small, _ = self.model.model.get_rope_index(new["input_ids"], mm_token_type_ids=self._token_types(new),
                                         image_grid_thw=call.get("image_grid_thw"),
                                         video_grid_thw=call.get("video_grid_thw"),
                                         attention_mask=new.get("attention_mask"))

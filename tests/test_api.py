@@ -90,12 +90,12 @@ def test_method_stage_the_adapter_lacks_is_refused(monkeypatch):
     assert vltok.get_handle(m) is None and "forward" not in m.__dict__
 
 
-def test_inputs_embeds_with_pixels_is_refused():
+def test_inputs_embeds_without_placeholder_rows_is_refused():   # (inputs_embeds: tests/test_peer_fixes.py)
     m = tiny_llava()
     inp = llava_inputs(m, [[1, -1, 5]])
     emb = m.get_input_embeddings()(inp["input_ids"].masked_fill(inp["input_ids"] == IMG, 0))
     with vltok.patched(m, "fourier", keep=0.25):
-        with pytest.raises(vltok.IncompatibleError, match="needs input_ids"):
+        with pytest.raises(vltok.IncompatibleError, match="do not match.*from inputs_embeds"):
             m(inputs_embeds=emb, pixel_values=inp["pixel_values"], attention_mask=inp["attention_mask"])
 
 

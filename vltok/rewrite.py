@@ -78,7 +78,7 @@ def _upload(arrays: dict[str, tuple[np.ndarray, torch.dtype, torch.device]]) -> 
 
 
 def _plan(ids: np.ndarray, am: np.ndarray | None, token_id: int, native: list[int], new: list[int],
-          side: str) -> np.ndarray | None:
+          side: str, kind: str = "image") -> np.ndarray | None:
     """On host arrays: [B, L_new] original column of each new column (-1: added pad), or None (nothing to do)."""
     if len(native) != len(new):
         raise ValueError("native and new must list one count per image")
@@ -88,10 +88,12 @@ def _plan(ids: np.ndarray, am: np.ndarray | None, token_id: int, native: list[in
     if total == sum(new) and sum(new) != sum(native):
         return None
     if total != sum(native):
+        # the model's own phrase first: code that catches the unpatched model's error keeps working
         raise IncompatibleError(
-            f"the inputs hold {total} image placeholder tokens (id {token_id}) for {len(native)} image(s), but the "
-            f"processor would make {sum(native)} for these images ({native}) and vltok reduces them to {sum(new)}; "
-            "pass the processor's unmodified output (input_ids with one full placeholder run per image)"
+            f"{kind.capitalize()} features and {kind} tokens do not match: the inputs hold {total} {kind} placeholder "
+            f"tokens (id {token_id}) for {len(native)} {kind}(s), but the processor would make {sum(native)} for "
+            f"these {kind}s ({native}) and vltok reduces them to {sum(new)}; pass the processor's unmodified output "
+            f"(input_ids with one full placeholder run per {kind})"
         )
     if sum(new) == sum(native):
         return None
@@ -165,8 +167,8 @@ def shrink_runs(input_ids: torch.Tensor, runs: list[tuple[int, list[int], list[i
         am_h = np.ones((B, L), dtype=np.int64)
     cols, steps = None, 0
     rows = np.arange(B, dtype=np.int64)[:, None]
-    for token_id, native, new in runs:
-        step = _plan(ids_h, am_h, token_id, native, new, side)
+    for token_id, native, new, *kind in runs:   # (an optional 4th item names the kind: "image", "video")
+        step = _plan(ids_h, am_h, token_id, native, new, side, *kind)
         if step is None:
             continue
         pads = step < 0
