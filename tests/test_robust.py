@@ -208,7 +208,9 @@ BAD = {
     "tokenshuffle": {"window": [(0, 2), 0, "2", (2, 2, 2)], "pool": ["sum"], "projector": [MISSING, 1]},
     "fastv": {"K": [0, "2", 2.0], "keep_mode": ["x"], "rope": ["yes"]},
     "feather": {"layers": ["2,3", (3, 2), (0, 2), (2,)], "a": [1.5, -0.1, "0.5"], "s2": [2], "stride": [0, 1.5],
-                "keep_mode": ["x"], "preset": ["fast"]},
+                "keep_mode": ["x"], "preset": ["fast"], "stage1": ["both", 1]},
+    "evs": {"metric": ["l1", 2], "threshold": [-0.1, "0.5", 0.2]},   # any threshold: data-dependent count
+    "tmerge": {},
     "mustdrop": {"mode": ["x"], "keep_mode": ["x"], "stages": ["prefill", ("vision",), ("prefill", "x")],
                  "key_rate": [1.0, -0.1], "pruning_layers": [(-1,), "2", ()], "thr": [(0.001,), (0, 0.1)],
                  "window": [1, "3"], "window_thr": [2.0], "vision_windows": [-1, 1.5], "vision_guard": ["yes"],

@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..registry import register
+from ..registry import Opt, choice, register
 from ..stages import GridPlan, Method, kept_count
 
 METRICS = ("cosine", "l2")
@@ -162,7 +162,11 @@ _IMAGES = ("Images and one-frame videos pass through unchanged (no time axis); f
 
 
 @register("evs", "Efficient Video Sampling: per video, keep the tokens least similar to the same position in the "
-          "previous frame (first frame whole; budget T*round(keep*h*w)); videos only", ("pre_llm",))
+          "previous frame (first frame whole; budget T*round(keep*h*w)); videos only", ("pre_llm",),
+          options=dict(metric=choice(*METRICS), threshold=Opt(
+              "None (a fixed threshold keeps a data-dependent count of tokens, which vltok cannot announce to the "
+              "placeholders before the model runs; use vltok.methods.temporal.evs_select(x, threshold=...) as a "
+              "function, or set keep)", lambda v: v is None)))
 def make_evs(keep: float, metric: str = "cosine", threshold: float | None = None) -> Method:
     if metric not in METRICS:
         raise ValueError(f"evs: metric must be one of {METRICS}, got {metric!r}")
