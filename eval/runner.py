@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -40,17 +41,27 @@ def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+_PIL_LOCK = threading.Lock()
+
+
 class ItemError(Exception):
     """One item could not be prepared (missing / truncated / empty image or video): recorded as an error row."""
 
 
 def load_image(path: str):
     """The image as RGB, fully decoded (a truncated file fails here, not inside the processor)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        # some packages (lmms-eval's task module) set PIL's global LOAD_TRUNCATED_IMAGES, which turns a truncated
+        # file into a silently grey-filled image: a truncated file is an error here, whoever imported what
+        with _PIL_LOCK:
+            old, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+            try:
+                with Image.open(path) as im:
+                    return im.convert("RGB")
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = old
     except FileNotFoundError:
         raise ItemError(f"image not found: {path}") from None
     except UnidentifiedImageError:

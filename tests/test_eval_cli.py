@@ -212,3 +212,14 @@ def test_resume_retries_the_items_that_failed(fake, shapes_dir, tmp_path):
     img.write_bytes(good)                                   # the file is fixed: --resume answers only that item
     res = runner.evaluate(_Fake(), None, d, progress=False, batch_size=4, save=out, resume=True)
     assert res["n_errors"] == 0 and res["resumed"] == 8 and fake["batches"][-1] == [S.load_dataset(d)[2]["question"]]
+
+
+def test_a_truncated_image_is_an_error_even_when_pil_is_told_to_accept_it(shapes_dir, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    raw = Path(S.load_dataset(shapes_dir)[0]["image_path"]).read_bytes()
+    (tmp_path / "t.png").write_bytes(raw[: len(raw) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)   # what importing lmms-eval's task module does
+    with pytest.raises(runner.ItemError):
+        runner.load_image(str(tmp_path / "t.png"))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True                  # the caller's setting is restored
