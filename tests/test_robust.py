@@ -213,7 +213,7 @@ BAD = {
     "tmerge": {},
     "mustdrop": {"mode": ["x"], "keep_mode": ["x"], "stages": ["prefill", ("vision",), ("prefill", "x")],
                  "key_rate": [1.0, -0.1], "pruning_layers": [(-1,), "2", ()], "thr": [(0.001,), (0, 0.1)],
-                 "window": [1, "3"], "window_thr": [2.0], "vision_windows": [-1, 1.5], "vision_guard": ["yes"],
+                 "window": [1, "3"], "window_thr": ["0.8", None], "vision_windows": [-1, 1.5], "vision_guard": ["yes"],
                  "prop_attn": [0]},
 }
 CASES = [(m, k, v) for m, opts in BAD.items() for k, vals in opts.items() for v in vals]

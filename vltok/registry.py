@@ -44,6 +44,10 @@ def integer(lo: int | None = None, hi: int | None = None) -> Opt:
     return Opt(f"an integer{rng}", lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
 
 
+def number() -> Opt:
+    return Opt("a number", _is_real)
+
+
 def real(lo: float, hi: float, hi_open: bool = False, lo_open: bool = False) -> Opt:
     text = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     return Opt(text, lambda v: _is_real(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi))

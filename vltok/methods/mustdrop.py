@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleError
 from ..inllm import Cut
-from ..registry import boolean, choice, integer, optional, real, register, seq_of
+from ..registry import boolean, choice, integer, number, optional, real, register, seq_of
 from ..stages import Method
 from .crossget import importance
 from .feather import top_by_score, top_by_score_rows
@@ -354,7 +354,7 @@ class MustDropDecode:
                                              "includes 'prefill'"),
                        key_rate=real(0, 1, hi_open=True), pruning_layers=optional(seq_of(integer(0))),
                        thr=seq_of(real(0, math.inf, lo_open=True), n=2), window=integer(2),
-                       window_thr=real(-1, 1), vision_windows=optional(integer(0)), vision_guard=boolean(),
+                       window_thr=number(), vision_windows=optional(integer(0)), vision_guard=boolean(),
                        prop_attn=boolean()))
 def make_mustdrop(keep: float, mode: str = "budget", keep_mode: str = "flops",
                   stages=("vision", "prefill", "decode"), key_rate: float = 0.08, pruning_layers=None,
