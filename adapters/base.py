@@ -286,17 +286,24 @@ class PlaceholderAdapter:
                 call["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
             self.handle._record_rewrite(rw)
         if self.engine is not None:   # the layout reads the rewrite's host copy of the ids (no second read-back)
-            self.engine.begin_call(call, self.visual_layout(call if rw is None else {**call, "input_ids": rw.host_ids}))
+            seen = call if ids is not None else {**call, "input_ids": find if rw is None else rw.tensors["input_ids"]}
+            self.engine.begin_call(seen, self.visual_layout(seen if rw is None else {**call, "input_ids": rw.host_ids}))
         self.handle._add_seconds(time.perf_counter() - t0)
         return call, rw
 
 
-@torch._dynamo.disable(reason="vltok shrinks the image placeholder runs on the host before the model runs; "
-                              "compile without fullgraph=True (a graph break), pass no images to the compiled "
-                              "forward, or use keep=1.0 with a pre-LLM method")
 def _eager_forward(adapter, fwd, call):
     call, _ = adapter.prepare(call, default_side="right")
     return fwd(**call)
+
+
+_NOT_TRACED = ("vltok shrinks the image placeholder runs on the host before the model runs; compile without "
+               "fullgraph=True (a graph break), pass no images to the compiled forward, or use keep=1.0 with a "
+               "pre-LLM method")
+try:
+    _eager_forward = torch._dynamo.disable(_eager_forward, reason=_NOT_TRACED)
+except TypeError:   # torch without disable(reason=): the graph break still happens, without the reason
+    _eager_forward = torch._dynamo.disable(_eager_forward)
 
 
 def infer_grid(n_tokens: int, prefix: int) -> tuple[int, int]:

@@ -93,6 +93,16 @@ def test_inputs_embeds_inllm_equals_input_ids():
         assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_inputs_embeds_keep1_with_inllm_stage_equals_unpatched():
+    """pre-LLM + in-LLM method at keep=1.0 from inputs_embeds: nothing to shrink, the in-LLM layout still found."""
+    m = deep_llava("llava", layers=4)
+    emb = embeds(m, llava_inputs(m, PROMPTS))
+    with torch.no_grad():
+        ref = m(**emb).logits
+        with vltok.patched(m, "fastv", keep=1.0, K=1):
+            assert torch.equal(m(**emb).logits, ref)
+
+
 def test_inputs_embeds_without_placeholders_is_the_models_error():
     m = tiny_llava()
     emb = embeds(m, llava_inputs(m, PROMPTS))
