@@ -110,6 +110,26 @@ def image_size_to_num_patches(family: str = "llava_next"):
     return _family_fn(family, "image_size_to_num_patches")
 
 
+def qwen_smart_resize():
+    """Qwen2-VL's image processor rule: (height, width, factor, min_pixels, max_pixels) -> (h, w) (vltok.resize)."""
+    mod = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+    try:
+        return getattr(importlib.import_module(mod), "smart_resize")
+    except (ImportError, AttributeError) as e:
+        raise fail(f"{mod}.smart_resize is missing ({e})") from None
+
+
+def llava_next_video_processor_class():
+    """LLaVA-NeXT-Video's video processor class (needs torchvision; the import error propagates to the caller)."""
+    import transformers
+
+    cls = getattr(transformers, "LlavaNextVideoVideoProcessor", None)
+    if cls is not None:
+        return cls
+    mod = importlib.import_module("transformers.models.llava_next_video.video_processing_llava_next_video")
+    return mod.LlavaNextVideoVideoProcessor
+
+
 def no_init_weights():
     """The context manager that skips weight initialisation while a model is built."""
     try:

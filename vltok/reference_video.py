@@ -138,10 +138,9 @@ def build_processor(tokenizer):
                   image_mean=R.IMAGENET_MEAN, image_std=R.IMAGENET_STD, resample=3)
     ip = ImageProcessor(image_grid_pinpoints=[[R.IMAGE_SIZE, R.IMAGE_SIZE]], **common)
     try:
-        from transformers.models.llava_next_video.video_processing_llava_next_video import (
-            LlavaNextVideoVideoProcessor)
+        from . import compat
 
-        vp = LlavaNextVideoVideoProcessor(**common)
+        vp = compat.llava_next_video_processor_class()(**common)
     except Exception as e:  # noqa: BLE001 - the video processor needs torchvision (ImportError or others)
         warnings.warn(f"vltok-ref-video: no LLaVA-NeXT-Video video processor ({e}); the processor handles text and "
                       "images only; give frames with vltok.reference_video.frames_to_pixels", stacklevel=3)

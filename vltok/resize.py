@@ -36,11 +36,9 @@ FLEXIBLE_TOWERS = ("dinov2",)
 
 
 def _qwen_smart_resize():
-    try:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-    except ImportError as e:   # pragma: no cover - the module moved
-        raise IncompatibleError(f"resize: this transformers has no Qwen2-VL smart_resize ({e})") from e
-    return smart_resize
+    from . import compat
+
+    return compat.qwen_smart_resize()
 
 
 def _kind(processor) -> str:
