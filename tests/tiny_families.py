@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tiny import CLIPV, IMG, LLAMA, PINPOINTS, pad_rows
+from vltok import compat
 
 VID, VSTART, VEND = 101, 102, 103
 QWEN_TEXT = dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
@@ -189,8 +190,8 @@ def onevision_inputs(model, prompts, image_sizes=(), frames=0, seed=0, padding="
                 counts += [model.model.get_image_features(torch.zeros(1, 3, s, s)).pooler_output.shape[1]] * len(image_sizes)
             n_vid = sum(t == -2 for p in prompts for t in p)
             if n_vid:
-                f = model.model.get_video_features(torch.zeros(1, frames, 3, s, s)).pooler_output
-                counts += [f.reshape(-1, f.shape[-1]).shape[0]] * n_vid   # Video-LLaVA: [frames, 1 + h*w, D]
+                (f,) = compat.video_placeholder_features(model.model, torch.zeros(1, frames, 3, s, s))
+                counts += [f.shape[0]] * n_vid
     n_img = len(image_sizes)
     rows, ji, jv = [], 0, 0
     for p in prompts:

@@ -11,6 +11,10 @@ Known renames handled here:
 * 5.24 renamed ``past_key_values`` to ``cache`` in the decoder models' and layers' signatures (the old name is
   still accepted by the top-level models and mapped to ``cache``): :data:`CACHE_KWARGS`, :func:`get_cache`.
 * 5.x moved ``no_init_weights`` from ``transformers.modeling_utils`` to ``transformers.initialization``.
+* Video families (5.17 vs 5.23): ``get_video_features`` of
+  LLaVA-NeXT-Video returned one [frames, tokens, D] tensor per video in a tuple (5.23: one [videos, tokens, D]
+  tensor) and LLaVA-OneVision's left the video's closing newline to the forward (5.23: appended inside),
+  :func:`video_placeholder_features`.
 """
 from __future__ import annotations
 
@@ -128,6 +132,37 @@ def llava_next_video_processor_class():
         return cls
     mod = importlib.import_module("transformers.models.llava_next_video.video_processing_llava_next_video")
     return mod.LlavaNextVideoVideoProcessor
+
+
+def _newline_in_get_video_features(inner) -> bool:
+    """Whether LLaVA-OneVision's ``get_video_features`` appends the video's closing ``image_newline`` itself (5.23)
+    rather than leaving it to the forward (5.17)."""
+    try:
+        src = inspect.getsource(type(inner).get_video_features)
+    except (OSError, TypeError) as e:
+        raise fail(f"the source of {type(inner).__qualname__}.get_video_features cannot be read ({e})") from None
+    return "image_newline" in src
+
+
+def video_placeholder_features(inner, pixel_values_videos, **kwargs) -> list:
+    """Per video, the [tokens, D] features the forward of ``inner`` (the inner model of LLaVA-NeXT-Video,
+    LLaVA-OneVision or Video-LLaVA) places at that video's placeholder tokens, the same on every supported
+    transformers: ``get_video_features(...).pooler_output`` reshaped per video; a tuple per video (LLaVA-NeXT-Video
+    5.17) is flattened, and LLaVA-OneVision's closing newline is appended where the installed version leaves it to
+    the forward."""
+    import torch
+
+    videos = pixel_values_videos.shape[0]
+    out = inner.get_video_features(pixel_values_videos, **kwargs).pooler_output
+    if isinstance(out, (tuple, list)):   # LLaVA-NeXT-Video 5.17: torch.split per video, [frames, tokens, D] each
+        if len(out) != videos:
+            raise fail(f"get_video_features gave {len(out)} per-video tensors for {videos} videos")
+        return [f.reshape(-1, f.shape[-1]) for f in out]
+    feats = list(out.reshape(videos, -1, out.shape[-1]))
+    newline = getattr(inner, "image_newline", None)
+    if newline is not None and hasattr(inner, "apply_pooling") and not _newline_in_get_video_features(inner):
+        feats = [torch.cat([f, newline[None].to(f.device, f.dtype)]) for f in feats]   # OneVision 5.17
+    return feats
 
 
 def no_init_weights():
