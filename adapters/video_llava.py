@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 
+from vltok import compat
+
 from .base import PlaceholderAdapter, set_instance_attr
 from .llava import LlavaAdapter, _n_special_tokens
 from .llava_onevision import FrameVideos
@@ -38,6 +40,31 @@ class VideoLlavaAdapter(FrameVideos, LlavaAdapter):
         if self._kind == "video":
             return self.reduce_frames(x)
         return super()._reduce_images(x, prefix)
+
+    # transformers 5.17 takes Video-LLaVA's images as ``pixel_values_images`` (5.23: ``pixel_values``): the call is
+    # read under ``pixel_values`` and handed back to the model under the installed version's name
+    pixel_keys = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+
+    def _image_key(self, call) -> str | None:
+        """The installed version's image keyword when it is not ``pixel_values`` and the call has images by it."""
+        key = compat.video_llava_image_kwarg(self.model)
+        return key if key != "pixel_values" and call.get(key) is not None else None
+
+    def prepare(self, call, default_side, t0=None):
+        key = self._image_key(call)
+        if key is None:
+            return super().prepare(call, default_side, t0)
+        call = dict(call)
+        call["pixel_values"] = call.pop(key)
+        call, rw = super().prepare(call, default_side, t0)
+        call[key] = call.pop("pixel_values")
+        return call, rw
+
+    def visual_layout(self, call):
+        key = self._image_key(call)
+        if key is not None:
+            call = {**call, "pixel_values": call[key]}
+        return super().visual_layout(call)
 
     def install(self, undo):
         inner = self.model.model

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vltok
+from vltok import compat
 from test_fourier import fft_reference
 from tiny import IMG
 from tiny_families import VID, onevision_inputs, tiny_next_video, tiny_onevision, tiny_video_llava
@@ -70,7 +71,7 @@ def hand_reduced(family, m, inp, method, keep):
         y, _ = reduce_grid(pooled, p, p, method, keep)
         vid = inner.multi_modal_projector(y)
     else:
-        hs = inner.image_tower(inp["pixel_values"], output_hidden_states=True).hidden_states[vfl][:, 1:]
+        hs = inner.image_tower(inp[compat.video_llava_image_kwarg(m)], output_hidden_states=True).hidden_states[vfl][:, 1:]
         out_img = list(inner.multi_modal_projector(reduce_grid(hs, t, t, method, keep)[0]))
         hs = inner.video_tower(pvv.flatten(0, 1), output_hidden_states=True).hidden_states[vfl]
         assert hs.shape[1] == 1 + t * t                      # the CLS stays on each frame
@@ -146,7 +147,7 @@ def test_batch_with_padding_equals_singles_and_single_modalities(family):
     """A padded batch of 2 gives each sample the logits it gets alone; image-only and video-only calls work."""
     m, sizes = make(family)
     inp = onevision_inputs(m, PROMPTS, sizes, frames=2, padding="left")
-    keys = [k for k in ("pixel_values", "image_sizes", "pixel_values_videos") if k in inp]
+    keys = [k for k in ("pixel_values", "pixel_values_images", "image_sizes", "pixel_values_videos") if k in inp]
     alone = [onevision_inputs(m, [[1, -1, 7]], image_sizes=sizes[:1]), onevision_inputs(m, [[1, -2, 7]], frames=2)]
     with vltok.patched(m, "pool", keep=0.25) as h:
         batch = m(**inp).logits

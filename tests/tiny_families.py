@@ -214,8 +214,8 @@ def onevision_inputs(model, prompts, image_sizes=(), frames=0, seed=0, padding="
         for i, t in enumerate(tiles):
             pv[i, t:] = 0
         out["pixel_values"], out["image_sizes"] = pv, torch.tensor(image_sizes)
-    elif image_sizes:
-        out["pixel_values"] = torch.randn(len(image_sizes), 3, s, s, generator=g)
+    elif image_sizes:   # Video-LLaVA: ``pixel_values`` (``pixel_values_images`` before transformers 5.23)
+        out[compat.video_llava_image_kwarg(model)] = torch.randn(len(image_sizes), 3, s, s, generator=g)
     if jv:
         out["pixel_values_videos"] = torch.randn(jv, frames, 3, s, s, generator=g)
     return out

@@ -11,7 +11,8 @@ Known renames handled here:
 * 5.24 renamed ``past_key_values`` to ``cache`` in the decoder models' and layers' signatures (the old name is
   still accepted by the top-level models and mapped to ``cache``): :data:`CACHE_KWARGS`, :func:`get_cache`.
 * 5.x moved ``no_init_weights`` from ``transformers.modeling_utils`` to ``transformers.initialization``.
-* Video families (5.17 vs 5.23): ``get_video_features`` of
+* Video families (5.17 vs 5.23): Video-LLaVA's forward took its images as ``pixel_values_images`` (5.23:
+  ``pixel_values``, the old name deprecated), :func:`video_llava_image_kwarg`; ``get_video_features`` of
   LLaVA-NeXT-Video returned one [frames, tokens, D] tensor per video in a tuple (5.23: one [videos, tokens, D]
   tensor) and LLaVA-OneVision's left the video's closing newline to the forward (5.23: appended inside),
   :func:`video_placeholder_features`.
@@ -132,6 +133,12 @@ def llava_next_video_processor_class():
         return cls
     mod = importlib.import_module("transformers.models.llava_next_video.video_processing_llava_next_video")
     return mod.LlavaNextVideoVideoProcessor
+
+
+def video_llava_image_kwarg(model) -> str:
+    """The keyword Video-LLaVA's forward takes its images by: ``pixel_values`` (5.23 on; ``pixel_values_images``
+    still accepted there, deprecated) or ``pixel_values_images`` (5.17)."""
+    return "pixel_values" if "pixel_values" in _params(type(model).forward) else "pixel_values_images"
 
 
 def _newline_in_get_video_features(inner) -> bool:
