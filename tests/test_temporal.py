@@ -58,7 +58,8 @@ def ref_tmerge(x, count):
 
 
 def test_evs_hand_example():
-    x = torch.randn(3, 2, 2, 4)
+    # seeded: with the global RNG, a changed token's L2 jump (2|x|) fell below the 1.5 threshold in some test orders
+    x = torch.randn(3, 2, 2, 4, generator=torch.Generator().manual_seed(0))
     x[1] = x[0]
     x[1, 1, 1] = -x[0, 1, 1]          # position 3 changes at frame 1
     x[2] = x[1]
