@@ -248,9 +248,20 @@ class PlaceholderAdapter:
         ids, emb = call.get("input_ids"), call.get("inputs_embeds")
         if ids is None and emb is None:
             return call, None   # the model raises its own error
-        if call.get("attention_mask") is not None and call["attention_mask"].dim() != 2:
-            raise IncompatibleError("vltok supports 2-D attention_mask only (the processor's); got a "
-                                    f"{call['attention_mask'].dim()}-D mask")
+        am = call.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            if not self._in_generate:
+                raise IncompatibleError("vltok supports 2-D attention_mask only (the processor's); got a "
+                                        f"{am.dim()}-D mask")
+            # transformers 5.17's generate() with a static cache hands the prefill forward pixel_values and a 4-D
+            # mask built from the 2-D one that the generate wrapper already rewrote (5.23 passes the pre-encoded
+            # features instead): the call must need no further rewrite, checked without the 4-D mask
+            call, rw = PlaceholderAdapter.prepare(self, {k: v for k, v in call.items() if k != "attention_mask"},
+                                                  default_side, t0)
+            if rw is not None:
+                raise IncompatibleError("vltok supports 2-D attention_mask only (the processor's); got a "
+                                        f"{am.dim()}-D mask")
+            return {**call, "attention_mask": am}, None
         if not self._in_generate:
             self.handle._start_call()
         if self.method.pre_llm is None and self.method.vision is None:   # in-LLM only: layer 0 keeps full length
