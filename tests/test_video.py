@@ -427,7 +427,7 @@ def test_parquet_output(vids, tmp_path, models):
     assert res.rows == t
 
 
-def test_bad_arguments_are_refused(vids, tmp_path, models):
+def test_bad_arguments_are_refused(vids, tmp_path, models, monkeypatch):
     from vltok.video.models import ModelError
 
     m, p = get_model(models, "qwen2_vl")
@@ -436,8 +436,12 @@ def test_bad_arguments_are_refused(vids, tmp_path, models):
         vv.run(root, tmp_path / "o", model=(m, p), fps=2, frames=4)
     with pytest.raises(vltok.VltokError, match="keep"):
         vv.run(root, tmp_path / "o2", model=(m, p), keep=1.5)
-    with pytest.raises(ModelError, match="not available in this vltok yet.*not a video model"):
-        vv.run(root, tmp_path / "o3", num_workers=0, progress=False)   # default model: reference-video
+    from vltok import reference_video
+
+    with monkeypatch.context() as mp:   # default model: reference-video, its trained delta missing
+        mp.setattr(reference_video, "default_delta_path", lambda: None)
+        with pytest.raises(ModelError, match="(?s)cannot load.*train_reference_video"):
+            vv.run(root, tmp_path / "o3", num_workers=0, progress=False)
     with pytest.raises(ModelError, match="neither 'reference-video' nor a local checkpoint"):
         vv.run(root, tmp_path / "o4", model="Qwen/Qwen2-VL-7B-Instruct", num_workers=0, progress=False)
     from tiny import tiny_llava

@@ -5,7 +5,6 @@ Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA.
 """
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 
@@ -36,19 +35,18 @@ class ModelError(VltokError):
 
 
 def load_reference_video(device=None, dtype=None):
-    """The video reference VLM of issue 17 (``vltok.reference.load("vltok-ref-video")``), when this vltok has it."""
+    """The video reference VLM of issue 17 (``vltok.reference.load("vltok-ref-video")``; its trained delta ships in
+    vltok's assets). The image reference VLM ('vltok-ref') run over frames is not a video model and is never used in
+    its place."""
     from .. import reference
+    from ..reference_video import UntrainedVideoReference
 
-    fn = getattr(reference, "load", None)
-    params = inspect.signature(fn).parameters if fn else {}
-    names = getattr(reference, "NAMES", None) or getattr(reference, "MODELS", None) or ()
-    if "name" not in params or (names and REFERENCE_VIDEO_NAME not in names):
-        raise ModelError(
-            f"the video reference VLM {REFERENCE_VIDEO_NAME!r} is not available in this vltok yet (it is being "
-            "built: vltok.reference.load('vltok-ref-video')). Pass --model PATH to a local Qwen2-VL / Qwen2.5-VL / "
-            "LLaVA-OneVision / LLaVA-NeXT-Video / Video-LLaVA checkpoint instead. The image reference VLM "
-            "('vltok-ref') run over frames is not a video model and is not used in its place.")
-    out = fn(REFERENCE_VIDEO_NAME, device=device, dtype=dtype)
+    try:
+        out = reference.load(REFERENCE_VIDEO_NAME, device=device, dtype=dtype)
+    except UntrainedVideoReference as e:
+        raise ModelError(f"the video reference VLM {REFERENCE_VIDEO_NAME!r} cannot load: {e} Or pass --model PATH to "
+                         "a local Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / LLaVA-NeXT-Video / Video-LLaVA "
+                         "checkpoint.") from e
     return out[0], out[1]
 
 
