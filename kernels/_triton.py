@@ -36,3 +36,16 @@ def usable(*tensors) -> bool:
     if not (all(t.is_cuda for t in tensors) or (interpret() and all(t.device.type == "cpu" for t in tensors))):
         return False
     return have_triton()
+
+
+def lazy_definer(module_globals: dict, define):
+    """A decorator for a kernel module's launch functions: the module's Triton kernels are defined by ``define()``
+    (which imports triton and binds ``tl`` in the module) on the first call of any of them."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if "tl" not in module_globals:
+                define()
+            return fn(*args, **kwargs)
+        return run
+    return deco

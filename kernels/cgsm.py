@@ -16,11 +16,10 @@ w = 2*softmax([imp_src, imp_dst]); sizes add unweighted; x = u / size; sources a
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from ._triton import interpret, usable
+from ._triton import interpret, usable, lazy_definer
 
 NEG = float("-inf")
 
@@ -123,14 +122,8 @@ def _define():
     _BEST = {}
 
 
-def _with_kernels(fn):
-    """``fn`` launches the kernels above: define them (import triton) on its first call."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if "tl" not in globals():
-            _define()
-        return fn(*args, **kwargs)
-    return run
+# the launch functions below define the kernels above (import triton) on their first call
+_with_kernels = lazy_definer(globals(), lambda: _define())
 
 
 @_with_kernels

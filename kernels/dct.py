@@ -7,9 +7,10 @@ fp32 accumulation. The gain is folded into the basis and the raster reshape is f
 """
 from __future__ import annotations
 
-import functools
 
 import torch
+
+from ._triton import lazy_definer as _lazy_definer
 
 
 def _define():
@@ -41,14 +42,8 @@ def _define():
                  mask=(rk[:, None] < K) & (rc[None, :] < C))
 
 
-def _with_kernels(fn):
-    """``fn`` launches the kernels above: define them (import triton) on its first call."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if "tl" not in globals():
-            _define()
-        return fn(*args, **kwargs)
-    return run
+# the launch functions below define the kernels above (import triton) on their first call
+_with_kernels = _lazy_definer(globals(), lambda: _define())
 
 
 @_with_kernels

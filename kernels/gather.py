@@ -13,11 +13,10 @@ torch otherwise; eval/kernel_bench.py (``--only gather``) times both on the GPU.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from ._triton import usable
+from ._triton import usable, lazy_definer
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -73,14 +72,8 @@ def _define():
                 tl.store(po_ptr + row, tl.load(p_ptr + b * spb + j * spn))
 
 
-def _with_kernels(fn):
-    """``fn`` launches the kernels above: define them (import triton) on its first call."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if "tl" not in globals():
-            _define()
-        return fn(*args, **kwargs)
-    return run
+# the launch functions below define the kernels above (import triton) on their first call
+_with_kernels = lazy_definer(globals(), lambda: _define())
 
 
 def _fits(hidden, idx, cos, sin, pe_idx, position_ids) -> bool:

@@ -15,11 +15,10 @@ compaction) and one (cut_columns); eval/kernel_bench.py ``--only select`` times 
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from ._triton import usable
+from ._triton import usable, lazy_definer
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -331,14 +330,8 @@ def _define():
                      BLOCK)
 
 
-def _with_kernels(fn):
-    """``fn`` launches the kernels above: define them (import triton) on its first call."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if "tl" not in globals():
-            _define()
-        return fn(*args, **kwargs)
-    return run
+# the launch functions below define the kernels above (import triton) on their first call
+_with_kernels = lazy_definer(globals(), lambda: _define())
 
 
 def _bstride(t):
