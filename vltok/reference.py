@@ -71,16 +71,21 @@ def cache_dir() -> Path:
     return base / CACHE_VERSION
 
 
-def default_delta_path() -> Path | None:
-    """``$VLTOK_REF_DELTA``, else ``assets/`` beside the package (repo checkout or editable install)."""
-    env = os.environ.get("VLTOK_REF_DELTA")
+def asset_path(env_var: str, name: str) -> Path | None:
+    """``$env_var``, else ``assets/name`` beside the package (repo checkout or editable install), else None."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    for cand in (here.parent / "assets" / DELTA_NAME, here / "assets" / DELTA_NAME):
+    for cand in (here.parent / "assets" / name, here / "assets" / name):
         if cand.exists():
             return cand
     return None
+
+
+def default_delta_path() -> Path | None:
+    """``$VLTOK_REF_DELTA``, else ``assets/`` beside the package (repo checkout or editable install)."""
+    return asset_path("VLTOK_REF_DELTA", DELTA_NAME)
 
 
 def _package_dir(name: str, pip_cmd: str) -> Path:

@@ -59,14 +59,8 @@ class UntrainedVideoReference(RuntimeError):
 
 
 def default_delta_path() -> Path | None:
-    env = os.environ.get("VLTOK_REF_VIDEO_DELTA")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "assets" / DELTA_NAME, here / "assets" / DELTA_NAME):
-        if cand.exists():
-            return cand
-    return None
+    """``$VLTOK_REF_VIDEO_DELTA``, else the committed delta in ``assets/``."""
+    return R.asset_path("VLTOK_REF_VIDEO_DELTA", DELTA_NAME)
 
 
 def video_prompt(question: str) -> str:
