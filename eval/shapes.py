@@ -437,8 +437,9 @@ def generate(out_dir: str | Path, n: int = 2268, seed: int = 0, split: str = "te
     return out
 
 
-def load_dataset(folder: str | Path, limit: int | None = None) -> list[dict]:
-    """Records of a folder in the shapes format; ``image`` becomes an absolute path (``image_path``)."""
+def load_dataset(folder: str | Path, limit: int | None = None, media: str = "image") -> list[dict]:
+    """Records of a folder in the shapes format; ``image`` becomes an absolute path (``image_path``). ``media=
+    "video"`` reads the shapes-video format the same way (``video`` -> ``video_path``)."""
     folder = Path(folder)
     path = folder / "questions.jsonl"
     if not path.exists():
@@ -459,12 +460,13 @@ def load_dataset(folder: str | Path, limit: int | None = None) -> list[dict]:
                 from .datasets import DatasetError
 
                 raise DatasetError(f"{path}:{line_no}: expected a JSON object, got {type(r).__name__}")
-            for key in ("id", "image", "question", "answer", "type"):
+            for key in ("id", media, "question", "answer", "type"):
                 if key not in r:
                     raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
-            r.setdefault("region", None)
-            r.setdefault("bbox", None)
-            r["image_path"] = str(folder / r["image"])
+            if media == "image":
+                r.setdefault("region", None)
+                r.setdefault("bbox", None)
+            r[f"{media}_path"] = str(folder / r[media])
             recs.append(r)
             if limit is not None and len(recs) >= limit:
                 break

@@ -454,24 +454,8 @@ def is_video_folder(folder: str | Path) -> bool:
 
 
 def load_dataset(folder: str | Path, limit: int | None = None) -> list[dict]:
-    folder = Path(folder)
-    path = folder / "questions.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} is not a dataset folder: {path} is missing")
-    recs = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            for key in ("id", "video", "question", "answer", "type"):
-                if key not in r:
-                    raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
-            r["video_path"] = str(folder / r["video"])
-            recs.append(r)
-            if limit is not None and len(recs) >= limit:
-                break
-    return recs
+    """Records of a shapes-video folder; ``video`` becomes an absolute path (``video_path``)."""
+    return shapes.load_dataset(folder, limit, media="video")
 
 
 def load_clip(rec: dict, source: str = "auto") -> list:
