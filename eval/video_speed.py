@@ -186,7 +186,9 @@ def language_model(model):
 def llm_bytes_per_token(model, dev, n_small, n_large, chunk):
     """Peak memory above the weights for a prefill of n visual-token embeddings with a KV cache: one pass and
     chunked. Returns dict with bytes/token slopes and intercepts."""
-    from transformers import DynamicCache
+    from vltok import compat
+
+    DynamicCache = compat.cache_classes()[0]
 
     lm = language_model(model)
     d = model.config.get_text_config().hidden_size
@@ -201,7 +203,7 @@ def llm_bytes_per_token(model, dev, n_small, n_large, chunk):
             cache = DynamicCache()
             step = n if mode == "one_pass" else chunk
             for s in range(0, n, step):
-                lm(inputs_embeds=x[:, s:s + step], past_key_values=cache, use_cache=True)
+                lm(inputs_embeds=x[:, s:s + step], **{compat.cache_kwarg(lm.forward): cache}, use_cache=True)
             sync(dev)
             peaks.append((peak_gb(dev) or 0) * 2 ** 30 - base)
             del x, cache
@@ -271,7 +273,9 @@ def longest_video(model, mem, keeps, budget_gb):
 def verify(model, dev, n_tokens, limit_s, rate_tokens_per_s):
     """Run the one-pass prefill at n_tokens when its estimated time is below limit_s; returns the peak above the
     weights (GB) or the reason it was skipped."""
-    from transformers import DynamicCache
+    from vltok import compat
+
+    DynamicCache = compat.cache_classes()[0]
 
     est = n_tokens / rate_tokens_per_s * (n_tokens / 16384)   # attention grows ~quadratically
     if est > limit_s:
@@ -283,7 +287,7 @@ def verify(model, dev, n_tokens, limit_s, rate_tokens_per_s):
     t = time.perf_counter()
     try:
         lm(inputs_embeds=torch.randn(1, n_tokens, d, device=dev, dtype=next(model.parameters()).dtype),
-           past_key_values=DynamicCache(), use_cache=True)
+           **{compat.cache_kwarg(lm.forward): DynamicCache()}, use_cache=True)
         sync(dev)
     except torch.OutOfMemoryError as e:
         return {"tokens": n_tokens, "error": f"OOM: {str(e)[:200]}"}
