@@ -444,32 +444,20 @@ def load_dataset(folder: str | Path, limit: int | None = None, media: str = "ima
     path = folder / "questions.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{folder} is not a dataset folder: {path} is missing")
+    from .datasets import read_jsonl   # (datasets imports this module)
+
     recs = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                from .datasets import DatasetError
-
-                raise DatasetError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno}); fix or remove "
-                                   "that line") from None
-            if not isinstance(r, dict):
-                from .datasets import DatasetError
-
-                raise DatasetError(f"{path}:{line_no}: expected a JSON object, got {type(r).__name__}")
-            for key in ("id", media, "question", "answer", "type"):
-                if key not in r:
-                    raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
-            if media == "image":
-                r.setdefault("region", None)
-                r.setdefault("bbox", None)
-            r[f"{media}_path"] = str(folder / r[media])
-            recs.append(r)
-            if limit is not None and len(recs) >= limit:
-                break
+    for line_no, r in read_jsonl(path):
+        for key in ("id", media, "question", "answer", "type"):
+            if key not in r:
+                raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
+        if media == "image":
+            r.setdefault("region", None)
+            r.setdefault("bbox", None)
+        r[f"{media}_path"] = str(folder / r[media])
+        recs.append(r)
+        if limit is not None and len(recs) >= limit:
+            break
     return recs
 
 
