@@ -38,11 +38,20 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     family = "qwen2_vl"
     pixel_keys = ("pixel_values", "pixel_values_videos")
     runs_temporal = True   # temporal methods (evs, tmerge) reduce each video's temporal slices together
-    stages = ("pre_llm", "in_llm", "decode")
-    not_applicable = {
-        "vision": "reducing inside the Qwen ViT breaks the 2x2 PatchMerger grouping, the per-patch rotary table and "
-                  "Qwen2.5-VL's window permutation; reduce after the merger instead (a pre_llm method)",
-    }
+    stages = ("vision", "pre_llm", "in_llm", "decode")   # vision: merges of whole 2x2 units (adapters/qwen_tower.py)
+
+    def __init__(self, model, method, handle):
+        if method.vision is not None:   # the tower merge, described to the code below as a data-dependent selection
+            from .qwen_tower import tower_method
+
+            method = tower_method(model, method)
+        super().__init__(model, method, handle)
+
+    @staticmethod
+    def vision_refusal(merger):
+        from .qwen_tower import vision_refusal
+
+        return vision_refusal(merger)
 
     def _merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
@@ -135,6 +144,10 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         return y.reshape(-1, f.shape[-1]), list(idx)
 
     def _wrap_features(self, inner, kind: str, undo: list) -> None:
+        if self.method.vision is not None:
+            from .qwen_tower import wrap_tower_features
+
+            return wrap_tower_features(self, inner, kind, undo)
         name = f"get_{kind}_features"
         orig = getattr(inner, name)
         sig = inspect.signature(orig)
@@ -257,6 +270,10 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     def install(self, undo):
         inner = self.model.model
         self._kept, self._probed, self._ahead = {}, {}, {}
+        if self.method.vision is not None:
+            from .qwen_tower import install_tower
+
+            install_tower(self, undo)
         for kind, _, _ in MODALITIES:
             self._wrap_features(inner, kind, undo)
         orig_rope = inner.get_rope_index

@@ -19,11 +19,29 @@ def _optional(method, stage) -> bool:
     return getattr(getattr(method, stage, None), "optional", False)
 
 
+def _provides(adapter_cls, method, stage) -> bool:
+    """Whether the adapter runs this stage of the method: in its stage list and, for the vision stage, not refused
+    by the adapter's own check of the merger (``vision_refusal``, e.g. the Qwen tower needs a known merge count)."""
+    if stage not in adapter_cls.stages:
+        return False
+    check = getattr(adapter_cls, "vision_refusal", None)
+    vision = getattr(method, "vision", None)
+    return stage != "vision" or check is None or vision is None or check(vision) is None
+
+
+def _not_applicable(adapter_cls, method) -> dict:
+    reasons = dict(getattr(adapter_cls, "not_applicable", {}))
+    check = getattr(adapter_cls, "vision_refusal", None)
+    if check is not None and getattr(method, "vision", None) is not None and check(method.vision):
+        reasons["vision"] = check(method.vision)
+    return reasons
+
+
 def _post_fallback(adapter_cls, method):
     """``schedule="auto"`` (tome, crossget): where the family has no vision stage but a pre-LLM one, the vision
     merger's post-encoder reducer (``.post``) runs instead, as if ``schedule="post"`` had been asked for."""
     post = getattr(getattr(method, "vision", None), "post", None)
-    if post is None or "vision" in adapter_cls.stages or "pre_llm" not in adapter_cls.stages:
+    if post is None or _provides(adapter_cls, method, "vision") or "pre_llm" not in adapter_cls.stages:
         return method
     import dataclasses
 
@@ -35,7 +53,8 @@ def incompatibility(adapter_cls, method) -> str | None:
     adapter's code: a stage it does not provide (unless the method marks that stage optional)."""
     method = _post_fallback(adapter_cls, method)
     stages = method.stages if hasattr(method, "stages") else tuple(method)
-    missing = [s for s in stages if s not in adapter_cls.stages and not _optional(method, s)]
+    missing = [s for s in stages if not (_provides(adapter_cls, method, s) if hasattr(method, "stages")
+                                         else s in adapter_cls.stages) and not _optional(method, s)]
     if getattr(getattr(method, "pre_llm", None), "temporal", False) and not getattr(adapter_cls, "runs_temporal", False):
         return (f"reduces across video frames (a temporal method); vltok's {adapter_cls.family} adapter has no video "
                 "input, and images pass through a temporal method unchanged")
@@ -49,7 +68,8 @@ def incompatibility(adapter_cls, method) -> str | None:
             return (f"brings LLM-input fusion layers (trained LLaVA-Mini), which vltok's {adapter_cls.family} adapter "
                     "cannot run (LLaVA-1.5 only); use a training-free mode (mode='pool')")
         return None
-    reasons = getattr(adapter_cls, "not_applicable", {})
+    reasons = _not_applicable(adapter_cls, method) if hasattr(method, "stages") else \
+        getattr(adapter_cls, "not_applicable", {})
     why = "; ".join(reasons[s] for s in missing if s in reasons)
     return (f"works in stage(s) {', '.join(missing)}, which vltok's {adapter_cls.family} adapter does not provide "
             f"(it provides: {', '.join(adapter_cls.stages)})" + (f": {why}" if why else ""))
@@ -67,9 +87,12 @@ def limitations(adapter_cls, method) -> str | None:
         method = fitted
     if getattr(getattr(method, "pre_llm", None), "temporal", False):
         out.append("videos only: images (and one-frame videos) pass through unchanged")
-    parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
+    parts = [s for s in method.stages if not _provides(adapter_cls, method, s) and _optional(method, s)]
     if parts:
-        out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")
+        refused = _not_applicable(adapter_cls, method)
+        why = "; ".join(refused[s] for s in parts if s in adapter_cls.stages and s in refused)
+        out.append(f"stage(s) {', '.join(parts)} not applicable ("
+                   + (why or f"vltok's {adapter_cls.family} adapter has none") + ")")
     if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
         out.append("key set not applicable: no vision-side CLS score (runs as key_rate=0)")
     if not out:
@@ -83,7 +106,7 @@ def fit_to_family(adapter_cls, method):
     after the encoder where the family has no vision stage), and without the optional stages the adapter lacks
     (with a warning naming them)."""
     method = _post_fallback(adapter_cls, method)
-    drop = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
+    drop = [s for s in method.stages if not _provides(adapter_cls, method, s) and _optional(method, s)]
     if not drop:
         return method
     import dataclasses

@@ -204,36 +204,46 @@ class CrossGetMerger:
     def enter(self, layer: int, x: torch.Tensor, appended: bool) -> torch.Tensor:
         return cross_input(x, layer, self.cross.offsets, appended)
 
-    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None):
+    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None, anchor=None):
         """``extra`` [B, N, E] (optional): channels merged alongside x with the same weights, never matched on
-        (vltok.vision's group tracer); then (x, size, pos, extra) is returned."""
+        (vltok.vision's group tracer); then (x, size, pos, extra) is returned. ``anchor`` [B, N] (optional): a
+        value each output token takes from the token standing there (a merged group's destination; the Qwen
+        tower keeps that unit's rotary position); then (x, size, pos, anchor) is returned (not with ``extra``)."""
         if extra is not None:   # x is only averaged (the matching reads keys and importance): carry extra along
+            if anchor is not None:
+                raise ValueError("merge: pass extra or anchor, not both")
             C = x.shape[-1]
             y, size, pos = self.merge(torch.cat([x.float(), extra.float()], -1), size, pos, keys, query, r,
                                       n_protected)
             return y[..., :C].to(x.dtype), size, pos, y[..., C:]
         if self.trailing:   # the cross token (last) is protected: merge the others, then put it back
+            if anchor is not None:
+                raise ValueError("merge: anchor is not supported with a cross token")
             t = self.trailing
             y, s, p = self._merge(x[:, :-t], size[:, :-t], pos[:, :-t], keys[:, :-t], query, r, n_protected)
             return torch.cat([y, x[:, -t:]], 1), torch.cat([s, size[:, -t:]], 1), torch.cat([p, pos[:, -t:]], 1)
-        return self._merge(x, size, pos, keys, query, r, n_protected)
+        return self._merge(x, size, pos, keys, query, r, n_protected, anchor)
 
-    def _merge(self, x, size, pos, keys, query, r, n_protected):
+    def _merge(self, x, size, pos, keys, query, r, n_protected, anchor=None):
         kind = self.importance if (n_protected > 0 or self.trailing) else "none"
         C = x.shape[-1]
         kmean = keys.float().mean(2)
         imp = importance(kind, keys, query, size)
         rounds = round_sizes(x.shape[1], n_protected, r)
+        B = x.shape[0]
         if len(rounds) == 1:
             src, dst, is_src = cgsm_match(F.normalize(kmean, dim=-1), imp, r, n_protected)
-            return cgsm_merge(x, size, pos, imp, src, dst, is_src, self.ensemble)
+            out = cgsm_merge(x, size, pos, imp, src, dst, is_src, self.ensemble)
+            return out if anchor is None else (*out, anchor[~is_src].view(B, -1))
         # several rounds in one layer: keys and importances of merged tokens are carried along
         both = torch.cat([x.float(), kmean, imp[..., None]], -1)
         for step in rounds:
             imp_t = both[..., -1]
             src, dst, is_src = cgsm_match(F.normalize(both[..., C:-1], dim=-1), imp_t, step, n_protected)
             both, size, pos = cgsm_merge(both, size, pos, imp_t, src, dst, is_src, self.ensemble)
-        return both[..., :C].to(x.dtype), size, pos
+            anchor = None if anchor is None else anchor[~is_src].view(B, -1)
+        y = both[..., :C].to(x.dtype)
+        return (y, size, pos) if anchor is None else (y, size, pos, anchor)
 
 
 @register("crossget", "CrossGET: complete-graph soft matching inside the vision encoder, CLS-attention guidance "

@@ -63,9 +63,11 @@ def head_mean_metric(keys: torch.Tensor) -> torch.Tensor:
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, metric: torch.Tensor, r: int,
-                    n_protected: int, order: str = "tome"):
+                    n_protected: int, order: str = "tome", anchor: torch.Tensor | None = None):
     """One ToMe round. x [B, N, C], size [B, N, 1], pos [B, N] (smallest original index of each group),
-    metric [B, N, d] normalised. Returns (x, size, pos) with N - r tokens. Inputs are not modified."""
+    metric [B, N, d] normalised. Returns (x, size, pos) with N - r tokens. Inputs are not modified.
+    ``anchor`` [B, N] (optional): a value per token that each output token takes from the token standing there
+    (the destination of a merged group, itself otherwise); then (x, size, pos, anchor) is returned."""
     B, N, C = x.shape
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)             # [B, Na, Nb]: A = even, B = odd
     if n_protected:   # protected tokens are positions < n_protected: the first ceil(p/2) of A, floor(p/2) of B
@@ -92,11 +94,13 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, metr
     x_out = torch.cat([xa.gather(1, gunm.expand(-1, -1, C)), xb], 1)
     s_out = torch.cat([sa.gather(1, gunm), sb], 1)
     p_out = torch.cat([pa.gather(1, unm), pb], 1)
+    a_out = None if anchor is None else torch.cat([anchor[:, ::2].gather(1, unm), anchor[:, 1::2]], 1)
     if order == "raster":
         perm = p_out.argsort(dim=-1, stable=True)
         x_out = x_out.gather(1, perm[..., None].expand(-1, -1, C))
         s_out, p_out = s_out.gather(1, perm[..., None]), p_out.gather(1, perm)
-    return x_out, s_out, p_out
+        a_out = None if a_out is None else a_out.gather(1, perm)
+    return (x_out, s_out, p_out) if anchor is None else (x_out, s_out, p_out, a_out)
 
 
 class TomeMerger:
@@ -111,10 +115,14 @@ class TomeMerger:
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
         return spread_schedule(n_patches, self.keep, n_layers, self.late)
 
-    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None):
+    def merge(self, x, size, pos, keys, query, r, n_protected, extra=None, anchor=None):
         """``extra`` [B, N, E] (optional): channels merged alongside x with the same weights, never matched on
-        (vltok.vision's group tracer); then (x, size, pos, extra) is returned."""
+        (vltok.vision's group tracer); then (x, size, pos, extra) is returned. ``anchor`` [B, N] (optional): a
+        value each output token takes from the token standing there (a merged group's destination; the Qwen
+        tower keeps that unit's rotary position); then (x, size, pos, anchor) is returned (not with ``extra``)."""
         if extra is not None:   # x is only averaged (the matching reads the keys): carry extra as more channels
+            if anchor is not None:
+                raise ValueError("merge: pass extra or anchor, not both")
             C = x.shape[-1]
             y, size, pos = self.merge(torch.cat([x.float(), extra.float()], -1), size, pos, keys, query, r,
                                       n_protected)
@@ -122,14 +130,17 @@ class TomeMerger:
         kmean = keys.float().mean(2)
         rounds = round_sizes(x.shape[1], n_protected, r)
         if len(rounds) == 1:
-            return bipartite_merge(x, size, pos, F.normalize(kmean, dim=-1), r, n_protected, self.order)
+            return bipartite_merge(x, size, pos, F.normalize(kmean, dim=-1), r, n_protected, self.order, anchor)
         # several rounds in one layer: the merged tokens' keys are the size-weighted means of their members' keys
         C = x.shape[-1]
         both = torch.cat([x.float(), kmean], -1)
         for step in rounds:
-            both, size, pos = bipartite_merge(both, size, pos, F.normalize(both[..., C:], dim=-1), step,
-                                              n_protected, self.order)
-        return both[..., :C].to(x.dtype), size, pos
+            out = bipartite_merge(both, size, pos, F.normalize(both[..., C:], dim=-1), step, n_protected,
+                                  self.order, anchor)
+            both, size, pos = out[:3]
+            anchor = out[3] if anchor is not None else None
+        y = both[..., :C].to(x.dtype)
+        return (y, size, pos) if anchor is None else (y, size, pos, anchor)
 
 
 @register("tome", "ToMe: bipartite soft matching inside the vision encoder, size-weighted merges, proportional "
