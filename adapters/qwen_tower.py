@@ -133,8 +133,11 @@ def attend(blk, x, cos, sin, seg_lens: list[int], bias=None):
     q, k, v = attn.qkv(blk.norm1(x)).reshape(N, 3, H, -1).permute(1, 0, 2, 3).unbind(0)
     keys = k
     q, k = rope_vision(q, k, cos, sin)
+    runs = _runs(seg_lens)
+    if len(runs) > 8:   # many segments of varied lengths (Qwen2.5-VL's windows after merges): one padded call
+        return x + attn.proj(_padded_attention(q, k, v, seg_lens, bias, attn.scaling)), keys
     parts = []
-    for start, n, L in _runs(seg_lens):
+    for start, n, L in runs:
         sl = slice(start, start + n * L)
         qs, ks, vs = (t[sl].reshape(n, L, H, -1).transpose(1, 2) for t in (q, k, v))
         mask = None if bias is None else bias[sl].view(n, 1, 1, L).to(q.dtype)
@@ -142,6 +145,25 @@ def attend(blk, x, cos, sin, seg_lens: list[int], bias=None):
         parts.append(o.transpose(1, 2).reshape(n * L, -1))
     out = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
     return x + attn.proj(out), keys
+
+
+def _padded_attention(q, k, v, seg_lens: list[int], bias, scale):
+    """Attention within segments as one SDPA call over [segments, max length] with padded keys masked out."""
+    N, H, d = q.shape
+    dev = q.device
+    lens = torch.tensor(seg_lens, device=dev)
+    n, L = len(seg_lens), max(seg_lens)
+    seg = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+    off = torch.arange(N, device=dev) - (lens.cumsum(0) - lens)[seg]
+    pads = []
+    for t in (q, k, v):
+        p = t.new_zeros(n, L, H, d)
+        p[seg, off] = t
+        pads.append(p.transpose(1, 2))
+    mask = torch.full((n, 1, 1, L), float("-inf"), dtype=q.dtype, device=dev)
+    mask[seg, 0, 0, off] = 0 if bias is None else bias.to(q.dtype)
+    o = F.scaled_dot_product_attention(*pads, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)[seg, off].reshape(N, -1)
 
 
 class QwenTower:
@@ -229,12 +251,13 @@ class QwenTower:
         def rows(a):   # unit anchors -> their rows in the raster tables
             return (a[:, None] * u + torch.arange(u, device=a.device)).reshape(-1)
 
+        def windows():   # rows per window, in order (one host read per layout change)
+            return None if win is None else (torch.unique_consecutive(win[anchor], return_counts=True)[1] * u).tolist()
+
         cos, sin = cos_full[rows(anchor)], sin_full[rows(anchor)]
+        win_seg = windows()
         for i, blk in enumerate(vis.blocks):
-            if i in full_attn:
-                seg = [U * u for U in fcounts]
-            else:
-                seg = (torch.unique_consecutive(win[anchor], return_counts=True)[1] * u).tolist()
+            seg = [U * u for U in fcounts] if i in full_attn else win_seg
             if i < first:   # nothing merged yet: the model's own block
                 cu = torch.tensor([0] + seg, device=x.device).cumsum(0).to(torch.int32)
                 x = blk(x, cu_seqlens=cu, max_seqlen=max(seg), position_embeddings=(cos, sin))
@@ -249,6 +272,7 @@ class QwenTower:
                 x, size, anchor, fcounts = self.merge_step(x, keys, size, anchor, fcounts,
                                                            [s[i] for s in scheds], rank, u)
                 cos, sin = cos_full[rows(anchor)], sin_full[rows(anchor)]
+                win_seg = windows()
                 run.seconds += time.perf_counter() - t0
             x = x + blk.mlp(blk.norm2(x))
             run.counts.append(x.shape[0] // u)

@@ -18,6 +18,7 @@ METHODS = ("tome", "crossget")
 IMAGES = [(1, 8, 8), (1, 8, 12)]          # two images of different sizes (16 and 24 units)
 VIDEOS = [(2, 8, 8)]                      # a video of 2 temporal slices
 PROMPTS = [[5, -1, 6, 7], [8, -1, 9]]
+SLOW = pytest.mark.slow
 
 
 def tiny(version, depth=4, layers=2, seed=0):
@@ -126,9 +127,6 @@ def _inputs(model, videos=False):
     return qwen_inputs(model, PROMPTS, IMAGES)
 
 
-SLOW = pytest.mark.slow
-
-
 @pytest.mark.parametrize("videos", [False, True], ids=["images", "videos"])
 @pytest.mark.parametrize("keep", [pytest.param(0.5, marks=SLOW), 0.1])   # 0.1: several merge rounds in one block
 @pytest.mark.parametrize("method", METHODS)
@@ -159,16 +157,38 @@ def _per_item(counts, grid):
     return out
 
 
-@pytest.mark.parametrize("videos", [False, True], ids=["images", "videos"])
-def test_keep_one_is_bit_identical(model, videos):
+@pytest.mark.parametrize("videos,gen", [(False, True), (True, False), pytest.param(True, True, marks=SLOW)],
+                         ids=["images", "videos", "videos-generate"])
+def test_keep_one_is_bit_identical(model, videos, gen):
     inp = _inputs(model, videos)
     with torch.no_grad():
         ref = model(**inp).logits
-        ref_gen = model.generate(**inp, max_new_tokens=2, do_sample=False)
+        ref_gen = model.generate(**inp, max_new_tokens=2, do_sample=False) if gen else None
         for method in METHODS:
             with vltok.patched(model, method, keep=1.0):
                 assert torch.equal(model(**inp).logits, ref)
-                assert torch.equal(model.generate(**inp, max_new_tokens=2, do_sample=False), ref_gen)
+                if gen:
+                    assert torch.equal(model.generate(**inp, max_new_tokens=2, do_sample=False), ref_gen)
+
+
+def test_padded_window_attention_equals_per_segment():
+    import torch.nn.functional as F
+
+    from vltok.adapters.qwen_tower import _padded_attention
+
+    torch.manual_seed(0)
+    lens = [3, 5, 2, 5, 1, 4, 4, 4, 2, 3]
+    N = sum(lens)
+    q, k, v = (torch.randn(N, 2, 8) for _ in range(3))
+    bias = torch.randn(N)
+    ref, s = [], 0
+    for L in lens:
+        sl = slice(s, s + L)
+        s += L
+        o = F.scaled_dot_product_attention(*(t[sl].transpose(0, 1)[None] for t in (q, k, v)),
+                                           attn_mask=bias[sl].view(1, 1, 1, L), scale=0.3)
+        ref.append(o[0].transpose(0, 1).reshape(L, -1))
+    torch.testing.assert_close(_padded_attention(q, k, v, lens, bias, 0.3), torch.cat(ref))
 
 
 def _capture(model):
