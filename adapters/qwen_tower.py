@@ -64,10 +64,13 @@ class TowerSelection:
 
     def __init__(self, merger, depth: int):
         self.merger, self.depth = merger, depth
+        self._cache: dict[int, list[int]] = {}
 
     def schedule(self, n_units: int) -> list[int]:
-        sch = list(self.merger.schedule(n_units, self.depth)) if n_units > 1 else []
-        return sch + [0] * (self.depth - len(sch))
+        if n_units not in self._cache:
+            sch = list(self.merger.schedule(n_units, self.depth)) if n_units > 1 else []
+            self._cache[n_units] = sch + [0] * (self.depth - len(sch))
+        return self._cache[n_units]
 
     def count(self, n_units: int) -> int:
         return n_units - sum(self.schedule(n_units))

@@ -11,7 +11,8 @@ Per model x input (an image of ~1.3k visual tokens, a 32-frame video) x batch (1
   (per image / temporal slice kept_count(units, keep), as a smaller grid of that many units: its ViT and LLM both
   run short); ``resize``: the unpatched model on the grid ``vltok.resize`` would ask the processor for (each side
   scaled by sqrt(keep), whole units; its count differs slightly from IDEAL's);
-* ``tome`` / ``crossget`` merging inside the Qwen vision tower (adapters/qwen_tower.py);
+* ``tome`` / ``crossget`` merging inside the Qwen vision tower (adapters/qwen_tower.py), with the default schedule
+  (merges spread over all 32 blocks) and ``schedule=early`` (merges in the first 8 blocks);
 * ``pool`` / ``fourier`` (after the tower), ``fastv`` / ``feather`` (inside the LLM).
 
 Each row: prefill time (``model(**inputs, logits_to_keep=1)``, median of CUDA-event timings after warm-up), the
@@ -39,7 +40,9 @@ IMAGE_GRID = (1, 82, 64)     # patches: a 1148 x 896 image -> 41 x 32 = 1312 tok
 VIDEO_GRID = (16, 20, 28)    # 32 frames of 280 x 392 (temporal patch 2) -> 16 slices of 10 x 14 = 2240 tokens
 TINY_IMAGE, TINY_VIDEO = (1, 8, 12), (4, 8, 8)
 TEXT_BEFORE, TEXT_AFTER = 35, 64
-METHODS = ("tome", "crossget", "pool", "fourier", "fastv", "feather")
+# method specs: name[:option=value]; "schedule=early" merges in the first quarter of the tower's blocks
+METHODS = ("tome", "tome:schedule=early", "crossget", "crossget:schedule=early", "pool", "fourier", "fastv",
+           "feather")
 MODELS = ("qwen2-vl-7b", "qwen2.5-vl-7b")
 
 
@@ -233,8 +236,10 @@ def bench(name, model, kinds, batches, keeps, methods, reps, warmup, device, log
                     row("resize", keep, make_inputs(model, kind, batch, rg, device), grid_used=rg)
                     inputs = make_inputs(model, kind, batch, grid, device)
                     for method in methods:
+                        name_, _, opt = method.partition(":")
+                        opts = dict(o.split("=", 1) for o in opt.split(",") if o)
                         try:
-                            handle = vltok.patch(model, method, keep=keep)
+                            handle = vltok.patch(model, name_, keep=keep, **opts)
                         except vltok.VltokError as e:
                             rows.append(dict(model=name, input=kind, batch=batch, row=method, keep=keep,
                                              ms=float("nan"), error=str(e)[:300]))

@@ -12,7 +12,6 @@ from test_qwen_positions import own_positions
 from test_llava import NEXT_PROMPTS, NEXT_SIZES, PROMPTS, manual_llava, next_reference
 from tiny import IMG, llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
 from tiny_families import VID, qwen_inputs, tiny_qwen
-from vltok.errors import IncompatibleError
 from vltok.methods.postmerge import PostMergeReducer, post_merge
 from vltok.methods.tome import spread_schedule
 
@@ -125,7 +124,7 @@ QV = [(2, 8, 8)]
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
 @pytest.mark.parametrize("method", ["tome", "crossget"])
-def test_qwen_auto_post_equals_masked_reference_with_earliest_member_positions(version, method):
+def test_qwen_post_equals_masked_reference_with_earliest_member_positions(version, method):
     """Reference: the unpatched model on the FULL sequence with its native 3-D positions, each kept token's
     feature replaced by its group's mean (at the group's earliest member), the other visual tokens masked out of
     attention; the text logits of the patched (shortened) run must match."""
@@ -168,8 +167,7 @@ def test_qwen_auto_post_equals_masked_reference_with_earliest_member_positions(v
     orig = m.model.visual.forward
     m.model.visual.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
-        with vltok.patched(m, method, keep=keep) as h:
-            assert h.method.params == {"schedule": "post"}
+                                                                      schedule == "late", fallback, schedule == "early"))
             out = m(**inp)
             assert len(calls) == 2, "the vision tower runs once per modality (encoded ahead, then reused)"
             kp = h.kept_positions
@@ -191,12 +189,13 @@ def test_schedule_choice_and_errors():
     with vltok.patched(m, "crossget", keep=0.3) as h:   # auto on a family with a vision stage: inside the encoder
         assert h.method.vision is not None and h.method.pre_llm is None
     q = tiny_qwen("2")
-    with pytest.raises(IncompatibleError, match="vision"):
-        vltok.patch(q, "tome", keep=0.3, schedule="constant")
+    with vltok.patched(q, "tome", keep=0.3, schedule="constant") as h:   # Qwen: inside the tower (qwen_tower.py)
+        assert h.method.vision is not None
     assert vltok.get_handle(q) is None
     with pytest.raises(ValueError, match="schedule"):
-        vltok.patch(m, "tome", keep=0.3, schedule="early")
+        vltok.patch(m, "tome", keep=0.3, schedule="sometimes")
     assert spread_schedule(100, 0.5, 5, late=True) == [0, 0, 17, 17, 16]
+    assert spread_schedule(100, 0.5, 8, early=True) == [25, 25, 0, 0, 0, 0, 0, 0]
     assert spread_schedule(100, 0.5, 5) == [10] * 5
 
 

@@ -131,11 +131,20 @@ def _inputs(model, videos=False):
 @pytest.mark.parametrize("keep", [pytest.param(0.5, marks=SLOW), 0.1])   # 0.1: several merge rounds in one block
 @pytest.mark.parametrize("method", METHODS)
 def test_tower_equals_written_out_reference(model, method, keep, videos):
+    _check_reference(model, method, keep, videos)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_early_schedule_equals_reference(model, method):   # every merge in block 0 (several rounds), then 3 short
+    _check_reference(model, method, 0.25, False, schedule="early")
+
+
+def _check_reference(model, method, keep, videos, **opts):
     inp = _inputs(model, videos)
     pix, grid = (inp["pixel_values_videos"], inp["video_grid_thw"]) if videos else (inp["pixel_values"],
                                                                                     inp["image_grid_thw"])
     kind = "video" if videos else "image"
-    with vltok.patched(model, method, keep=keep) as h, torch.no_grad():
+    with vltok.patched(model, method, keep=keep, **opts) as h, torch.no_grad():
         out = getattr(model.model, f"get_{kind}_features")(pix, grid).pooler_output
         merger = h.adapter.method.vision
         ref, kept = reference(model, pix, grid, merger)

@@ -187,9 +187,9 @@ def cross_input(x: torch.Tensor, layer: int, offsets: torch.Tensor, appended: bo
 
 class CrossGetMerger:
     def __init__(self, keep: float, importance: str, ensemble: str, prop_attn: bool, cross: CrossTokens | None = None,
-                 late: bool = False, post=None):
+                 late: bool = False, post=None, early: bool = False):
         self.keep, self.importance, self.ensemble, self.prop_attn = keep, importance, ensemble, prop_attn
-        self.late = late
+        self.late, self.early = late, early
         self.post = post   # schedule="auto": the pre-LLM reducer that stands in where the family has no vision stage
         self.needs_query = importance != "none"
         self.cross = cross
@@ -199,7 +199,7 @@ class CrossGetMerger:
         self.projector = None if cross is None else cross.projector
 
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
-        return spread_schedule(n_patches, self.keep, n_layers, self.late)
+        return spread_schedule(n_patches, self.keep, n_layers, self.late, self.early)
 
     def enter(self, layer: int, x: torch.Tensor, appended: bool) -> torch.Tensor:
         return cross_input(x, layer, self.cross.offsets, appended)
@@ -275,4 +275,4 @@ def make_crossget(keep: float, importance: str = "cls_attn", ensemble: str = "im
         params.update(visible=cross_tokens.visible, trained_projector=cross_tokens.projector is not None)
     fallback = post if schedule == "auto" and cross_tokens is None else None
     return Method("crossget", keep, params, vision=CrossGetMerger(keep, importance, ensemble, prop_attn, cross_tokens,
-                                                                  schedule == "late", fallback))
+                                                                  schedule == "late", fallback, schedule == "early"))

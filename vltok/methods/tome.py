@@ -27,19 +27,22 @@ from ..stages import Method, kept_count
 ORDERS = ("tome", "raster")
 
 
-def spread_schedule(n_patches: int, keep: float, n_layers: int, late: bool = False) -> list[int]:
+def spread_schedule(n_patches: int, keep: float, n_layers: int, late: bool = False, early: bool = False) -> list[int]:
     """r per layer: R = n_patches - round(keep * n_patches) merges over ``n_layers`` layers, larger values first.
-    ``late``: only the second half of the layers merge (from layer n_layers // 2; early features stay intact)."""
+    ``late``: only the second half of the layers merge (from layer n_layers // 2; early features stay intact).
+    ``early``: only the first quarter of the layers merge (layers 0 .. max(1, n_layers // 4) - 1): the later
+    layers run on the reduced count (speed; e.g. the 32-block Qwen2-VL tower, whose cost is most of the prefill)."""
     if n_layers < 1:
         raise ValueError("a vision-stage schedule needs at least one merging layer")
     n_out = kept_count(n_patches, keep)
     total = n_patches - n_out
     start = n_layers // 2 if late else 0
-    base, extra = divmod(total, n_layers - start)
-    return [0] * start + [base + (1 if i < extra else 0) for i in range(n_layers - start)]
+    stop = max(1, n_layers // 4) if early else n_layers
+    base, extra = divmod(total, stop - start)
+    return [0] * start + [base + (1 if i < extra else 0) for i in range(stop - start)] + [0] * (n_layers - stop)
 
 
-SCHEDULES = ("auto", "constant", "late", "post")
+SCHEDULES = ("auto", "constant", "late", "early", "post")
 
 
 def round_sizes(n_tokens: int, n_protected: int, r: int) -> list[int]:
@@ -108,12 +111,12 @@ class TomeMerger:
 
     needs_query = False
 
-    def __init__(self, keep: float, order: str, prop_attn: bool, late: bool = False, post=None):
-        self.keep, self.order, self.prop_attn, self.late = keep, order, prop_attn, late
+    def __init__(self, keep: float, order: str, prop_attn: bool, late: bool = False, post=None, early: bool = False):
+        self.keep, self.order, self.prop_attn, self.late, self.early = keep, order, prop_attn, late, early
         self.post = post   # schedule="auto": the pre-LLM reducer that stands in where the family has no vision stage
 
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
-        return spread_schedule(n_patches, self.keep, n_layers, self.late)
+        return spread_schedule(n_patches, self.keep, n_layers, self.late, self.early)
 
     def merge(self, x, size, pos, keys, query, r, n_protected, extra=None, anchor=None):
         """``extra`` [B, N, E] (optional): channels merged alongside x with the same weights, never matched on
@@ -154,4 +157,5 @@ def make_tome(keep: float, order: str = "raster", prop_attn: bool = True, schedu
     if schedule == "post":
         return Method("tome", keep, dict(schedule="post"), pre_llm=post)
     return Method("tome", keep, dict(order=order, prop_attn=prop_attn, schedule=schedule),
-                  vision=TomeMerger(keep, order, prop_attn, schedule == "late", post if schedule == "auto" else None))
+                  vision=TomeMerger(keep, order, prop_attn, schedule == "late", post if schedule == "auto" else None,
+                                    schedule == "early"))
