@@ -167,7 +167,8 @@ def test_qwen_post_equals_masked_reference_with_earliest_member_positions(versio
     orig = m.model.visual.forward
     m.model.visual.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
-                                                                      schedule == "late", fallback, schedule == "early"))
+        with vltok.patched(m, method, keep=keep, schedule="post") as h:   # (auto merges inside the Qwen tower)
+            assert h.method.params == {"schedule": "post"}
             out = m(**inp)
             assert len(calls) == 2, "the vision tower runs once per modality (encoded ahead, then reused)"
             kp = h.kept_positions
