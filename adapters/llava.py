@@ -430,16 +430,24 @@ class LlavaAdapter(PlaceholderAdapter):
             q = cap.pop("q", None)
             if q is None:
                 return
-            B, T = out.shape[:2]
-            qc = q[:, 0].reshape(B, -1, hd).float()                                   # [B, H, hd] the CLS query
-            kh = out.reshape(B, T, -1, hd).float()                                    # [B, T, H, hd]
-            p = torch.einsum("bhd,bthd->bht", qc, kh).mul(scale).softmax(-1).mean(1)  # [B, T]
-            self._side["cls_attention"] = p[:, n_special:]
+            t0 = time.perf_counter()
+            self._side["cls_attention"] = self._cls_row(q, out, hd, scale, n_special)
+            self.handle._add_seconds(time.perf_counter() - t0)
 
         hooks = [q_lin.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
                  k_lin.register_forward_hook(on_k)]
         undo.extend(h.remove for h in hooks)
         undo.append(lambda: self.__dict__.update(_side={}))
+
+    @staticmethod
+    def _cls_row(q, k, hd: int, scale: float, n_special: int) -> torch.Tensor:
+        """q, k [B, T, H*hd] -> [B, T - n_special]: the CLS query's softmax row over all keys, mean over heads,
+        the special columns dropped (fp32)."""
+        B, T = k.shape[:2]
+        qc = q[:, 0].reshape(B, -1, hd).float()                                       # [B, H, hd] the CLS query
+        kh = k.reshape(B, T, -1, hd).float()                                          # [B, T, H, hd]
+        p = torch.einsum("bhd,bthd->bht", qc, kh).mul(scale).softmax(-1).mean(1)      # [B, T]
+        return p[:, n_special:]
 
     def _side_for(self, n_images: int) -> dict:
         """The side inputs for one reduction of ``n_images`` images (what the reducer needs / wants)."""
@@ -457,7 +465,9 @@ class LlavaAdapter(PlaceholderAdapter):
         call, rw = self._prepare_llava(call, default_side, t0)
         self._call_side = default_side
         if getattr(self, "_wants_text", False) and self.has_pixels(call):
+            t1 = time.perf_counter()
             self._side_text = self._text_embeds(call)
+            self.handle._add_seconds(time.perf_counter() - t1)
         if getattr(self, "_orig_positions", None) is not None:
             if rw is not None and self.has_pixels(call):
                 self._orig_positions = self._position_map(orig, rw, call)
