@@ -141,3 +141,16 @@ def test_refused_without_cls():
     with pytest.raises(vltok.IncompatibleError, match="no CLS token"):
         vltok.patch(siglip, "visionzip", keep=0.25)
     assert vltok.get_handle(siglip) is None and "forward" not in siglip.__dict__
+
+
+@pytest.mark.slow   # minutes on 2 shared CPU cores (warm-up, generate, reps)
+def test_new_methods_have_speed_rows_with_their_own_time(model):
+    """vltok bench (eval/speed.py) runs the new methods; their own cost is in vltok's time (CPU: logic only)."""
+    from vltok.eval import speed
+
+    rows = speed.bench_model("tiny-llava", ["visionzip", "dart", "dpp"], [0.25], [2], n_new=2, reps=1, fast=False,
+                             model=model, family="llava", device="cpu")
+    got = {r["method"]: r for r in rows if r["keep"] == 0.25 and r["method"] != "IDEAL"}
+    assert sorted(got) == ["dart", "dpp", "visionzip"]
+    for r in got.values():
+        assert not r.get("error") and r["visual_tokens"] == 16 and r["vltok_ms"] > 0
