@@ -80,6 +80,10 @@ def limitations(adapter_cls, method) -> str | None:
     parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     if parts:
         out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")
+    unused = [n for n in getattr(getattr(method, "pre_llm", None), "wants", ())
+              if n not in getattr(adapter_cls, "side_inputs", ())]
+    if unused:
+        out.append(f"runs without {', '.join(unused)} (the adapter does not supply it: no text conditioning)")
     if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
         out.append("key set not applicable: no vision-side CLS score (runs as key_rate=0)")
     if not out:
