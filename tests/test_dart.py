@@ -122,3 +122,13 @@ def test_keep_one_bit_identical_batch_and_generate(model, method, kw):
     else:
         torch.testing.assert_close(both[1, cols[1].tolist().index(last)], one[0, -1], atol=1e-4, rtol=1e-4)
     assert torch.equal(gen[1, -3:], gen1[0, -3:])
+
+
+def test_in_llm_cut_has_no_host_sync(model):
+    from vltok.eval.profile_vltok import count_syncs
+
+    inp = llava_inputs(model, PROMPTS)
+    with vltok.patched(model, "dart_llm", keep=0.25, keep_mode="final") as h, torch.no_grad():
+        with count_syncs(h) as c:
+            model(**inp)
+    assert c.where == {"split_runs readback": 1}, c.where

@@ -154,3 +154,14 @@ def test_new_methods_have_speed_rows_with_their_own_time(model):
     assert sorted(got) == ["dart", "dpp", "visionzip"]
     for r in got.values():
         assert not r.get("error") and r["visual_tokens"] == 16 and r["vltok_ms"] > 0
+
+
+def test_no_host_sync_inside_the_reduction(model):
+    """The CLS row and the selection / merge run without host syncs (one read-back of input_ids, the rewrite's)."""
+    from vltok.eval.profile_vltok import count_syncs
+
+    inp = llava_inputs(model, PROMPTS)
+    with vltok.patched(model, "visionzip", keep=0.25) as h, torch.no_grad():
+        with count_syncs(h) as c:
+            model(**inp)
+    assert c.where == {"_read_back readback": 1}, c.where

@@ -68,12 +68,12 @@ def visionzip(x: torch.Tensor, cls_attention: torch.Tensor, dominant: int, conte
     step = max(1, n_rest // contextual)
     t_pos = torch.arange(0, n_rest, step, device=x.device)[:contextual]           # targets among the rest
     is_t = torch.zeros(n_rest, dtype=torch.bool, device=x.device).index_fill_(0, t_pos, True)
-    o_pos = (~is_t).nonzero().flatten()                                           # the others among the rest
+    o_pos = is_t.to(torch.int8).argsort(stable=True)[:n_rest - t_pos.numel()]    # the others (no host sync)
     m = x if metric is None else metric
     mr = F.normalize(m.float().gather(1, rest[..., None].expand(-1, -1, m.shape[-1])), dim=-1)
     xr = x.float().gather(1, rest[..., None].expand(-1, -1, C))
     sim = mr[:, o_pos] @ mr[:, t_pos].transpose(1, 2)                             # [B, N'-c, c]
-    assign = F.one_hot(sim.argmax(dim=2), contextual).to(xr.dtype)                # [B, N'-c, c]
+    assign = torch.zeros_like(sim).scatter_(2, sim.argmax(dim=2, keepdim=True), 1.0)   # [B, N'-c, c] one-hot
     sums = assign.transpose(1, 2) @ xr[:, o_pos]                                  # [B, c, C]
     counts = assign.sum(1)[..., None]
     target = xr[:, t_pos]
