@@ -75,6 +75,7 @@ class LlavaAdapter(PlaceholderAdapter):
     stages = ("vision", "pre_llm", "in_llm", "decode")
     # side inputs of the pre-LLM contract (vltok/stages.py) this adapter gives a reducer that needs / wants them
     side_inputs = ("cls_attention", "text_embeds")
+    original_positions = True   # positions="original" of pre-LLM selection reducers (_install_original_positions)
 
     def image_token_id(self):
         return self.model.config.image_token_id

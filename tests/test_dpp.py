@@ -110,11 +110,16 @@ def test_keep_one_bit_identical_and_generate(model):
     assert gen.shape == (2, inp["input_ids"].shape[1] + 3)
 
 
-def test_condition_text_refused_where_no_text_embeddings():
+def test_condition_text_and_original_positions_refused_where_not_supplied():
     from tiny_families import tiny_qwen
 
+    qwen = tiny_qwen("2")
     with pytest.raises(vltok.IncompatibleError, match="text_embeds"):
-        vltok.patch(tiny_qwen("2"), "dpp", keep=0.25, condition="text")
+        vltok.patch(qwen, "dpp", keep=0.25, condition="text")
+    for method in ("dpp", "dart", "random"):
+        with pytest.raises(vltok.IncompatibleError, match="positions='original'"):
+            vltok.patch(qwen, method, keep=0.25, positions="original")
+    assert vltok.get_handle(qwen) is None
 
 
 # -- positions="original" ----------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ def incompatibility(adapter_cls, method) -> str | None:
             return (f"needs {', '.join(lacking)} ({'; '.join(SIDE_INPUTS.get(n, n) for n in lacking)}), which vltok's "
                     f"{adapter_cls.family} adapter does not supply (it supplies: "
                     f"{', '.join(getattr(adapter_cls, 'side_inputs', ())) or 'none'})")
+        if getattr(getattr(method, "pre_llm", None), "positions", "contiguous") == "original" and \
+                not getattr(adapter_cls, "original_positions", False):
+            return (f"with positions='original' keeps the full grid's position ids, which vltok's "
+                    f"{adapter_cls.family} adapter does not do (LLaVA-1.5 only); use positions='contiguous'")
         if getattr(getattr(method, "pre_llm", None), "projector", None) is not None and \
                 not getattr(adapter_cls, "runs_method_projector", False):
             return (f"brings a trained projector, which vltok's {adapter_cls.family} adapter cannot run in place of "
