@@ -73,6 +73,9 @@ class LlavaAdapter(PlaceholderAdapter):
     runs_method_projector = True   # _install_method_projector
     runs_input_fusion = True       # _install_fusion
     stages = ("vision", "pre_llm", "in_llm", "decode")
+    # side inputs of the pre-LLM contract (vltok/stages.py) this adapter gives a reducer that needs / wants them
+    side_inputs = ("cls_attention", "text_embeds")
+    original_positions = True   # positions="original" of pre-LLM selection reducers (_install_original_positions)
 
     def image_token_id(self):
         return self.model.config.image_token_id
@@ -269,6 +272,17 @@ class LlavaAdapter(PlaceholderAdapter):
         reducer = self.method.pre_llm
         prefix = _prefix(self.model)
         fusion = getattr(reducer, "fusion", None)
+        self._install_side_inputs(reducer, undo)
+        if getattr(reducer, "after_projector", False) and fusion is None and getattr(reducer, "projector", None) is None:
+            # the reducer works on the features the LLM receives: reduce the projector's output (a per-token MLP,
+            # so a selection gives the same rows as projecting the kept tokens)
+            def post_hook(module, args, output):
+                y = self._reduce_images(output, prefix)
+                return None if y is output else y
+
+            h = self.model.model.multi_modal_projector.register_forward_hook(post_hook)
+            undo.append(h.remove)
+            return
 
         def pre_hook(module, args, kwargs):
             x = args[0] if args else kwargs["image_features"]
@@ -287,7 +301,7 @@ class LlavaAdapter(PlaceholderAdapter):
             self._install_fusion(fusion, prefix, undo)
         self._install_method_projector(reducer, prefix, undo)
 
-    def prepare(self, call, default_side, t0=None):
+    def _prepare_llava(self, call, default_side, t0=None):
         if getattr(self, "_fusion", None) is not None and call.get("input_ids") is None and self.has_pixels(call):
             raise IncompatibleError(f"{self.method.name}'s LLM-input fusion reads the image and answer columns from "
                                     "input_ids; pass input_ids instead of inputs_embeds")
@@ -369,7 +383,9 @@ class LlavaAdapter(PlaceholderAdapter):
             if groups_fn is not None and self.handle.record_kept:
                 idx, y, groups = groups_fn(x[:, prefix:], plan)
             else:
-                (idx, y), groups = select(reducer, x[:, prefix:], plan), None
+                (idx, y), groups = select(reducer, x[:, prefix:], plan, **self._side_for(x.shape[0])), None
+            if getattr(self, "_orig_positions", None):   # positions="original": this call's map is waiting
+                self._orig_positions["idx"] = idx
             self.handle._record_kept("merge" if groups is not None else "select", (h, w), x.shape[0], idx, groups)
         else:
             y = reducer.reduce(x[:, prefix:], plan)
@@ -380,6 +396,179 @@ class LlavaAdapter(PlaceholderAdapter):
         for _ in range(x.shape[0]):
             self.handle._record_image(n_tok, y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
         return y
+
+    # -- side inputs of pre-LLM reducers (cls_attention, text_embeds) and original position ids ---------------------
+    def _install_side_inputs(self, reducer, undo):
+        """Hooks for the side inputs ``reducer`` needs or wants (refused at patch time when this model has none),
+        and the position-id hook of ``positions="original"``."""
+        want = tuple(getattr(reducer, "needs", ())) + tuple(getattr(reducer, "wants", ()))
+        self._side, self._side_text = {}, None
+        if "cls_attention" in want:
+            self._install_cls_attention(undo)
+        self._wants_text = "text_embeds" in want
+        if getattr(reducer, "positions", "contiguous") == "original":
+            self._install_original_positions(undo)
+
+    def _install_cls_attention(self, undo):
+        """cls_attention [n_images, h*w] fp32: the CLS query's attention over every key of the layer whose output
+        feeds the projector (config.vision_feature_layer), softmax over all keys, mean over heads, CLS / register
+        columns dropped; from forward hooks on that layer's q / k projections (the model keeps its attention
+        backend: no output_attentions, no eager)."""
+        from .hf_vit import attention_parts, encoder_layers
+
+        vc = self.model.config.vision_config
+        n_special = _n_special_tokens(vc)
+        if n_special == 0:
+            raise IncompatibleError(f"method {self.method.name!r} needs the vision tower's CLS attention; this "
+                                    f"{vc.model_type} tower has no CLS token. Use a method without it (e.g. 'dpp', "
+                                    "'dart', 'pool')")
+        layer = encoder_layers(self.model.model.vision_tower)[used_vision_layers(self.model) - 1]
+        attn = getattr(layer, "self_attn", None) or layer.attention
+        q_lin, k_lin, _, _, _, hd, scale = attention_parts(attn)
+        cap = {}
+
+        def on_k(module, args, out):
+            q = cap.pop("q", None)
+            if q is None:
+                return
+            t0 = time.perf_counter()
+            self._side["cls_attention"] = self._cls_row(q, out, hd, scale, n_special)
+            self.handle._add_seconds(time.perf_counter() - t0)
+
+        hooks = [q_lin.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
+                 k_lin.register_forward_hook(on_k)]
+        undo.extend(h.remove for h in hooks)
+        undo.append(lambda: self.__dict__.update(_side={}))
+
+    @staticmethod
+    def _cls_row(q, k, hd: int, scale: float, n_special: int) -> torch.Tensor:
+        """q, k [B, T, H*hd] -> [B, T - n_special]: the CLS query's softmax row over all keys, mean over heads,
+        the special columns dropped (fp32)."""
+        B, T = k.shape[:2]
+        qc = q[:, 0].reshape(B, -1, hd).float()                                       # [B, H, hd] the CLS query
+        kh = k.reshape(B, T, -1, hd).float()                                          # [B, T, H, hd]
+        p = torch.einsum("bhd,bthd->bht", qc, kh).mul(scale).softmax(-1).mean(1)      # [B, T]
+        return p[:, n_special:]
+
+    def _side_for(self, n_images: int) -> dict:
+        """The side inputs for one reduction of ``n_images`` images (what the reducer needs / wants)."""
+        side = {}
+        if "cls_attention" in self._side:
+            side["cls_attention"] = self._side.pop("cls_attention")
+        if getattr(self, "_wants_text", False) and self._side_text is not None:
+            texts = self._side_text
+            if len(texts) == n_images:
+                side["text_embeds"] = texts
+        return side
+
+    def prepare(self, call, default_side, t0=None):
+        orig = (call.get("input_ids"), call.get("attention_mask"), call.get("position_ids"))
+        call, rw = self._prepare_llava(call, default_side, t0)
+        self._call_side = default_side
+        if getattr(self, "_wants_text", False) and self.has_pixels(call):
+            t1 = time.perf_counter()
+            self._side_text = self._text_embeds(call)
+            self.handle._add_seconds(time.perf_counter() - t1)
+        if getattr(self, "_orig_positions", None) is not None:
+            if rw is not None and self.has_pixels(call):
+                self._orig_positions = self._position_map(orig, rw, call)
+            elif not self._in_generate:   # an unchanged call (nothing rewritten, or no image): its own positions
+                self._orig_positions = {}
+        return call, rw
+
+    def _text_embeds(self, call) -> list | None:
+        """Per image, the LLM input embeddings of its sample's real non-placeholder tokens [T, C_llm] (from
+        input_ids through the embedding table, or the caller's inputs_embeds rows)."""
+        ids, emb = call.get("input_ids"), call.get("inputs_embeds")
+        am = call.get("attention_mask")
+        if ids is None and emb is None:
+            return None
+        find = ids if ids is not None else self._placeholder_ids(emb)
+        real = torch.ones_like(find, dtype=torch.bool) if am is None or am.dim() != 2 else am.bool().to(find.device)
+        is_img = find == self.image_token_id()
+        pv = call["pixel_values"]
+        n_images = pv.shape[0] if pv.dim() == 4 else pv.shape[0] * pv.shape[1]
+        per_sample = is_img.sum(1).tolist()
+        total = sum(per_sample)
+        if not total or total % n_images:
+            return None
+        per_image = total // n_images
+        table = self.model.get_input_embeddings()
+        out = []
+        with torch.no_grad():
+            for b in range(find.shape[0]):
+                keep = real[b] & ~is_img[b]
+                t = table(ids[b][keep].to(table.weight.device)) if ids is not None else emb[b][keep.to(emb.device)]
+                out += [t] * (per_sample[b] // per_image)
+        return out if len(out) == n_images else None
+
+    # positions="original": the kept tokens' position ids are those the full grid gave them
+    def _install_original_positions(self, undo):
+        """A forward pre-hook on the LLM: at prefill, position_ids = each column's position in the caller's
+        full-length call (kept image tokens: their raster column in the full grid); at decode steps of generate(),
+        the same shift continues (generate counts positions from the shortened prompt)."""
+        lm = self.language_model()
+        self._orig_positions = {}
+
+        def lm_pre_hook(module, args, kwargs):
+            st = self._orig_positions
+            if not st:
+                return None
+            past = compat.get_cache(kwargs)
+            emb = kwargs.get("inputs_embeds")
+            if emb is None:
+                return None
+            S = emb.shape[1]
+            filled = past is not None and past.get_seq_length() > 0
+            pid = kwargs.get("position_ids")
+            if not filled:
+                if "idx" not in st:
+                    return None
+                new = self._original_position_ids(st, S, emb.device)
+                given = pid if pid is not None else torch.arange(S, device=emb.device).expand(emb.shape[0], -1)
+                st["shift"] = new[:, -1:] - given[:, -1:].to(new.device)
+                return args, {**kwargs, "position_ids": new}
+            if not self._in_generate or "shift" not in st:
+                return None
+            if pid is None:
+                start = past.get_seq_length()
+                pid = torch.arange(start, start + S, device=emb.device).expand(emb.shape[0], -1)
+            return args, {**kwargs, "position_ids": pid + st["shift"].to(pid.device)}
+
+        h = lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
+        undo.append(h.remove)
+        undo.append(lambda: self.__dict__.update(_orig_positions=None))
+
+    def _position_map(self, orig, rw, call) -> dict:
+        """What the LLM pre-hook needs to give each column of the shortened call its original position."""
+        ids0, am0, pid0 = orig
+        B, S0 = rw.kept_positions.shape[0], rw.orig_len
+        dev = rw.kept_positions.device
+        if pid0 is not None:
+            full = pid0.to(dev)
+        elif getattr(self, "_call_side", "right") == "left" and am0 is not None and am0.dim() == 2:
+            full = (am0.long().cumsum(-1) - 1).masked_fill(am0 == 0, 0).to(dev)   # what generate() would pass
+        else:
+            full = torch.arange(S0, device=dev).expand(B, -1)
+        ids = rw.tensors["input_ids"]
+        return {"full": full, "kept": rw.kept_positions, "img": (ids == self.image_token_id()).to(dev),
+                "prefix": _prefix(self.model)}
+
+    def _original_position_ids(self, st, S, device) -> torch.Tensor:
+        """[B, S] position ids of the shortened call's columns in the caller's full call."""
+        kept, img, full, idx, pre = st["kept"], st["img"], st["full"], st["idx"], st["prefix"]
+        B = kept.shape[0]
+        col = kept.clone()
+        cols = img.nonzero()                                   # (row, column) of every kept placeholder, in order
+        k = idx.shape[1] + pre
+        if cols.shape[0] != idx.shape[0] * k:
+            raise IncompatibleError("positions='original': the image placeholders do not match the reduced images")
+        run_start = kept[cols[::k, 0], cols[::k, 1]]           # the caller's column of each image's first placeholder
+        offs = torch.cat([torch.arange(pre, device=idx.device).expand(idx.shape[0], -1), pre + idx], 1)
+        col[cols[:, 0], cols[:, 1]] = (run_start[:, None].to(idx.device) + offs).flatten().to(col.device)
+        pos = full.gather(1, col.clamp(min=0))
+        pos = torch.where(col >= 0, pos, torch.ones_like(pos))   # added pads (masked out)
+        return pos[:, -S:].to(device)
 
     def _install_method_projector(self, reducer, prefix, undo):
         """A reducer with a trained ``projector`` (e.g. tokenshuffle's) replaces the model's projector: its

@@ -20,6 +20,8 @@ from .llava_onevision import FrameVideos
 class VideoLlavaAdapter(FrameVideos, LlavaAdapter):
     family = "video_llava"
     stages = ("pre_llm", "in_llm", "decode")
+    side_inputs = ()   # (LLaVA-1.5's cls_attention / text_embeds are not wired through the frame path)
+    original_positions = False
     runs_method_projector = False
     runs_input_fusion = False
     not_applicable = {

@@ -198,7 +198,7 @@ def test_threads_get_their_serial_results(model, method, kw):
 MISSING = "/nonexistent/vltok-checkpoint.safetensors"
 BAD = {
     "pool": {"rounding": ["up", 1]},
-    "random": {"seed": ["abc", 1.5, -1, True]},
+    "random": {"seed": ["abc", 1.5, -1, True], "positions": ["raster", 1]},
     "fourier": {"r": ["10", 0, (0, 2), (2,), 1.5, (100, "a")], "gain": [123, "loud"], "rounding": ["x"],
                 "impl": ["cuda"], "precise": ["yes", 1]},
     "tome": {"order": ["zigzag"], "prop_attn": ["no"], "schedule": ["early"]},
@@ -215,6 +215,10 @@ BAD = {
                  "key_rate": [1.0, -0.1], "pruning_layers": [(-1,), "2", ()], "thr": [(0.001,), (0, 0.1)],
                  "window": [1, "3"], "window_thr": ["0.8", None], "vision_windows": [-1, 1.5], "vision_guard": ["yes"],
                  "prop_attn": [0]},
+    "visionzip": {"contextual_share": [1.0, -0.1, "0.2"], "merge": ["sum"], "order": ["x"]},
+    "dart": {"pivots": [0, "4", 1.5], "text_pivots": [-1, "4"], "positions": ["x", True]},
+    "dart_llm": {"K": [0, "2", 2.0], "pivots": [0, "8"], "keep_mode": ["x"]},
+    "dpp": {"condition": ["always", None], "negate": ["yes", 1], "positions": ["x"]},
 }
 CASES = [(m, k, v) for m, opts in BAD.items() for k, vals in opts.items() for v in vals]
 

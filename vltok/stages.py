@@ -84,19 +84,20 @@ def selection_plan(h: int, w: int, keep: float) -> GridPlan:
     return GridPlan(h, w, kept_count(h * w, keep), None)
 
 
-def selected_indices(reducer, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
-    """For selection reducers (``plan.grid is None``): the kept raster indices, [B, k] ascending."""
+def selected_indices(reducer, x: torch.Tensor, plan: GridPlan, **side) -> torch.Tensor:
+    """For selection reducers (``plan.grid is None``): the kept raster indices, [B, k] ascending. ``side``: the
+    side inputs the adapter supplies for the reducer's ``needs`` / ``wants`` (passed only when there are any)."""
     if not hasattr(reducer, "indices"):
         raise TypeError(f"{type(reducer).__name__} selects tokens but has no indices(x, plan) method")
-    return reducer.indices(x, plan)
+    return reducer.indices(x, plan, **side)
 
 
-def select(reducer, x: torch.Tensor, plan: GridPlan) -> tuple[torch.Tensor, torch.Tensor]:
+def select(reducer, x: torch.Tensor, plan: GridPlan, **side) -> tuple[torch.Tensor, torch.Tensor]:
     """For selection reducers: (kept raster indices [B, k] ascending, the rows that stand there [B, k, C]).
 
     A reducer with ``select(x, plan)`` gives both (a merging reducer's rows are group means, not copies of x);
-    otherwise the rows are x gathered at ``indices``."""
+    otherwise the rows are x gathered at ``indices``. ``side``: side inputs (``cls_attention``, ``text_embeds``)."""
     if hasattr(reducer, "select"):
-        return reducer.select(x, plan)
-    idx = selected_indices(reducer, x, plan)
+        return reducer.select(x, plan, **side)
+    idx = selected_indices(reducer, x, plan, **side)
     return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]).to(x.device))

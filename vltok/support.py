@@ -48,6 +48,10 @@ def _post_fallback(adapter_cls, method):
     return dataclasses.replace(method, vision=None, pre_llm=post, params={"schedule": "post"})
 
 
+SIDE_INPUTS = {"cls_attention": "the vision tower's CLS-token attention; towers without CLS (SigLIP, Qwen's) have none",
+               "text_embeds": "the LLM input embeddings of the prompt's text"}
+
+
 def incompatibility(adapter_cls, method) -> str | None:
     """None when an adapter can run a method (a built ``Method``, or just its stages), else the reason, from the
     adapter's code: a stage it does not provide (unless the method marks that stage optional)."""
@@ -59,6 +63,16 @@ def incompatibility(adapter_cls, method) -> str | None:
         return (f"reduces across video frames (a temporal method); vltok's {adapter_cls.family} adapter has no video "
                 "input, and images pass through a temporal method unchanged")
     if not missing:
+        lacking = [n for n in getattr(getattr(method, "pre_llm", None), "needs", ())
+                   if n not in getattr(adapter_cls, "side_inputs", ())]
+        if lacking:   # the side-input contract (vltok/stages.py): an adapter supplies what its family has
+            return (f"needs {', '.join(lacking)} ({'; '.join(SIDE_INPUTS.get(n, n) for n in lacking)}), which vltok's "
+                    f"{adapter_cls.family} adapter does not supply (it supplies: "
+                    f"{', '.join(getattr(adapter_cls, 'side_inputs', ())) or 'none'})")
+        if getattr(getattr(method, "pre_llm", None), "positions", "contiguous") == "original" and \
+                not getattr(adapter_cls, "original_positions", False):
+            return (f"with positions='original' keeps the full grid's position ids, which vltok's "
+                    f"{adapter_cls.family} adapter does not do (LLaVA-1.5 only); use positions='contiguous'")
         if getattr(getattr(method, "pre_llm", None), "projector", None) is not None and \
                 not getattr(adapter_cls, "runs_method_projector", False):
             return (f"brings a trained projector, which vltok's {adapter_cls.family} adapter cannot run in place of "
@@ -93,6 +107,10 @@ def limitations(adapter_cls, method) -> str | None:
         why = "; ".join(refused[s] for s in parts if s in adapter_cls.stages and s in refused)
         out.append(f"stage(s) {', '.join(parts)} not applicable ("
                    + (why or f"vltok's {adapter_cls.family} adapter has none") + ")")
+    unused = [n for n in getattr(getattr(method, "pre_llm", None), "wants", ())
+              if n not in getattr(adapter_cls, "side_inputs", ())]
+    if unused:
+        out.append(f"runs without {', '.join(unused)} (the adapter does not supply it: no text conditioning)")
     if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
         out.append("key set not applicable: no vision-side CLS score (runs as key_rate=0)")
     if not out:

@@ -5,3 +5,4 @@ from . import llavamini, tokenshuffle  # noqa: F401
 from . import fastv, feather  # noqa: F401
 from . import mustdrop  # noqa: F401
 from . import temporal  # noqa: F401
+from . import dart, dpp, visionzip  # noqa: F401

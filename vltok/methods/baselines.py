@@ -50,8 +50,8 @@ class PoolReducer:
 
 
 class RandomReducer:
-    def __init__(self, keep: float, seed: int):
-        self.keep, self.seed = keep, seed
+    def __init__(self, keep: float, seed: int, positions: str = "contiguous"):
+        self.keep, self.seed, self.positions = keep, seed, positions
 
     def plan(self, h, w):
         return selection_plan(h, w, self.keep)
@@ -73,6 +73,7 @@ def make_pool(keep: float, rounding: str = "nearest") -> Method:
 
 
 @register("random", "Seeded random subset of round(keep*N) tokens per grid, raster order kept; baseline",
-          ("pre_llm",), options=dict(seed=integer(0)))
-def make_random(keep: float, seed: int = 0) -> Method:
-    return Method("random", keep, dict(seed=seed), pre_llm=RandomReducer(keep, int(seed)))
+          ("pre_llm",), options=dict(seed=integer(0), positions=choice("contiguous", "original")))
+def make_random(keep: float, seed: int = 0, positions: str = "contiguous") -> Method:
+    """``positions="original"`` (LLaVA-1.5): the kept tokens keep the position ids the full grid gave them."""
+    return Method("random", keep, dict(seed=seed, positions=positions), pre_llm=RandomReducer(keep, int(seed), positions))
