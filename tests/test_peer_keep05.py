@@ -58,3 +58,43 @@ def test_llava_next_with_masked_placeholders_runs_reduced():
     assert st["tokens_out"] < st["tokens_in"]
     assert out.shape[0] == 2 and out.shape[1] < ref.shape[1]
     assert torch.isfinite(out[1]).all()
+
+
+# -- continuing generate() from the cache it returned (test_generate_continue_from_past_key_values) -------------
+# The returned cache holds the shortened prompt, the returned sequences the caller's: continuing with both fed
+# transformers a sequence longer than the cache, which re-read the tail of the prompt (a silently wrong cache).
+PROMPTS = [[1, 5, -1, 7, 8, 9], [1, 11, 12, 13, 14, -1, 15, 16, 17, 18]]
+GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=-1, return_dict_in_generate=True, output_scores=True)
+
+
+def _continue(m, inp, out, n):
+    am = inp["attention_mask"]
+    am = torch.cat([am, am.new_ones(am.shape[0], out.sequences.shape[1] - am.shape[1])], 1)
+    return m.generate(input_ids=out.sequences, attention_mask=am, past_key_values=out.past_key_values,
+                      max_new_tokens=n, **GEN)
+
+
+@pytest.mark.parametrize("method", ["fourier", "pool"])
+def test_generate_continues_from_its_own_cache(method):
+    from tiny import llava_inputs, tiny_llava
+
+    m = tiny_llava()
+    inp = llava_inputs(m, PROMPTS)
+    with vltok.patched(m, method, keep=0.25):
+        full = m.generate(**inp, max_new_tokens=5, **GEN)
+        first = m.generate(**inp, max_new_tokens=3, **GEN)
+        short_len = first.past_key_values.get_seq_length()
+        assert short_len < first.sequences.shape[1] - 1   # the cache holds the shortened prompt
+        second = _continue(m, inp, first, 2)
+        assert second.past_key_values.get_seq_length() == full.past_key_values.get_seq_length()
+        for la, lb in zip(full.past_key_values.layers, second.past_key_values.layers):
+            torch.testing.assert_close(la.keys, lb.keys, rtol=1e-5, atol=1e-5)
+        n = second.sequences.shape[1]
+        third = _continue(m, inp, second, 1)   # a second continuation (the cache is remembered again)
+        with pytest.raises(vltok.VltokError, match="filled by a vltok-patched generate"):
+            m.generate(input_ids=first.sequences[:, 1:], past_key_values=second.past_key_values, max_new_tokens=1,
+                       **GEN)
+    assert torch.equal(second.sequences, full.sequences)   # the caller's prompt in front, the same tokens
+    for a, b in zip(full.scores, first.scores + second.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert third.sequences.shape[1] == n + 1 and torch.equal(third.sequences[:, :n], full.sequences)
