@@ -98,3 +98,28 @@ def test_generate_continues_from_its_own_cache(method):
     for a, b in zip(full.scores, first.scores + second.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert third.sequences.shape[1] == n + 1 and torch.equal(third.sequences[:, :n], full.sequences)
+
+
+# -- static cache at keep < 1 (test_generate_with_static_cache / ..._from_inputs_embeds_with_static_cache) -------
+# Those tests stop at their first check, the cache length (by design: the shortened prompt), before comparing the
+# static-cache tokens with the dynamic-cache ones; this checks the comparison they would make, and the length.
+@pytest.mark.parametrize("embeds", [False, True])
+def test_static_cache_matches_dynamic_at_keep05(embeds):
+    from tiny import llava_inputs, tiny_llava
+
+    m = tiny_llava()
+    inp = llava_inputs(m, PROMPTS)
+    if embeds:
+        with torch.no_grad():
+            inp["inputs_embeds"] = m.get_input_embeddings()(inp.pop("input_ids"))
+    n_new = 6
+    with vltok.patched(m, "fourier", keep=0.5) as h:
+        dyn = m.generate(**inp, max_new_tokens=n_new, **GEN)
+        sta = m.generate(**inp, max_new_tokens=n_new, cache_implementation="static", **GEN)
+        short = h.stats["seq_len_out"]
+    assert short < h.stats["seq_len_in"]
+    assert torch.equal(sta.sequences, dyn.sequences)
+    for a, b in zip(dyn.scores, sta.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the static cache is sized for the shortened prompt + the new tokens (the peer test expects the caller's length)
+    assert sta.past_key_values.layers[0].keys.shape[2] == short + n_new - 1
