@@ -123,3 +123,16 @@ def test_static_cache_matches_dynamic_at_keep05(embeds):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the static cache is sized for the shortened prompt + the new tokens (the peer test expects the caller's length)
     assert sta.past_key_values.layers[0].keys.shape[2] == short + n_new - 1
+
+
+# -- the model's mismatch phrase under an in-LLM method (test_mismatching_num_image_tokens under fastv) ---------
+def test_inllm_placeholder_mismatch_keeps_the_models_phrase():
+    from tiny import llava_inputs, tiny_llava
+
+    m = tiny_llava()
+    inp = llava_inputs(m, PROMPTS)
+    inp["pixel_values"] = inp["pixel_values"][-1:]   # one image fewer than placeholder runs
+    with vltok.patched(m, "fastv", keep=0.5, K=1, keep_mode="final"):
+        with pytest.raises(ValueError, match="^Image features and image tokens do not match") as e:
+            m(**inp)
+    assert isinstance(e.value, vltok.VltokError)
