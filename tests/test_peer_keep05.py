@@ -136,3 +136,30 @@ def test_inllm_placeholder_mismatch_keeps_the_models_phrase():
         with pytest.raises(ValueError, match="^Image features and image tokens do not match") as e:
             m(**inp)
     assert isinstance(e.value, vltok.VltokError)
+
+
+# -- the expected-failures list (tools/peer) ---------------------------------------------------------------------
+def test_expected_failures_need_test_config_family_and_message_to_match():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "peer"))
+    import summary
+
+    exp = summary.load_expected()
+    shape = "AssertionError: Lists differ: [4, 16, 16] != [4, 23, 23]"
+    assert summary.classify(exp, "fourier05", "llava", "test_attention_outputs", shape) == "shorter-sequence"
+    assert summary.classify(exp, "pool1", "llava", "test_attention_outputs", shape) is None   # keep=1.0: none
+    crash = "ValueError: Image features and image tokens do not match, tokens: 6, features: 9"
+    assert summary.classify(exp, "fourier05", "llava_next", "test_attention_outputs", crash) is None
+    layers = ("AssertionError: Lists differ: [torch.Size([2, 4, 23, 23]), torch.Size([2, 4, 15, 15])] != "
+              "[(2, 4, 23, 23), (2, 4, 23, 23)]")
+    assert summary.classify(exp, "fastv05", "llava", "test_greedy_generate_dict_outputs", layers) == \
+        "in-llm-per-layer-lengths"
+    refused = "vltok.errors.IncompatibleError: fastv prunes tokens inside the LLM, so the logits cover fewer " \
+              "positions than the labels; loss / training is not supported"
+    assert summary.classify(exp, "fastv05", "llava", "test_training", refused) == "in-llm-labels-refused"
+    assert summary.classify(exp, "fourier05", "llava", "test_training", refused) is None
+    assert summary.classify(exp, "pool1", "llava_onevision", "test_get_video_features_output_0", "TypeError: x") \
+        == "baseline"
+    assert summary.classify(exp, "pool1", "llava", "test_get_video_features_output_0", "TypeError: x") is None
