@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PEER_DIR = Path(os.environ.get("PEER_DIR", ROOT.parent / "shared" / "peer"))
+# PEER_DIR, else ../shared/peer from the checkout (the Makefile's default), else from a worktree one level deeper
+_CANDIDATES = [Path(os.environ["PEER_DIR"])] if os.environ.get("PEER_DIR") else [
+    ROOT.parent / "shared" / "peer", ROOT.parent.parent / "shared" / "peer"]
+PEER_DIR = next((p for p in _CANDIDATES if (p / "run.sh").exists()), _CANDIDATES[0])
 
 pytestmark = pytest.mark.slow
 
