@@ -14,6 +14,8 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
+from vltok import compat
+from vltok.prompt_cache import PromptCaches
 from vltok.rewrite import restore_prompt, shrink_runs
 
 PER_TOKEN = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
@@ -55,6 +57,7 @@ class PlaceholderAdapter:
     def __init__(self, model, method, handle):
         self.model, self.method, self.handle = model, method, handle
         self._in_generate = False
+        self.prompt_caches = PromptCaches()   # caches filled from a shortened prompt (generate() continues them)
         self.engine = None   # vltok.inllm.InLLMEngine when the method has an in-LLM stage
 
     # -- family-specific -------------------------------------------------------------------------------------
@@ -144,23 +147,38 @@ class PlaceholderAdapter:
             original_ids = call.get("input_ids")
             self._check_generate_mode(call)
             call, rw = self.prepare(call, default_side="left", t0=t0)
-            if rw is not None:
-                self._shift_lengths(call, rw.orig_len - rw.new_len)
+            new_len = None if rw is None else rw.new_len
+            if rw is None and not self.has_pixels(call):   # continuing from a cache vltok filled (prompt_cache.py)
+                call, shrink = self.prompt_caches.resume(call, compat.get_cache(call))
+                if shrink:
+                    new_len = original_ids.shape[1] - shrink
+            if new_len is not None and original_ids is not None:
+                self._shift_lengths(call, original_ids.shape[1] - new_len)
             self._in_generate = True
             try:
                 out = gen(**call)
             finally:
                 self._in_generate = False
-            if rw is None:
+            if new_len is None:
                 return out
             if original_ids is None:   # from inputs_embeds only: the output holds the new tokens only
                 return out
             seq = out if isinstance(out, torch.Tensor) else out.sequences
             if seq.shape[0] != original_ids.shape[0]:   # num_return_sequences: rows repeated per sample, in order
                 original_ids = original_ids.repeat_interleave(seq.shape[0] // original_ids.shape[0], dim=0)
+            cache = getattr(out, "past_key_values", None)
+            cache = compat.get_cache(call) if cache is None else cache
+            gc = call.get("generation_config") or getattr(self.model, "generation_config", None)
+            beams = call.get("num_beams") or getattr(gc, "num_beams", 1) or 1   # (a beam cache's rows are beams)
+            if cache is not None and beams == 1 and seq.shape[0] == original_ids.shape[0]:
+                am = call.get("attention_mask")
+                am = am[:, :new_len] if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+                if am is not None and am.shape[0] != seq.shape[0]:
+                    am = am.repeat_interleave(seq.shape[0] // am.shape[0], dim=0)
+                self.prompt_caches.remember(cache, original_ids, seq[:, :new_len], am)
             if isinstance(out, torch.Tensor):
-                return restore_prompt(out, original_ids, rw.new_len)
-            out.sequences = restore_prompt(out.sequences, original_ids, rw.new_len)
+                return restore_prompt(out, original_ids, new_len)
+            out.sequences = restore_prompt(out.sequences, original_ids, new_len)
             return out
 
         set_instance_attr(model, "forward", forward, undo)

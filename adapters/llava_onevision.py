@@ -132,7 +132,7 @@ class FrameVideos:
             return per_sample
         (h, w), pre, extra, frames = self.frame_grid(), self.frame_prefix, self.video_extra, pv.shape[1]
         runs = split_runs(call["input_ids"], self.model.config.video_token_id,
-                          [frames * (pre + h * w) + extra] * pv.shape[0])
+                          [frames * (pre + h * w) + extra] * pv.shape[0], kind="video")
         out = []
         for imgs, row in zip(per_sample, runs):
             imgs, nxt = list(imgs), max((im.image for im in imgs), default=-1) + 1

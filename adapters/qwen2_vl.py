@@ -117,7 +117,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
             if call.get(grid_key) is None:
                 continue
             frames = self._frames(call[grid_key])
-            runs = split_runs(call["input_ids"], token_id, [t * h * w for t, h, w in frames])
+            runs = split_runs(call["input_ids"], token_id, [t * h * w for t, h, w in frames], kind=kind)
             it = iter(frames)
             for b, row in enumerate(runs):
                 for r in row:

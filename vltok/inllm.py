@@ -981,28 +981,34 @@ def _check_cache(cache, name):
             "cache (no cache_implementation='static', no StaticCache / sliding-window / quantized cache)")
 
 
-def split_runs(input_ids: torch.Tensor, token_id: int, counts: list[int]) -> list[list[torch.Tensor]]:
+def split_runs(input_ids: torch.Tensor, token_id: int, counts: list[int],
+               kind: str = "image") -> list[list[torch.Tensor]]:
     """Per sample, the columns of each item's placeholder run: item j owns the next ``counts[j]`` columns holding
     ``token_id`` in row-major order (the order models splice features in). The columns are host tensors: the ids
-    are read back once (one copy instead of a ``nonzero`` sync per sample); the engine moves them in one copy."""
+    are read back once (one copy instead of a ``nonzero`` sync per sample); the engine moves them in one copy.
+    A count mismatch raises IncompatibleError starting with the model's own phrase for it ("Image features and
+    image tokens do not match", ``kind`` "video": "Video ..."), so code that catches the model's error keeps working
+    (peer suite: test_mismatching_num_image_tokens under fastv)."""
+    phrase = f"{kind.capitalize()} features and {kind} tokens do not match: "
     out, j = [], 0
     for row in input_ids.cpu():
         pos = (row == token_id).nonzero().flatten()
         runs, used = [], 0
         while used < pos.numel():
             if j >= len(counts):
-                raise IncompatibleError(f"more placeholder tokens (id {token_id}) than images: check that the "
-                                        "pixel values hold one entry per image")
+                raise IncompatibleError(f"{phrase}more placeholder tokens (id {token_id}) than {kind}s: check "
+                                        f"that the pixel values hold one entry per {kind}")
             run = pos[used:used + counts[j]]
             if run.numel() != counts[j]:
-                raise IncompatibleError(f"an image has {run.numel()} placeholder tokens, expected {counts[j]}; pass "
-                                        "the processor's unmodified input_ids")
+                raise IncompatibleError(f"{phrase}one {kind} has {run.numel()} placeholder tokens, expected "
+                                        f"{counts[j]}; pass the processor's unmodified input_ids")
             runs.append(run)
             used += counts[j]
             j += 1
         out.append(runs)
     if j != len(counts):
-        raise IncompatibleError(f"{len(counts)} images but {j} placeholder runs (id {token_id}) in input_ids")
+        raise IncompatibleError(f"{phrase}{len(counts)} {kind}s but {j} placeholder runs (id {token_id}) in "
+                                "input_ids")
     return out
 
 

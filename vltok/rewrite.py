@@ -78,8 +78,11 @@ def _upload(arrays: dict[str, tuple[np.ndarray, torch.dtype, torch.device]]) -> 
 
 
 def _plan(ids: np.ndarray, am: np.ndarray | None, token_id: int, native: list[int], new: list[int],
-          side: str, kind: str = "image") -> np.ndarray | None:
-    """On host arrays: [B, L_new] original column of each new column (-1: added pad), or None (nothing to do)."""
+          side: str, kind: str = "image", *, placeholder_ids: tuple[int, ...] = ()) -> np.ndarray | None:
+    """On host arrays: [B, L_new] original column of each new column (-1: added pad), or None (nothing to do).
+    ``placeholder_ids``: every placeholder kind's token id (this one is always included); a kept placeholder is
+    never trimmed as padding, even under a zero attention mask (the model fills every placeholder whatever the
+    mask says, so dropping one would leave it more features than tokens)."""
     if len(native) != len(new):
         raise ValueError("native and new must list one count per image")
     is_ph = ids == token_id
@@ -119,7 +122,9 @@ def _plan(ids: np.ndarray, am: np.ndarray | None, token_id: int, native: list[in
     # drop the caller's padding on the padding side too (re-padded below to the new batch maximum, so a row that
     # shrank less does not leave the others with surplus padding); nothing to drop without padding
     if am is not None and not am.all():
-        real = keep & (am != 0)
+        # (peer suite: transformers' test models mask placeholder columns at random; the unpatched model still
+        # splices a feature into each, so the padding ends here are outside the outermost real-or-placeholder token)
+        real = keep & ((am != 0) | np.isin(ids, (token_id, *placeholder_ids)))
         has_real = real.any(1)
         pos = np.arange(L)
         if side == "left":
@@ -167,8 +172,9 @@ def shrink_runs(input_ids: torch.Tensor, runs: list[tuple[int, list[int], list[i
         am_h = np.ones((B, L), dtype=np.int64)
     cols, steps = None, 0
     rows = np.arange(B, dtype=np.int64)[:, None]
+    all_ids = tuple(r[0] for r in runs)
     for token_id, native, new, *kind in runs:   # (an optional 4th item names the kind: "image", "video")
-        step = _plan(ids_h, am_h, token_id, native, new, side, *kind)
+        step = _plan(ids_h, am_h, token_id, native, new, side, *kind, placeholder_ids=all_ids)
         if step is None:
             continue
         pads = step < 0
