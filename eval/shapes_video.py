@@ -10,13 +10,19 @@
 * :func:`train_sample` draws training items from the ``train`` split (never ``test``); :func:`load_clip` gives a
   record's frames (decoded mp4, or re-rendered from ``scene``); :func:`sample_indices` picks k frames uniformly.
 
-Temporal types (``TEMPORAL``): ``order`` (which appeared first), ``direction`` (which way it moves),
-``count_events`` (how many times it appears), ``appear`` (appears or disappears), ``state`` (its colour at the start
-or at the end), ``duration`` (which stayed longer). Single-frame types (``SINGLE``), about objects present and still
-the whole clip: ``color``, ``shape``, ``count``. Each scene has distinct shapes and distinct colours, so every
-name is unique. Test items cycle over (type, answer) so answers are balanced; the scenes are built so that the
-middle frame alone does not give the temporal answers away (e.g. both objects of ``order`` / ``duration`` are
-visible in the middle; ``appear`` / ``disappear`` switch at a time drawn from the same range).
+Temporal types (``TEMPORAL``), about shapes: ``order`` (which appeared first), ``direction`` (which way it
+moves), ``count_events`` (how many times it appears), ``appear`` (appears or disappears), ``state`` (its colour at
+the start or at the end: it changes colour twice, the middle frame shows the middle colour), ``duration`` (which
+stayed longer); about text items (words of ``WORDS`` drawn with a built-in 5 x 7 block font, :data:`GLYPHS`, so no
+font file and the same pixels with any Pillow): ``word_order`` (which word appeared first; both drift),
+``word_state`` (the word at the start or the end of a sign that changes twice), ``word_flash`` (the word shown
+only for a moment, entirely before or after the middle, next to a word shown the whole clip), ``word_count`` (how
+many different words one sign shows, one after the other, the first possibly coming back). Single-frame types
+(``SINGLE``), about things present and still the whole clip: ``color``, ``shape``, ``count``, ``word``. Each scene
+has distinct shapes, colours and words, so every name is unique. Test items cycle over (type, answer) so answers
+are balanced; the scenes are built so that the middle frame alone does not give the temporal answers away, checked
+without a model by :func:`single_frame_baseline` (the best held-out guess from each cue the middle frame shows).
+Records carry ``version`` (:data:`VERSION`; 2 since the text types and the two-change ``state``).
 """
 from __future__ import annotations
 
@@ -612,7 +618,7 @@ def have_av() -> bool:
     return importlib.util.find_spec("av") is not None
 
 
-def generate(out_dir: str | Path, n: int = 900, seed: int = 0, split: str = "test", progress: bool = False,
+def generate(out_dir: str | Path, n: int = 840, seed: int = 0, split: str = "test", progress: bool = False,
              force: bool = False, write_videos: bool = True) -> Path:
     """Write ``n`` balanced questions (one clip each) as ``videos/*.mp4`` + ``questions.jsonl``.
 
@@ -785,7 +791,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("shapes-video", help="write the shapes-video benchmark (videos/ + questions.jsonl)",
                               description="Generate the balanced shapes-video test split (fixed seeds) into DIR.")
     p.add_argument("dir")
-    p.add_argument("--n", type=int, default=900, help="number of questions (balanced over 9 types and answers)")
+    p.add_argument("--n", type=int, default=840, help="number of questions (balanced over the 14 types and answers)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the split")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset in DIR")
