@@ -180,3 +180,13 @@ def test_single_frame_cues_near_chance_large():
     res = S.single_frame_baseline(n_train=2000, n_test=400)
     _check_baseline(res)
     assert max(r["acc"] - r["chance"] for t, r in res.items() if t in S.TEMPORAL) < 0.08
+
+
+def test_single_frame_verdict_names_the_leaking_types():
+    from vltok.eval.train_reference_video import single_frame_verdict
+
+    sc = {"by_type": {"order": {"acc": 0.65, "n": 40}, "state": {"acc": 0.30, "n": 40}, "color": {"acc": 1.0, "n": 40}}}
+    line = single_frame_verdict(sc)   # state: 30 % > 10 + 15; order: 65 % within 50 + 2.5 x 7.9; color: single-frame
+    assert line.startswith("Single-frame check: FAILS on state 30 %") and "order" not in line and "color" not in line
+    sc["by_type"]["state"]["acc"] = 0.2
+    assert single_frame_verdict(sc).startswith("Single-frame check: every temporal type within")
