@@ -175,8 +175,11 @@ def markdown(doc: dict) -> str:
     lines += ["## Methods x keep (%d frames)" % doc["frames"], "", "| " + " | ".join(head) + " |", sep]
     lines += ["| " + " | ".join(_row(r, types)) + " |" for r in doc["runs"]]
     if doc.get("single_frame"):
+        from .train_reference_video import single_frame_verdict
+
         lines += ["", "## One frame (the middle one) instead of the clip", "", "| " + " | ".join(head) + " |", sep,
-                  "| " + " | ".join(_row(doc["single_frame"], types)) + " |"]
+                  "| " + " | ".join(_row(doc["single_frame"], types)) + " |", "",
+                  single_frame_verdict(doc["single_frame"]["score"])]
     if doc.get("tradeoff"):
         lines += ["", "## Frames x tokens per frame at equal visual-token budget", "",
                   "| " + " | ".join(head) + " |", sep]
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="shapes-video folder (generated when absent)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--n", type=int, default=360, help="questions when DATA is generated (balanced over 9 types)")
+    ap.add_argument("--n", type=int, default=420, help="questions when DATA is generated (balanced over the 14 types)")
     ap.add_argument("--limit", type=int, default=None, help="use the first N questions of DATA")
     ap.add_argument("--frames", type=int, default=RV.NUM_FRAMES)
     ap.add_argument("--methods", default=None, help="comma list (default: every method that runs on the family)")

@@ -10,13 +10,19 @@
 * :func:`train_sample` draws training items from the ``train`` split (never ``test``); :func:`load_clip` gives a
   record's frames (decoded mp4, or re-rendered from ``scene``); :func:`sample_indices` picks k frames uniformly.
 
-Temporal types (``TEMPORAL``): ``order`` (which appeared first), ``direction`` (which way it moves),
-``count_events`` (how many times it appears), ``appear`` (appears or disappears), ``state`` (its colour at the start
-or at the end), ``duration`` (which stayed longer). Single-frame types (``SINGLE``), about objects present and still
-the whole clip: ``color``, ``shape``, ``count``. Each scene has distinct shapes and distinct colours, so every
-name is unique. Test items cycle over (type, answer) so answers are balanced; the scenes are built so that the
-middle frame alone does not give the temporal answers away (e.g. both objects of ``order`` / ``duration`` are
-visible in the middle; ``appear`` / ``disappear`` switch at a time drawn from the same range).
+Temporal types (``TEMPORAL``), about shapes: ``order`` (which appeared first), ``direction`` (which way it
+moves), ``count_events`` (how many times it appears), ``appear`` (appears or disappears), ``state`` (its colour at
+the start or at the end: it changes colour twice, the middle frame shows the middle colour), ``duration`` (which
+stayed longer); about text items (words of ``WORDS`` drawn with a built-in 5 x 7 block font, :data:`GLYPHS`, so no
+font file and the same pixels with any Pillow): ``word_order`` (which word appeared first; both drift),
+``word_state`` (the word at the start or the end of a sign that changes twice), ``word_flash`` (the word shown
+only for a moment, entirely before or after the middle, next to a word shown the whole clip), ``word_count`` (how
+many different words one sign shows, one after the other, the first possibly coming back). Single-frame types
+(``SINGLE``), about things present and still the whole clip: ``color``, ``shape``, ``count``, ``word``. Each scene
+has distinct shapes, colours and words, so every name is unique. Test items cycle over (type, answer) so answers
+are balanced; the scenes are built so that the middle frame alone does not give the temporal answers away, checked
+without a model by :func:`single_frame_baseline` (the best held-out guess from each cue the middle frame shows).
+Records carry ``version`` (:data:`VERSION`; 2 since the text types and the two-change ``state``).
 """
 from __future__ import annotations
 
@@ -30,15 +36,21 @@ from . import shapes
 SIZE = 224
 FPS = 8
 MIN_FRAMES, MAX_FRAMES = 8, 64
-TEMPORAL = ("order", "direction", "count_events", "appear", "state", "duration")
-SINGLE = ("color", "shape", "count")
-TYPES = TEMPORAL + SINGLE
+VERSION = 2   # 2: text items and their types; `state` changes colour twice (the middle frame shows neither answer)
+SHAPE_TEMPORAL = ("order", "direction", "count_events", "appear", "state", "duration")
+WORD_TEMPORAL = ("word_order", "word_state", "word_flash", "word_count")
+TEMPORAL = SHAPE_TEMPORAL + WORD_TEMPORAL
+SINGLE = ("color", "shape", "count", "word")
+TYPES = SHAPE_TEMPORAL + ("color", "shape", "count") + WORD_TEMPORAL + ("word",)
 COLORS = shapes.COLORS
 SHAPE_NAMES = shapes.SHAPES
 DIRECTIONS = ("left", "right", "up", "down")
 OBJ_MIN, OBJ_MAX = 28, 44   # object size (px at SIZE)
 COUNT_MAX = 5
 EVENTS_MAX = 3
+WORDS = ("cat", "dog", "sun", "box", "key", "hat", "map", "pen")   # the text items' vocabulary (distinct initials)
+WORD_COUNT_MAX = 4
+INK = (15, 15, 15)   # text colour (not a palette colour)
 # the answers each type cycles over in the test split (balance); "first" / "second" = the first / second object
 # named in the question
 TARGETS = {
@@ -46,7 +58,33 @@ TARGETS = {
     "appear": ("appear", "disappear"), "state": tuple((c, w) for c in COLORS for w in ("start", "end")),
     "duration": ("first", "second"), "color": tuple(COLORS), "shape": SHAPE_NAMES,
     "count": tuple(str(k) for k in range(1, COUNT_MAX + 1)),
+    "word_order": ("first", "second"), "word_state": tuple((w, t) for w in WORDS for t in ("start", "end")),
+    "word_flash": WORDS, "word_count": tuple(str(k) for k in range(1, WORD_COUNT_MAX + 1)), "word": WORDS,
 }
+
+# A 5 x 7 bitmap font for the letters of WORDS (drawn as blocks of `scale` px: no font file, the same pixels with any
+# Pillow). '#' = ink.
+GLYPHS = {
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "B": ("####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."),
+    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
+    "D": ("###..", "#..#.", "#...#", "#...#", "#...#", "#..#.", "###.."),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
+    "N": ("#...#", "#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#"),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+    "Y": ("#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."),
+}
+GLYPH_W, GLYPH_H = 5, 7
+TEXT_SCALES = (4, 5)   # px per glyph cell at SIZE: a 3-letter word is 68-85 x 28-35 px
 
 
 class SceneError(ValueError):
@@ -75,14 +113,58 @@ def color_at(obj: dict, f: int) -> str:
     return c
 
 
+def is_text(obj: dict) -> bool:
+    return obj.get("kind") == "text"
+
+
+def word_at(obj: dict, f: int) -> str:
+    """The word a text item shows at frame f (its ``words``: [[first frame, word], ...])."""
+    w = obj["words"][0][1]
+    for start, word in obj["words"]:
+        if start <= f:
+            w = word
+    return w
+
+
+def text_extent(n_letters: int, scale: int) -> tuple[int, int]:
+    """(width, height) in px of a word of n letters (one blank cell column between letters)."""
+    return n_letters * GLYPH_W * scale + (n_letters - 1) * scale, GLYPH_H * scale
+
+
+def half_extent(obj: dict) -> tuple[float, float]:
+    if is_text(obj):
+        w, h = text_extent(max(len(w) for _, w in obj["words"]), obj["scale"])
+        return w / 2, h / 2
+    return obj["size"] / 2, obj["size"] / 2
+
+
 def box_at(obj: dict, f: int, n: int) -> tuple[float, float, float, float]:
     cx, cy = position(obj, f, n)
-    r = obj["size"] / 2
-    return cx - r, cy - r, cx + r, cy + r
+    rx, ry = half_extent(obj)
+    return cx - rx, cy - ry, cx + rx, cy + ry
 
 
 def name(obj: dict) -> str:
+    if is_text(obj):
+        return obj["words"][0][1]
     return f"{obj['color']} {obj['shape']}"
+
+
+def text_cells(word: str, x0: int, y0: int, scale: int):
+    """The ink blocks (x0, y0, x1, y1), inclusive px, of ``word`` drawn upper-case from top-left (x0, y0)."""
+    for k, ch in enumerate(word.upper()):
+        ox = x0 + k * (GLYPH_W + 1) * scale
+        for r, row in enumerate(GLYPHS[ch]):
+            for c, v in enumerate(row):
+                if v == "#":
+                    yield ox + c * scale, y0 + r * scale, ox + (c + 1) * scale - 1, y0 + (r + 1) * scale - 1
+
+
+def text_origin(obj: dict, f: int, n: int) -> tuple[int, int]:
+    """Top-left px of a text item's word at frame f (its centre minus half its extent, rounded)."""
+    cx, cy = position(obj, f, n)
+    w, h = text_extent(len(word_at(obj, f)), obj["scale"])
+    return int(round(cx - w / 2)), int(round(cy - h / 2))
 
 
 def render_frame(scene: dict, f: int):
@@ -94,6 +176,11 @@ def render_frame(scene: dict, f: int):
     draw = ImageDraw.Draw(img)
     for o in scene["objects"]:
         if not visible(o, f):
+            continue
+        if is_text(o):
+            x0, y0 = text_origin(o, f, scene["n_frames"])
+            for cell in text_cells(word_at(o, f), x0, y0, o["scale"]):
+                draw.rectangle(cell, fill=INK)
             continue
         cx, cy = position(o, f, scene["n_frames"])
         fill = COLORS[color_at(o, f)]
@@ -175,6 +262,21 @@ def answer(scene: dict, q: dict) -> str:
         return o["shape"]
     if t == "count":
         return str(sum(1 for x in objs if visible(x, n // 2)))
+    texts = [x for x in objs if is_text(x)]
+    if t == "word_order":
+        a, b = by[ask["objects"][0]], by[ask["objects"][1]]
+        return name(a) if first_frame(a) < first_frame(b) else name(b)
+    if t == "word_state":
+        return word_at(o, 0 if ask["when"] == "start" else n - 1)
+    if t == "word_flash":   # the one text item not on screen the whole clip
+        brief = [x for x in texts if n_visible(x, n) < n]
+        if len(brief) != 1:
+            raise ValueError(f"word_flash scene needs exactly one brief text item, has {len(brief)}")
+        return name(brief[0])
+    if t == "word_count":
+        return str(len({word_at(x, f) for x in texts for f in range(n) if visible(x, f)}))
+    if t == "word":
+        return word_at(texts[0], n // 2)
     raise ValueError(f"unknown question type {t!r}; valid: {', '.join(TYPES)}")
 
 
@@ -191,7 +293,8 @@ def _static(rng, shape, color, n, size=None, visible_=None):
 
 
 def _frames_for(rng, qtype: str) -> int:
-    lo = 24 if qtype in ("count_events", "duration") else 12 if qtype in ("order", "appear", "state") else MIN_FRAMES
+    lo = (24 if qtype in ("count_events", "duration", "word_count") else
+          12 if qtype in ("order", "appear", "state", "word_order", "word_state", "word_flash") else MIN_FRAMES)
     return rng.randint(lo, MAX_FRAMES)
 
 
@@ -201,7 +304,7 @@ def _segments(rng, n: int, k: int) -> list[list[int]]:
     m = max(2, round(0.08 * n))
     if (2 * k + 1) * m > n:
         raise SceneError("clip too short")
-    w = [rng.uniform(1.0, 2.0) for _ in range(2 * k + 1)]
+    w = [rng.uniform(0.4, 2.5) for _ in range(2 * k + 1)]
     spare = n - (2 * k + 1) * m
     lens = [m + int(spare * x / sum(w)) for x in w]
     lens[-1] += n - sum(lens)
@@ -211,6 +314,56 @@ def _segments(rng, n: int, k: int) -> list[list[int]]:
             out.append([f, f + ln - 1])
         f += ln
     return out
+
+
+def _travel(rng, lo: float, hi: float) -> tuple[float, float]:
+    """(start, distance) of a motion inside [lo, hi]: 45-75 % of the range."""
+    dist = rng.uniform(0.45, 0.75) * (hi - lo)
+    return rng.uniform(lo, hi - dist), dist
+
+
+def _lane(rng, lo: float, hi: float) -> float:
+    """The still coordinate of a moving object: drawn like the moving coordinate's midpoint, so that where the
+    object is in one frame does not tell whether it moves horizontally or vertically."""
+    start, dist = _travel(rng, lo, hi)
+    return start + dist / 2
+
+
+def _split(rng, n: int, k: int, m: int) -> list[int]:
+    """Start frames of k consecutive segments covering [0, n-1], each at least m frames long."""
+    if k * m > n:
+        raise SceneError("clip too short")
+    w = [rng.uniform(1.0, 2.0) for _ in range(k)]
+    spare = n - k * m
+    lens = [m + int(spare * x / sum(w)) for x in w]
+    lens[-1] += n - sum(lens)
+    return [sum(lens[:i]) for i in range(k)]
+
+
+def _two_changes(rng, n: int) -> tuple[int, int]:
+    """Frames of two changes: the first in [15 %, 40 %] of the clip, the second in [60 %, 85 %]; the middle frame
+    (n // 2) always lies between them."""
+    c1 = rng.randint(max(1, round(0.15 * n)), round(0.4 * n))
+    c2 = rng.randint(round(0.6 * n), min(n - 1, round(0.85 * n)))
+    if not c1 <= n // 2 < c2:   # pragma: no cover - holds for every n >= 12
+        raise SceneError("changes do not bracket the middle frame")
+    return c1, c2
+
+
+def _text(rng, words: list, n: int, visible_=None, drift: bool = False) -> dict:
+    """A text item showing ``words`` ([[first frame, word], ...]), still, or drifting 10-40 px along one axis."""
+    scale = rng.choice(TEXT_SCALES)
+    w, h = text_extent(max(len(x) for _, x in words), scale)
+    d = rng.choice((-1, 1)) * rng.uniform(10, 40) if drift else 0.0
+    ax = rng.randint(0, 1) if drift else 0
+    r = [w / 2 + 3, h / 2 + 3]
+    r[ax] += abs(d) / 2
+    c = [rng.uniform(r[0], SIZE - r[0]), rng.uniform(r[1], SIZE - r[1])]
+    path = [list(c), list(c)]
+    path[0][ax] -= d / 2
+    path[1][ax] += d / 2
+    return {"kind": "text", "words": [list(x) for x in words], "scale": scale,
+            "path": [[round(v, 2) for v in p] for p in path], "visible": visible_ or [[0, n - 1]]}
 
 
 def make_item(seed: int, qtype: str, target, split: str = "test") -> tuple[dict, dict]:
@@ -234,20 +387,63 @@ def make_item(seed: int, qtype: str, target, split: str = "test") -> tuple[dict,
 
     used_c: set[str] = set()
     used_s: set[str] = set()
-    if qtype == "state":
-        c_from, when = target
-        c_to = next(x for x in colors_ if x != c_from)
-        if when == "end":
-            c_from, c_to = c_to, c_from
-        s, _ = take(color=c_from)
-        used_c.add(c_to)
-        o = _static(rng, s, c_from, n)
-        change = rng.randint(round(0.3 * n), round(0.7 * n))
-        o["colors"] = [[0, c_from], [change, c_to]]
+    if qtype == "state":   # start colour -> middle colour -> end colour, all three different; the middle frame
+        c_ans, when = target   # (between the two changes) shows neither the start nor the end colour
+        c_mid, c_other = [x for x in colors_ if x != c_ans][:2]
+        c_start, c_end = (c_ans, c_other) if when == "start" else (c_other, c_ans)
+        s, _ = take(color=c_start)
+        used_c.update((c_mid, c_end))
+        o = _static(rng, s, c_start, n)
+        c1, c2 = _two_changes(rng, n)
+        o["colors"] = [[0, c_start], [c1, c_mid], [c2, c_end]]
         objs.append(o)
         ask = {"objects": [0], "when": when}
-        span = [0, change - 1] if when == "start" else [change, n - 1]
+        span = [0, c1 - 1] if when == "start" else [c2, n - 1]
         question = f"What color is the {s} at the {when} of the video?"
+    elif qtype == "word_state":   # a sign shows three different words; the middle frame shows the middle one
+        w_ans, when = target
+        w_mid, w_other = [x for x in rng.sample(WORDS, len(WORDS)) if x != w_ans][:2]
+        w_start, w_end = (w_ans, w_other) if when == "start" else (w_other, w_ans)
+        c1, c2 = _two_changes(rng, n)
+        objs.append(_text(rng, [[0, w_start], [c1, w_mid], [c2, w_end]], n))
+        ask = {"objects": [0], "when": when}
+        span = [0, c1 - 1] if when == "start" else [c2, n - 1]
+        question = f"What word is written at the {when} of the video?"
+    elif qtype == "word_order":   # as `order`: both words on screen in the middle frame; they drift
+        mid = n // 2
+        wa, wb = [x for x in rng.sample(WORDS, len(WORDS))][:2]
+        fa = rng.randint(0, max(0, round(0.2 * n)))
+        fb = rng.randint(fa + max(2, round(0.15 * n)), mid - 1)
+        objs.append(_text(rng, [[0, wa]], n, [[fa, rng.randint(mid + 1, n - 1)]], drift=True))
+        objs.append(_text(rng, [[0, wb]], n, [[fb, rng.randint(mid + 1, n - 1)]], drift=True))
+        span = [fa, fb]
+        first, second = (0, 1) if target == "first" else (1, 0)
+        ask = {"objects": [first, second]}
+        question = (f"Which word appeared first, {name(objs[first]).upper()} or "
+                    f"{name(objs[second]).upper()}?")
+    elif qtype == "word_flash":   # one word the whole clip; the answer shows up once, entirely before or after the
+        mid = n // 2              # middle frame, for 15-30 % of the clip
+        other = next(x for x in rng.sample(WORDS, len(WORDS)) if x != target)
+        ln = rng.randint(max(2, round(0.15 * n)), max(2, round(0.3 * n)))
+        start = rng.randint(0, mid - ln) if rng.random() < 0.5 else rng.randint(mid + 1, n - ln)
+        objs.append(_text(rng, [[0, target]], n, [[start, start + ln - 1]]))
+        objs.append(_text(rng, [[0, other]], n))
+        ask = {"objects": [0]}
+        span = [start, start + ln - 1]
+        question = "Which word is shown only for a moment?"
+    elif qtype == "word_count":   # one sign, k different words one after the other (the first may come back)
+        k = int(target)
+        seq = rng.sample(WORDS, k)
+        if k >= 2 and rng.random() < 0.5:
+            seq.append(seq[0])
+        starts = _split(rng, n, len(seq), max(2, round(0.1 * n)))
+        objs.append(_text(rng, [[f, w] for f, w in zip(starts, seq)], n))
+        ask = {"objects": [0]}
+        question = "How many different words are shown?"
+    elif qtype == "word":
+        objs.append(_text(rng, [[0, target]], n))
+        ask = {"objects": [0]}
+        question = "What word is written?"
     elif qtype == "color":
         s, c = take(color=target)
         objs.append(_static(rng, s, c, n))
@@ -267,9 +463,8 @@ def make_item(seed: int, qtype: str, target, split: str = "test") -> tuple[dict,
         s, c = take()
         size = rng.uniform(OBJ_MIN, OBJ_MAX)
         lo, hi = size / 2 + 3, SIZE - size / 2 - 3
-        dist = rng.uniform(0.45, 0.75) * (hi - lo)
-        start = rng.uniform(lo, hi - dist)
-        other = rng.uniform(lo, hi)
+        start, dist = _travel(rng, lo, hi)
+        other = _lane(rng, lo, hi)
         a, b = (start, start + dist) if target in ("right", "down") else (start + dist, start)
         path = [[a, other], [b, other]] if target in ("left", "right") else [[other, a], [other, b]]
         objs.append({"shape": s, "color": c, "size": round(size, 2), "path": [[round(v, 2) for v in p] for p in path],
@@ -279,7 +474,13 @@ def make_item(seed: int, qtype: str, target, split: str = "test") -> tuple[dict,
     elif qtype == "count_events":
         s, c = take()
         o = _static(rng, s, c, n)
-        o["visible"] = _segments(rng, n, int(target))
+        mid_on = rng.random() < 0.5   # on screen in the middle frame or not, whatever the count
+        for _ in range(200):
+            o["visible"] = _segments(rng, n, int(target))
+            if visible(o, n // 2) == mid_on:
+                break
+        else:
+            raise SceneError("no segments with the drawn middle-frame state")
         objs.append(o)
         ask = {"objects": [0]}
         span = [o["visible"][0][0], o["visible"][-1][1]]
@@ -287,7 +488,9 @@ def make_item(seed: int, qtype: str, target, split: str = "test") -> tuple[dict,
     elif qtype == "appear":
         s, c = take()
         o = _static(rng, s, c, n)
-        f = rng.randint(round(0.25 * n), round(0.75 * n))
+        mid = n // 2   # on screen in the middle frame half the time, for both answers
+        early = rng.random() < 0.5
+        f = rng.randint(round(0.25 * n), mid) if early else rng.randint(mid + 1, round(0.75 * n))
         o["visible"] = [[f, n - 1]] if target == "appear" else [[0, f - 1]]
         objs.append(o)
         ask = {"objects": [0]}
@@ -326,15 +529,17 @@ def make_item(seed: int, qtype: str, target, split: str = "test") -> tuple[dict,
             break
         for o in objs:   # re-place everything (the question's objects keep their roles and timing)
             (x0, y0), (x1, y1) = o["path"]
-            lo, hi = o["size"] / 2 + 3, SIZE - o["size"] / 2 - 3
+            rx, ry = half_extent(o)
+            lox, hix, loy, hiy = rx + 3, SIZE - rx - 3, ry + 3, SIZE - ry - 3
+            moving = not is_text(o)   # a shape's lane is drawn as its motion's midpoint (see _lane)
             if x0 == x1 and y0 == y1:
-                x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+                x, y = rng.uniform(lox, hix), rng.uniform(loy, hiy)
                 o["path"] = [[round(x, 2), round(y, 2)]] * 2
             elif x0 == x1:   # vertical motion: move the lane
-                x = round(rng.uniform(lo, hi), 2)
+                x = round(_lane(rng, lox, hix) if moving else rng.uniform(lox, hix), 2)
                 o["path"] = [[x, y0], [x, y1]]
             else:
-                y = round(rng.uniform(lo, hi), 2)
+                y = round(_lane(rng, loy, hiy) if moving else rng.uniform(loy, hiy), 2)
                 o["path"] = [[x0, y], [x1, y]]
     else:
         raise SceneError("no layout without overlaps")
@@ -413,7 +618,7 @@ def have_av() -> bool:
     return importlib.util.find_spec("av") is not None
 
 
-def generate(out_dir: str | Path, n: int = 900, seed: int = 0, split: str = "test", progress: bool = False,
+def generate(out_dir: str | Path, n: int = 840, seed: int = 0, split: str = "test", progress: bool = False,
              force: bool = False, write_videos: bool = True) -> Path:
     """Write ``n`` balanced questions (one clip each) as ``videos/*.mp4`` + ``questions.jsonl``.
 
@@ -436,7 +641,8 @@ def generate(out_dir: str | Path, n: int = 900, seed: int = 0, split: str = "tes
                 write_mp4(render(scene), out / "videos" / f"{qid}.mp4")
             rec = {"id": qid, "video": f"videos/{qid}.mp4", "question": q["question"], "answer": q["answer"],
                    "type": q["type"], "span": q["span"], "n_frames": scene["n_frames"], "seed": scene["seed"],
-                   "split": split, "ask": q["ask"], "scene": scene, "region": None, "bbox": None}
+                   "split": split, "ask": q["ask"], "scene": scene, "region": None, "bbox": None,
+                   "version": VERSION}
             f.write(json.dumps(rec) + "\n")
     return out
 
@@ -484,6 +690,77 @@ def chance(qtype: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the single-frame check without a model: what one frame shows, as cues, and the best held-out guess from each
+
+
+def frame_cues(scene: dict, q: dict, f: int) -> dict[str, tuple]:
+    """What frame ``f`` shows that could bear on question ``q``, as hashable cues (each with the question's
+    start / end word, which a reader of the question also has): the named objects' visibility, colour, shape, word
+    and 3 x 3 cell, the sorted colours / words on screen, and the number of things on screen."""
+    objs = scene["objects"]
+    named = [objs[i] for i in q["ask"].get("objects", [])]
+    when = q["ask"].get("when")
+    on = [o for o in objs if visible(o, f)]
+
+    def cell(o):
+        x, y = position(o, f, scene["n_frames"])
+        return min(2, int(3 * x / SIZE)), min(2, int(3 * y / SIZE))
+
+    def named_cue(get):
+        return (when,) + tuple(get(o) if visible(o, f) else None for o in named)
+
+    return {
+        "named_visible": (when,) + tuple(visible(o, f) for o in named),
+        "named_color": named_cue(lambda o: None if is_text(o) else color_at(o, f)),
+        "named_shape": named_cue(lambda o: o.get("shape")),
+        "named_word": named_cue(lambda o: word_at(o, f) if is_text(o) else None),
+        "named_cell": named_cue(cell),
+        "colors_on_screen": (when,) + tuple(sorted(color_at(o, f) for o in on if not is_text(o))),
+        "words_on_screen": (when,) + tuple(sorted(word_at(o, f) for o in on if is_text(o))),
+        "n_on_screen": (when, len(on)),
+    }
+
+
+def _label(scene: dict, q: dict) -> str:
+    """The answer, with a named object's name replaced by its place in the question ('#0' / '#1'), so that a guess
+    can be learned across scenes for the 'which of the two' types."""
+    if q["type"] in ("order", "duration", "word_order"):
+        names = [name(scene["objects"][i]) for i in q["ask"]["objects"]]
+        return f"#{names.index(q['answer'])}"
+    return q["answer"]
+
+
+def single_frame_baseline(types: tuple[str, ...] = TYPES, n_train: int = 300, n_test: int = 40, seed: int = 0,
+                          frame: str = "middle") -> dict:
+    """The best a one-frame reader can do from each cue of :func:`frame_cues`, held out: per type and cue, a table
+    cue value -> most frequent answer is fitted on ``n_train`` train-split items and scored on the first ``n_test``
+    test-split items of the type (unseen values: the most frequent answer overall). Returns per type the best cue,
+    its accuracy, chance and every cue's accuracy. ``frame``: 'middle' (n // 2, the model check's frame), 'first'
+    or 'last'. The single-frame types score high (the check can see an answer that one frame shows); the temporal
+    types should stay near chance."""
+    from collections import Counter
+
+    pick = {"middle": lambda n: n // 2, "first": lambda n: 0, "last": lambda n: n - 1}[frame]
+    out = {}
+    for t in types:
+        train = [train_sample(seed * 100_000 + i, types=(t,)) for i in range(n_train)]
+        test = [test_item(TYPES.index(t) + len(TYPES) * i, seed) for i in range(n_test)]
+        feats_tr = [(frame_cues(sc, q, pick(sc["n_frames"])), _label(sc, q)) for sc, q in train]
+        feats_te = [(frame_cues(sc, q, pick(sc["n_frames"])), _label(sc, q)) for sc, q in test]
+        overall = sorted(Counter(y for _, y in feats_tr).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        by_cue = {}
+        for cue in feats_tr[0][0]:
+            table: dict = {}
+            for c, y in feats_tr:
+                table.setdefault(c[cue], Counter())[y] += 1
+            guess = {v: sorted(cnt.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for v, cnt in table.items()}
+            by_cue[cue] = sum(guess.get(c[cue], overall) == y for c, y in feats_te) / len(feats_te)
+        best = max(by_cue, key=lambda k: by_cue[k])
+        out[t] = {"acc": by_cue[best], "cue": best, "chance": chance(t), "by_cue": by_cue, "n": len(feats_te)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # scoring (the shapes rules: normalise, exact match)
 
 
@@ -514,7 +791,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("shapes-video", help="write the shapes-video benchmark (videos/ + questions.jsonl)",
                               description="Generate the balanced shapes-video test split (fixed seeds) into DIR.")
     p.add_argument("dir")
-    p.add_argument("--n", type=int, default=900, help="number of questions (balanced over 9 types and answers)")
+    p.add_argument("--n", type=int, default=840, help="number of questions (balanced over the 14 types and answers)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the split")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset in DIR")

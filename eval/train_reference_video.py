@@ -12,7 +12,8 @@ Everything is seeded (train item ``i`` is train seed ``--data-offset + i``); GPU
 
 Writes into ``--out``: ``vltok-ref-video-delta.safetensors`` (projector fp32, LoRA A/B fp16; merged at load by
 vltok.reference.apply_delta), ``train_log.jsonl``, ``results.json`` / ``results.md`` (test accuracy per type with
-16 frames and with the middle frame only, chance per type). ``--max-minutes`` caps the training loop (the LR schedule
+16 frames and with the middle frame only, the best held-out guess from one middle-frame cue without a model
+(``shapes_video.single_frame_baseline``), chance per type, and the single-frame verdict). ``--max-minutes`` caps the training loop (the LR schedule
 then follows the clock); the whole run including model conversion, data and evaluation stays within ~8 minutes
 with the defaults. Copy the delta to ``assets/`` to make it the committed one.
 """
@@ -100,8 +101,32 @@ def results_markdown(res: dict) -> str:
         lines.append(f"| {label} | {100 * s['overall']:.1f} | {100 * s['temporal']:.1f} | "
                      f"{100 * s['single_frame_types']:.1f} | " +
                      " | ".join(f"{100 * s['by_type'][t]['acc']:.1f}" for t in types) + " |")
+    cues = res.get("single_frame_cues")
+    if cues:
+        lines.append("| middle frame, best cue, no model | | | | " +
+                     " | ".join(f"{100 * cues[t]['acc']:.0f}" if t in cues else "-" for t in types) + " |")
     lines.append("| chance | | | | " + " | ".join(f"{100 * S.chance(t):.0f}" for t in types) + " |")
+    lines += ["", single_frame_verdict(res["single_frame"])]
     return "\n".join(lines) + "\n"
+
+
+SINGLE_FRAME_MARGIN = 0.15
+
+
+def single_frame_verdict(score: dict, margin: float = SINGLE_FRAME_MARGIN) -> str:
+    """One line: the temporal types the model answers from the middle frame alone above chance + the larger of
+    ``margin`` and 2.5 binomial standard errors (n per type is small: 40 gives 8 points at chance 50 %)."""
+    over = []
+    for t in S.TEMPORAL:
+        if t not in score["by_type"]:
+            continue
+        acc, n, c = score["by_type"][t]["acc"], score["by_type"][t]["n"], S.chance(t)
+        if acc > c + max(margin, 2.5 * (c * (1 - c) / n) ** 0.5):
+            over.append(f"{t} {100 * acc:.0f} % (chance {100 * c:.0f}, n {n})")
+    rule = f"chance + max({100 * margin:.0f} points, 2.5 standard errors)"
+    if over:
+        return f"Single-frame check: FAILS on {', '.join(over)}: above {rule} from the middle frame alone."
+    return f"Single-frame check: every temporal type within {rule} from the middle frame alone."
 
 
 def main(argv=None):
@@ -122,7 +147,7 @@ def main(argv=None):
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast (default on cuda)")
     ap.add_argument("--max-minutes", type=float, default=4.5, help="cap on the training loop")
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--eval-n", type=int, default=540, help="test questions (balanced over the 9 types)")
+    ap.add_argument("--eval-n", type=int, default=560, help="test questions (balanced over the 14 types)")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--eval-frames", type=int, default=RV.NUM_FRAMES)
     ap.add_argument("--no-eval", action="store_true")
@@ -253,6 +278,8 @@ def main(argv=None):
         res[key + "_predictions"] = [{"id": r["id"], "type": r["type"], "answer": r["answer"], "pred": p}
                                      for r, p in zip(records, preds)]
     res["chance"] = {t: S.chance(t) for t in S.TYPES}
+    res["single_frame_cues"] = S.single_frame_baseline(n_train=300, n_test=max(1, len(records) // len(S.TYPES)))
+    res["dataset_version"] = S.VERSION
     res["training"] = {"steps": step, "train_seconds": round(train_s, 1),
                        "total_seconds": round(time.time() - t_start, 1),
                        "command": "python -m vltok.eval.train_reference_video " +

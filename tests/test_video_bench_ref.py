@@ -77,18 +77,19 @@ def test_architecture_and_processor(untrained):
 @needs_ref
 def test_scored_run_full_and_patched(untrained):
     model, proc = untrained
-    recs = [dict(r, video_path="") for r in _records(9)]
+    n = len(S.TYPES)
+    recs = [dict(r, video_path="") for r in _records(n)]
     clips = Q.clips_tensor(recs, 2, "rendered")
-    assert clips.shape == (9, 2, 3, 336, 336) and clips.dtype == torch.uint8
-    full = Q.evaluate(model, proc, recs, clips, batch_size=9)
-    assert full["score"]["n"] == 9 and set(full["score"]["by_type"]) == set(S.TYPES)
+    assert clips.shape == (n, 2, 3, 336, 336) and clips.dtype == torch.uint8
+    full = Q.evaluate(model, proc, recs, clips, batch_size=n)
+    assert full["score"]["n"] == n and set(full["score"]["by_type"]) == set(S.TYPES)
     assert full["tokens_per_video"] == 2 * 144
-    ev = Q.evaluate(model, proc, recs, clips, {"method": "evs", "keep": 0.5}, batch_size=9)
+    ev = Q.evaluate(model, proc, recs, clips, {"method": "evs", "keep": 0.5}, batch_size=n)
     assert ev["tokens_per_video"] == 144 and ev["keep_achieved"] == 0.5
-    tm = Q.evaluate(model, proc, recs, clips, {"method": "tmerge", "keep": 1.0}, batch_size=9)
+    tm = Q.evaluate(model, proc, recs, clips, {"method": "tmerge", "keep": 1.0}, batch_size=n)
     assert [p["pred"] for p in tm["predictions"]] == [p["pred"] for p in full["predictions"]]
     one = Q.clips_tensor(recs, 2, "rendered", single=True)   # the single-frame check's input: the middle frame
-    assert one.shape == (9, 1, 3, 336, 336)
+    assert one.shape == (n, 1, 3, 336, 336)
     mid = recs[0]["n_frames"] // 2
     assert torch.equal(one[0, 0], Q._clip_pixels({"scene": recs[0]["scene"], "n_frames": recs[0]["n_frames"]}, 1,
                                                  "rendered", single=True)[0])
@@ -143,16 +144,20 @@ def test_train_and_quality_scripts_end_to_end(tmp_path):
 
     out = tmp_path / "rv"
     assert TV.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--frames", "2", "--workers", "0",
-                    "--eval-n", "9", "--eval-frames", "2", "--eval-batch", "9"]) == 0
+                    "--eval-n", "14", "--eval-frames", "2", "--eval-batch", "14"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["clip"]["by_type"]) == set(S.TYPES) and res["single_frame"]["n"] == 9
+    assert set(res["clip"]["by_type"]) == set(S.TYPES) and res["single_frame"]["n"] == 14
+    assert set(res["single_frame_cues"]) == set(S.TYPES) and res["dataset_version"] == S.VERSION
+    md = (out / "results.md").read_text()
+    assert "middle frame, best cue, no model" in md and "Single-frame check:" in md
     delta = out / RV.DELTA_NAME
     data = tmp_path / "sv"
-    S.generate(data, n=9, write_videos=S.have_av())
+    S.generate(data, n=len(S.TYPES), write_videos=S.have_av())
     assert Q.main([str(data), "--out", str(tmp_path / "q"), "--frames", "2", "--methods", "evs,pool", "--keeps", "0.5",
                    "--tradeoff", "1:1.0;2:0.5", "--tradeoff-methods", "tmerge", "--delta", str(delta),
-                   "--workers", "0", "--batch-size", "9"]) == 0
+                   "--workers", "0", "--batch-size", "14"]) == 0
     doc = json.loads((tmp_path / "q" / "quality-video.json").read_text())
+    assert "Single-frame check:" in (tmp_path / "q" / "quality-video.md").read_text()
     assert [r["label"] for r in doc["runs"]] == ["full", "evs@0.5", "pool@0.5"]
     assert [r["label"] for r in doc["tradeoff"]] == ["1f full", "2f tmerge@0.5"]
 
