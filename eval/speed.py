@@ -178,7 +178,7 @@ def _vltok_ranges(handle):
     inside record_function ranges."""
     from torch.profiler import record_function
 
-    from vltok.eval.profile_vltok import wrapped_entry_points
+    from vltok.eval.tools.profile_vltok import wrapped_entry_points
 
     def ranged(fn, name):
         @functools.wraps(fn)

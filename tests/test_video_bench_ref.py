@@ -96,7 +96,7 @@ def test_scored_run_full_and_patched(untrained):
 
 
 def _records(n):
-    from vltok.eval.train_reference_video import test_records
+    from vltok.train_reference_video import test_records
 
     return test_records(n)
 
@@ -118,7 +118,7 @@ def test_quality_writer(tmp_path):
 
 @needs_ref
 def test_train_script_batches(untrained):
-    from vltok.eval.train_reference_video import TrainClips, batch_frames, collate
+    from vltok.train_reference_video import TrainClips, batch_frames, collate
 
     counts = [batch_frames(b) for b in range(400)]
     assert set(counts) == {4, 8, 16} and 0.6 < counts.count(16) / 400 < 0.8

@@ -1,10 +1,10 @@
 """Train the reference VLM's delta: the LLaVA projector, LoRA on every LM linear, and the last DINOv2 layers that
 feed the selected feature layer. Data is generated on the fly from the ``train`` split of shapes (never ``test``).
 
-    python -m vltok.eval.train_reference --device cuda --steps 1400 --out assets/vltok-ref-delta.safetensors
+    python -m vltok.train_reference --device cuda --steps 1400 --out assets/vltok-ref-delta.safetensors
 
 The committed delta was trained in three time-capped segments, each resuming from the last (``--resume``,
-``--data-offset``); eval/results/README.md has the exact commands and the accuracy after each.
+``--data-offset``); eval/results/archive/README.md has the exact commands and the accuracy after each.
 Everything is seeded: scene ``i`` of step ``s`` is train seed ``offset + s * batch + i``, and LoRA / projector init use
 ``--seed``. (GPU kernels are not bit-deterministic, so a rerun matches to rounding, not bit for bit.)
 The delta holds ``projector.*`` (fp32), ``lora.<LM linear>.A/.B`` (fp16; merged into the weights at load) and
@@ -28,7 +28,7 @@ from torch import nn
 
 from vltok import reference as R
 
-from . import runner, shapes
+from vltok.eval import runner, shapes
 
 RECIPES = {
     # (a) produced the first delta (run 1); (b) was tried second and scored lower (run 2). Both put the questions
@@ -533,7 +533,7 @@ def main(argv=None):
         model, processor = R.load(device=dev, delta=args.out)  # exactly what users load (merged, fp32)
         res = runner.evaluate(model, processor, ed, batch_size=args.eval_batch, progress=False)
         res["training"] = {"steps": step, "train_seconds": round(train_s, 1), "total_seconds":
-                           round(time.time() - t_start, 1), "command": "python -m vltok.eval.train_reference " +
+                           round(time.time() - t_start, 1), "command": "python -m vltok.train_reference " +
                            " ".join(argv if argv is not None else sys.argv[1:])}
         runner.write(res, args.eval_json)
         print(runner.markdown([res]), flush=True)

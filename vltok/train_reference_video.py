@@ -1,7 +1,7 @@
 """Train the video reference VLM's delta (``vltok-ref-video``) on one GPU, then score it on the shapes-video test
 split (per type) and run the single-frame check (the same model fed only the middle frame).
 
-    python -m vltok.eval.train_reference_video --out runs/ref-video            # ~6-8 min on one H100 / H200
+    python -m vltok.train_reference_video --out runs/ref-video            # ~6-8 min on one H100 / H200
 
 Starts from the image reference (its trained delta merged; vltok.reference_video) and trains what the image
 reference's training trains minus the vision layers: the projector and LoRA on every LM linear (on top of the
@@ -35,8 +35,8 @@ from torch import nn
 from vltok import reference as R
 from vltok import reference_video as RV
 
-from . import quality_video as Q
-from . import shapes_video as S
+from vltok.eval import quality_video as Q
+from vltok.eval import shapes_video as S
 from .train_reference import add_lora, answer_accuracy, save_delta
 
 FRAME_MIX = ((16, 0.7), (8, 0.15), (4, 0.15))
@@ -255,7 +255,7 @@ def main(argv=None):
     res["chance"] = {t: S.chance(t) for t in S.TYPES}
     res["training"] = {"steps": step, "train_seconds": round(train_s, 1),
                        "total_seconds": round(time.time() - t_start, 1),
-                       "command": "python -m vltok.eval.train_reference_video " +
+                       "command": "python -m vltok.train_reference_video " +
                        " ".join(argv if argv is not None else sys.argv[1:])}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     md = results_markdown(res)
