@@ -139,7 +139,7 @@ def test_train_script_batches(untrained):
 @needs_ref
 def test_train_and_quality_scripts_end_to_end(tmp_path):
     """The GPU commands at a tiny size on CPU: 2 training steps -> delta + log + results; the quality tables."""
-    from vltok.eval import train_reference_video as TV
+    from vltok import train_reference_video as TV
 
     out = tmp_path / "rv"
     assert TV.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--frames", "2", "--workers", "0",

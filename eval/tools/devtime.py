@@ -55,7 +55,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def kernel_ms(fn, reps: int = 3) -> float:
-    """Median over reps of the summed device time of the kernels one fn() launches (eval.profile_fast's table)."""
+    """Median over reps of the summed device time of the kernels one fn() launches (eval.tools.profile_fast's table)."""
     return statistics.median(kernel_table(fn, reps=1)[0] for _ in range(reps))
 
 
