@@ -4,7 +4,7 @@
 
 Each row is one shapes-benchmark question (a procedurally drawn image with a known answer); each column is a
 method at a budget: the answer, and the visual tokens the LLM carried (FLOPs-equivalent for in-LLM methods).
-The reference VLM is small and undertrained (29.7% on the shapes test; eval/results/README.md): the point here is
+The reference VLM is small and undertrained (29.7% on the shapes test; eval/results/archive/README.md): the point here is
 the plumbing and how answers move with the budget, not its accuracy.
 """
 from __future__ import annotations

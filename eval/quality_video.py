@@ -10,7 +10,7 @@ is installed (``--source auto``), else they are re-rendered from the scene descr
 same pictures without the codec's loss); the choice is recorded. Writes ``quality-video.json``, ``.md`` and ``.png``
 into ``--out``. ``--max-minutes`` stops between runs and writes what it has (marked ``partial``).
 
-:func:`predict` / :func:`clips_tensor` are shared with the training script (``train_reference_video``).
+:func:`predict` / :func:`clips_tensor` are shared with the training script (``vltok.train_reference_video``).
 """
 from __future__ import annotations
 

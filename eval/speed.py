@@ -174,11 +174,11 @@ def _has_vltok_parent(ev) -> bool:
 
 @contextlib.contextmanager
 def _vltok_ranges(handle):
-    """vltok's entry points (eval.profile_vltok's list: the forward's rewrite, the reduction, the in-LLM hooks)
+    """vltok's entry points (eval.tools.profile_vltok's list: the forward's rewrite, the reduction, the in-LLM hooks)
     inside record_function ranges."""
     from torch.profiler import record_function
 
-    from vltok.eval.profile_vltok import wrapped_entry_points
+    from vltok.eval.tools.profile_vltok import wrapped_entry_points
 
     def ranged(fn, name):
         @functools.wraps(fn)

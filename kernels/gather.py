@@ -9,7 +9,7 @@ The hidden rows and the position rows use separate index tensors: at a cut the h
 to the current (already pruned) sequence, the loop-level tensors by absolute column. ``gather_rows_torch`` is the
 reference (one ``gather`` per tensor); ``gather_rows_triton`` is one Triton launch, one program per kept row, that
 copies the row of each tensor (last axis contiguous). ``gather_rows(impl="auto")`` picks Triton for CUDA tensors and
-torch otherwise; eval/kernel_bench.py (``--only gather``) times both on the GPU.
+torch otherwise; eval/tools/kernel_bench.py (``--only gather``) times both on the GPU.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ launches per cut; these three functions do it in a handful, with the same result
 Each has a torch reference (``*_torch``, the definition) and a Triton version (``*_triton``); the plain name picks
 Triton for CUDA tensors the kernels take (or under TRITON_INTERPRET=1 with ``impl="triton"``) and torch otherwise.
 The Triton versions take two launches (scores: chunked logits, then chunk combine + head mean; top-k: rank, then
-compaction) and one (cut_columns); eval/kernel_bench.py ``--only select`` times them against torch on a GPU.
+compaction) and one (cut_columns); eval/tools/kernel_bench.py ``--only select`` times them against torch on a GPU.
 """
 from __future__ import annotations
 

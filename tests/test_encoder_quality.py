@@ -1,4 +1,4 @@
-"""vltok.eval.encoder_quality: the HF Dinov2 -> timm mapping and the probe pipeline, on a tiny random Dinov2 (no
+"""vltok.eval.tools.encoder_quality: the HF Dinov2 -> timm mapping and the probe pipeline, on a tiny random Dinov2 (no
 cache, no hub). Needs timm, which needs torchvision: run in .venv-vision; skipped with that reason in the main .venv."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ timm = pytest.importorskip("timm", reason="timm needs torchvision: run in .venv-
 
 from transformers import Dinov2Config, Dinov2Model  # noqa: E402
 
-from vltok.eval import encoder_quality as eq  # noqa: E402
+from vltok.eval.tools import encoder_quality as eq  # noqa: E402
 from vltok.reference import dinov2_key_map  # noqa: E402
 
 

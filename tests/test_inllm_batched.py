@@ -1,11 +1,11 @@
 """The in-LLM engine's batched path (all samples with the same grids): the same selections as the per-sample path,
-and no host sync inside vltok during a forward (counted at the dispatcher by vltok.eval.profile_vltok)."""
+and no host sync inside vltok during a forward (counted at the dispatcher by vltok.eval.tools.profile_vltok)."""
 import pytest
 import torch
 
 import vltok
 from test_inllm import batch, tiny_llava_deep
-from vltok.eval.profile_vltok import count_syncs
+from vltok.eval.tools.profile_vltok import count_syncs
 from vltok.inllm import BatchView, Cut, ImageView
 
 METHODS = [("fastv", dict(keep=0.5, K=2)), ("feather", dict(keep=0.5)), ("feather", dict(keep=0.3, stride=2)),

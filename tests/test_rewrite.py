@@ -220,7 +220,7 @@ class _Ops(TorchDispatchMode):
 def test_one_read_back_and_a_batch_independent_op_count(B):
     """The index work is host-side: one read-back, no other host sync, and a handful of tensor ops whatever the
     batch: the upload, one gather (+ the pad fill) per other per-token tensor."""
-    from vltok.eval.profile_vltok import count_syncs
+    from vltok.eval.tools.profile_vltok import count_syncs
 
     row = [1] + list(range(2, 32)) + [IMG] * 24 + [3] * 5
     ids = torch.tensor([row] * B)

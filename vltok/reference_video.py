@@ -15,7 +15,7 @@ merged): the DINOv2 position table is resampled once to the 24 x 24 grid of 336 
 resampling DINOv2 does at run time, so the tower's output is unchanged) so that ``vision_config.image_size`` = 336
 states the real frame grid; a ``<video>`` token is added to the tokenizer (its embedding row: the mean, never read:
 features replace it). The trained video delta (``assets/vltok-ref-video-delta.safetensors``: projector + LoRA on
-the LM, written by ``python -m vltok.eval.train_reference_video``) is merged at load.
+the LM, written by ``python -m vltok.train_reference_video``) is merged at load.
 
 Frames: the model takes ``NUM_FRAMES`` (16) frames sampled uniformly from a clip (:func:`frames_to_pixels` resizes
 with PIL bicubic to 336 px and normalises with ImageNet mean / std; :func:`video_prompt` / :func:`encode` build the
@@ -212,7 +212,7 @@ def load(device=None, dtype=None, delta: bool | str | os.PathLike = True, *, cac
         if delta_path is None:
             raise UntrainedVideoReference(
                 f"vltok-ref-video has no trained delta (assets/{DELTA_NAME} is missing). Train it on one GPU with\n"
-                "    python -m vltok.eval.train_reference_video --out runs/ref-video\n"
+                "    python -m vltok.train_reference_video --out runs/ref-video\n"
                 f"and copy runs/ref-video/{DELTA_NAME} to assets/ (or set VLTOK_REF_VIDEO_DELTA), or load the "
                 "untrained init with vltok.reference.load('vltok-ref-video', delta=False)")
     elif delta:
@@ -224,7 +224,7 @@ def load(device=None, dtype=None, delta: bool | str | os.PathLike = True, *, cac
         R.apply_delta(model, delta_path)
     else:
         warnings.warn("vltok-ref-video: UNTRAINED video init (the image reference's weights); its answers about "
-                      "videos are not meaningful. Train it with python -m vltok.eval.train_reference_video",
+                      "videos are not meaningful. Train it with python -m vltok.train_reference_video",
                       stacklevel=2)
     model.vltok_trained = delta_path is not None
     if dtype is not None:

@@ -57,7 +57,7 @@ def _read_back(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     return input_ids.cpu().numpy(), am
 
 
-_read_back._vltok_host = 1   # eval/profile_vltok.py counts one read-back per call
+_read_back._vltok_host = 1   # eval/tools/profile_vltok.py counts one read-back per call
 
 
 def _upload(arrays: dict[str, tuple[np.ndarray, torch.dtype, torch.device]]) -> dict[str, torch.Tensor]:

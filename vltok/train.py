@@ -192,7 +192,7 @@ def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, s
 def shapes_batches(processor, batch_size: int, device=None, offset: int = 0, workers: int = 0):
     """The reference VLM's training stream (shapes ``train`` split): step s uses scenes offset + s*batch + i.
     ``workers`` > 0 renders the next batches in that many forked processes (same batches, same order)."""
-    from vltok.eval.train_reference import TrainSet, collate
+    from vltok.train_reference import TrainSet, collate
 
     ds = TrainSet(processor, n=1 << 62, offset=offset)
     pad = compat.tokenizer_of(processor).pad_token_id or 0

@@ -7,7 +7,7 @@ CUDA: ``.item()`` / ``bool()`` / ``int()`` of a tensor, ``.tolist()``, ``nonzero
 ``unique``, ``masked_select``; counted at the dispatcher (CPU counts equal CUDA counts) only while vltok code runs
 (the engine's hooks, the adapter's prepare step, the vision merge, the pre-LLM reduction).
 
-    python -m vltok.eval.profile_vltok --methods fourier pool feather fastv tome --keep 0.16 --batch 8
+    python -m vltok.eval.tools.profile_vltok --methods fourier pool feather fastv tome --keep 0.16 --batch 8
 """
 from __future__ import annotations
 

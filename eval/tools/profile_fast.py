@@ -5,7 +5,7 @@ patched (``--method`` at ``--keep``), and prints, for the eager run of the same 
 the wall time (CUDA events), the summed GPU kernel time (torch.profiler), and the top kernels. The gap between wall
 time and kernel time is launch / host overhead; the kernel time is the floor a graph can reach.
 
-    python -m vltok.eval.profile_fast --method pool --keep 0.16
+    python -m vltok.eval.tools.profile_fast --method pool --keep 0.16
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def main(argv=None):
     import vltok
     from vltok.fast import PrefillGraph
 
-    from .configs import build_random
-    from .speed import cuda_time, make_inputs
+    from ..configs import build_random
+    from ..speed import cuda_time, make_inputs
 
     model = build_random("llava-1.5-7b", device="cuda", dtype=torch.bfloat16)
     inputs = make_inputs(model, "llava", 1, "cuda")

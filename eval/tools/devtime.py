@@ -2,7 +2,7 @@
 median of 3), next to the wall TTFT (CUDA events, median of 9); keep 0.16: unpatched, pool, fourier, feather,
 fastv and IDEAL, on full-size architectures with random bf16 weights.
 
-    python -m vltok.eval.devtime llava-next-7b qwen2-vl-7b
+    python -m vltok.eval.tools.devtime llava-next-7b qwen2-vl-7b
 
 Why: at batch 1 the eager forward is bound by the host's kernel launches (LLaVA-NeXT-7B at keep 0.16: ~25 ms of
 GPU kernels under ~80 ms of host time on the lent H100), so wall-clock ratios against IDEAL mostly measure Python
@@ -20,7 +20,7 @@ import torch
 
 import vltok
 from vltok.eval import configs
-from vltok.eval.profile_fast import kernel_table
+from vltok.eval.tools.profile_fast import kernel_table
 from vltok.eval.speed import cuda_time, ideal_features, make_inputs
 
 METHODS = ("pool", "fourier", "feather", "fastv")
@@ -55,7 +55,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def kernel_ms(fn, reps: int = 3) -> float:
-    """Median over reps of the summed device time of the kernels one fn() launches (eval.profile_fast's table)."""
+    """Median over reps of the summed device time of the kernels one fn() launches (eval.tools.profile_fast's table)."""
     return statistics.median(kernel_table(fn, reps=1)[0] for _ in range(reps))
 
 
@@ -126,7 +126,7 @@ def main(argv=None):
 
     text = [f"# Batch-1 prefill: GPU kernel time vs wall time\n\ndevice: {torch.cuda.get_device_name()}; torch "
             f"{torch.__version__}; transformers {transformers.__version__}; random bf16 weights, sdpa.\n\ncommand: "
-            f"python -m vltok.eval.devtime {' '.join(args.models)}"
+            f"python -m vltok.eval.tools.devtime {' '.join(args.models)}"
             + (f" --methods {' '.join(repr(m) for m in args.methods)}" if list(args.methods) != list(METHODS) else "")
             + "\n"]
     for name in args.models:

@@ -1,6 +1,6 @@
 """Where Qwen2-VL-7B's prefill time goes: the vision tower alone vs the whole forward, unpatched and patched.
 
-    python -m vltok.eval.profile_qwen   (GPU; random bf16 weights; the speed benchmark's 1008 x 1456 image)
+    python -m vltok.eval.tools.profile_qwen   (GPU; random bf16 weights; the speed benchmark's 1008 x 1456 image)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Quality of vision-encoder merging on real weights, outside any VLM: DINOv2-S/14 in timm, linear probes on ``shapes``.
 
-``python -m vltok.eval.encoder_quality [--n-train 400 --n-test 200 --img-size 224 --device cpu --out PATH]``
+``python -m vltok.eval.tools.encoder_quality [--n-train 400 --n-test 200 --img-size 224 --device cpu --out PATH]``
 (needs timm: run it in the ``.venv-vision`` environment).
 
 1. The pretrained DINOv2-S/14 (the reference VLM's base encoder, HF ``Dinov2`` key names, from the
@@ -440,7 +440,7 @@ def to_markdown(res: dict) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vltok.eval.encoder_quality", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vltok.eval.tools.encoder_quality", description=__doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--img-size", type=int, default=224, help="pixels (a multiple of 14); 224 -> 256 patches")
@@ -464,7 +464,7 @@ def main(argv=None):
     import sys
 
     args = parse_args(argv)
-    args.command = "python -m vltok.eval.encoder_quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command = "python -m vltok.eval.tools.encoder_quality " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(args)

@@ -1,7 +1,7 @@
 """Train the video reference VLM's delta (``vltok-ref-video``) on one GPU, then score it on the shapes-video test
 split (per type) and run the single-frame check (the same model fed only the middle frame).
 
-    python -m vltok.eval.train_reference_video --out runs/ref-video            # ~6-8 min on one H100 / H200
+    python -m vltok.train_reference_video --out runs/ref-video            # ~6-8 min on one H100 / H200
 
 Starts from the image reference (its trained delta merged; vltok.reference_video) and trains what the image
 reference's training trains minus the vision layers: the projector and LoRA on every LM linear (on top of the
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -30,15 +29,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from vltok import reference as R
 from vltok import reference_video as RV
 
-from . import quality_video as Q
-from . import shapes_video as S
-from .train_reference import add_lora, answer_accuracy, save_delta
+from vltok.eval import quality_video as Q
+from vltok.eval import shapes_video as S
+from .train_reference import add_lora, save_delta, train_loop
 
 FRAME_MIX = ((16, 0.7), (8, 0.15), (4, 0.15))
 
@@ -180,7 +177,6 @@ def main(argv=None):
     lora_params = [p for l in loras.values() for p in (l.A, l.B)]
     groups = [{"params": proj_params, "lr": args.lr_projector}, {"params": lora_params, "lr": args.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98), fused=dev.type == "cuda")
-    base_lrs = [g["lr"] for g in opt.param_groups]
     n_train = sum(p.numel() for g in groups for p in g["params"])
     tok = processor.tokenizer
     data = TrainClips(tok, args.steps * args.batch_size, args.batch_size, args.data_offset, args.seed, args.frames)
@@ -197,56 +193,17 @@ def main(argv=None):
     log.write(json.dumps({"config": config}) + "\n")
     print(json.dumps({"config": config}), flush=True)
     model.train()
-    win = {"loss": [], "tok": [], "types": {}}
-    t_train = time.time()
-    step, stopped_early = 0, None
-    for step, (ids, labels, mask, u8, types) in enumerate(loader, 1):
+
+    def prepare(batch):
+        ids, labels, mask, u8, types = batch
         ids, labels, mask = ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), mask.to(dev)
         px = Q.normalize(u8.to(dev, non_blocking=True), torch.float32)
-        frac = step / args.steps
-        if args.max_minutes is not None:
-            frac = max(frac, (time.time() - t_train) / max(1.0, 60 * args.max_minutes))
-        warm = min(1.0, step / max(1, args.warmup))
-        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * warm * decay
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = inner(input_ids=ids, pixel_values_videos=px, attention_mask=mask).last_hidden_state
-            tgt = labels[:, 1:]
-            sel = tgt != -100
-            logits = model.lm_head(hidden[:, :-1][sel]).float()
-        loss = F.cross_entropy(logits, tgt[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        with torch.no_grad():
-            ok_flat = logits.argmax(-1) == tgt[sel]
-            ok = torch.zeros_like(tgt, dtype=torch.bool)
-            ok[sel] = ok_flat
-            win["loss"].append(loss.item())
-            win["tok"].append(ok_flat.float().mean().item())
-            for t, v in answer_accuracy(ok.cpu(), labels.cpu(), types).items():
-                win["types"].setdefault(t, []).extend(v)
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - t_train
-            rec = {"step": step, "frames": int(u8.shape[1]), "loss": round(sum(win["loss"]) / len(win["loss"]), 4),
-                   "token_acc": round(sum(win["tok"]) / len(win["tok"]), 4),
-                   "answer_acc": {t: round(sum(v) / len(v), 3) for t, v in sorted(win["types"].items())},
-                   "lr": opt.param_groups[1]["lr"], "elapsed_s": round(el, 1),
-                   "videos_per_s": round(step * args.batch_size / el, 1)}
-            if dev.type == "cuda":
-                rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(json.dumps(rec), flush=True)
-            win = {"loss": [], "tok": [], "types": {}}
-        if args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes:
-            stopped_early = step
-            break
-        if step >= args.steps:
-            break
-    train_s = time.time() - t_train
+        return dict(input_ids=ids, pixel_values_videos=px, attention_mask=mask), labels, types, {"frames": int(u8.shape[1])}
+
+    step, stopped_early, train_s = train_loop(
+        model, loader, opt, prepare=prepare, steps=args.steps, batch_size=args.batch_size, warmup=args.warmup,
+        schedule="cosine", bf16=bf16, device=dev, log=log, log_every=args.log_every, max_minutes=args.max_minutes,
+        rate_key="videos_per_s", digits=(4, 4, 3))
     import hashlib
 
     img_delta = R.default_delta_path()
@@ -282,7 +239,7 @@ def main(argv=None):
     res["dataset_version"] = S.VERSION
     res["training"] = {"steps": step, "train_seconds": round(train_s, 1),
                        "total_seconds": round(time.time() - t_start, 1),
-                       "command": "python -m vltok.eval.train_reference_video " +
+                       "command": "python -m vltok.train_reference_video " +
                        " ".join(argv if argv is not None else sys.argv[1:])}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     md = results_markdown(res)

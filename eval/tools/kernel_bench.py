@@ -1,6 +1,6 @@
 """Kernel micro-benchmarks on one GPU: the Triton kernels against their torch references, with floors.
 
-    python -m vltok.eval.kernel_bench --out eval/results/kernels-h100.md
+    python -m vltok.eval.tools.kernel_bench --out eval/results/kernels-h100.md
 
 DCT low-pass: torch dense GEMM (one cuBLAS call on the cached basis) vs the Triton kernel; floor = bytes moved
 (input read once, output written once, basis once) / measured device-to-device copy bandwidth.

@@ -1,10 +1,10 @@
 """Train the reference VLM's delta: the LLaVA projector, LoRA on every LM linear, and the last DINOv2 layers that
 feed the selected feature layer. Data is generated on the fly from the ``train`` split of shapes (never ``test``).
 
-    python -m vltok.eval.train_reference --device cuda --steps 1400 --out assets/vltok-ref-delta.safetensors
+    python -m vltok.train_reference --device cuda --steps 1400 --out assets/vltok-ref-delta.safetensors
 
 The committed delta was trained in three time-capped segments, each resuming from the last (``--resume``,
-``--data-offset``); eval/results/README.md has the exact commands and the accuracy after each.
+``--data-offset``); eval/results/archive/README.md has the exact commands and the accuracy after each.
 Everything is seeded: scene ``i`` of step ``s`` is train seed ``offset + s * batch + i``, and LoRA / projector init use
 ``--seed``. (GPU kernels are not bit-deterministic, so a rerun matches to rounding, not bit for bit.)
 The delta holds ``projector.*`` (fp32), ``lora.<LM linear>.A/.B`` (fp16; merged into the weights at load) and
@@ -28,7 +28,7 @@ from torch import nn
 
 from vltok import reference as R
 
-from . import runner, shapes
+from vltok.eval import runner, shapes
 
 RECIPES = {
     # (a) produced the first delta (run 1); (b) was tried second and scored lower (run 2). Both put the questions
@@ -259,6 +259,84 @@ def answer_accuracy(pred_ok: torch.Tensor, labels: torch.Tensor, types: list[lis
     return out
 
 
+def train_loop(model, loader, opt, *, prepare, steps: int, batch_size: int, warmup: int, schedule: str, bf16: bool,
+               device: torch.device, log, log_every: int, max_minutes: float | None = None,
+               cap_start: float | None = None, rate_key: str = "images_per_s",
+               digits: tuple[int | None, int | None, int] = (None, None, 4)) -> tuple[int, int | None, float]:
+    """The training step of both reference VLMs (this module's image delta and :mod:`vltok.train_reference_video`):
+    per batch, the LR schedule (linear warm-up, then ``schedule`` "cosine" from 1 to 0.1 or "flat" with a linear
+    drop to 0.1 over the last quarter; with ``max_minutes`` the schedule follows the clock when that is further
+    along), the LLaVA model's inner forward under bf16 autocast, cross-entropy on the answer tokens only, clipped
+    AdamW step, and every ``log_every`` steps one JSON line of window means (loss, token accuracy, teacher-forced
+    answer accuracy per type) to ``log`` and stdout.
+
+    ``prepare(batch)`` returns ``(inputs, labels, types, extra)``: the keyword arguments of ``model.model``, the
+    labels (-100 off the answers), the question types per sample and extra fields for the log record. The time cap
+    counts from ``cap_start`` (default: the loop's start). ``digits`` rounds loss / token_acc / answer_acc in the log
+    (None: unrounded). Returns (last step, step of an early stop or None, training seconds)."""
+    inner = model.model
+    params = [p for g in opt.param_groups for p in g["params"]]
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    win = {"loss": [], "tok": [], "types": {}}
+    t_train = time.time()
+    cap_start = t_train if cap_start is None else cap_start
+    step, stopped_early = 0, None
+
+    def rnd(x, d):
+        return x if d is None else round(x, d)
+
+    for step, batch in enumerate(loader, 1):
+        inputs, labels, types, extra = prepare(batch)
+        frac = step / steps
+        if max_minutes is not None:  # a time-capped run still reaches the end of its schedule
+            budget = 60 * max_minutes - (t_train - cap_start)
+            frac = max(frac, (time.time() - t_train) / max(1.0, budget))
+        warm = min(1.0, step / max(1, warmup))
+        if schedule == "cosine":  # cosine from 1 to 0.1
+            decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        else:  # constant, then linear to 0.1 over the last quarter
+            decay = 1.0 - 0.9 * max(0.0, frac - 0.75) / 0.25
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * warm * decay
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = inner(**inputs).last_hidden_state
+            tgt = labels[:, 1:]
+            sel = tgt != -100
+            logits = model.lm_head(hidden[:, :-1][sel]).float()
+        loss = F.cross_entropy(logits, tgt[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            ok_flat = logits.argmax(-1) == tgt[sel]
+            ok = torch.zeros_like(tgt, dtype=torch.bool)
+            ok[sel] = ok_flat
+            win["loss"].append(loss.item())
+            win["tok"].append(ok_flat.float().mean().item())
+            for t, v in answer_accuracy(ok.cpu(), labels.cpu(), types).items():
+                win["types"].setdefault(t, []).extend(v)
+        if step % log_every == 0 or step == steps:
+            el = time.time() - t_train
+            rec = {"step": step, **extra, "loss": rnd(sum(win["loss"]) / len(win["loss"]), digits[0]),
+                   "token_acc": rnd(sum(win["tok"]) / len(win["tok"]), digits[1]),
+                   "answer_acc": {t: round(sum(v) / len(v), digits[2]) for t, v in sorted(win["types"].items())},
+                   "lr": opt.param_groups[1]["lr"], "elapsed_s": round(el, 1),
+                   rate_key: round(step * batch_size / el, 1)}
+            if device.type == "cuda":
+                rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+            win = {"loss": [], "tok": [], "types": {}}
+        if max_minutes is not None and time.time() - cap_start > 60 * max_minutes:
+            stopped_early = step
+            break
+        if step >= steps:
+            break
+    return step, stopped_early, time.time() - t_train
+
+
 def save_delta(model, loras: dict[str, LoRALinear], vision_layers: list[int], path: Path, meta: dict,
                standardize: Standardize | None = None) -> int:
     from safetensors.torch import save_file
@@ -411,7 +489,6 @@ def main(argv=None):
     if vis_params:
         groups.append({"params": vis_params, "lr": args.lr_vision})
     opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98), fused=dev.type == "cuda")
-    base_lrs = [g["lr"] for g in opt.param_groups]
     n_train = sum(p.numel() for g in groups for p in g["params"])
     print(f"trainable params: {n_train / 1e6:.2f} M (projector {sum(p.numel() for p in proj_params)}, "
           f"LoRA r={args.rank} on {len(loras)} linears, vision layers {vis_layers})", flush=True)
@@ -446,12 +523,9 @@ def main(argv=None):
     config["transformers"] = transformers.__version__
     log.write(json.dumps({"config": config}) + "\n")
     model.train()
-    win = {"loss": [], "tok": [], "types": {}}
-    t_train = time.time()
-    stopped_early = None
-    step = 0
     sdpa = getattr(model.config.text_config, "_attn_implementation", None) == "sdpa"
-    for step, batch in enumerate(loader, 1):
+
+    def prepare(batch):
         if fanout:
             ids, labels, segs, pos, pix, types = batch
             segs, pos = segs.to(dev, non_blocking=True), pos.to(dev, non_blocking=True)
@@ -462,54 +536,13 @@ def main(argv=None):
             mask = mask.to(dev)
         ids, labels = ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         pix = pix.to(dev, non_blocking=True)
-        frac = step / args.steps
-        if args.max_minutes is not None:  # a time-capped run still reaches the end of its schedule
-            budget = 60 * args.max_minutes - (t_train - t_start)
-            frac = max(frac, (time.time() - t_train) / max(1.0, budget))
-        warm = min(1.0, step / max(1, args.warmup))
-        if recipe["schedule"] == "cosine":  # (a) cosine from 1 to 0.1
-            decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        else:  # (b) constant, then linear to 0.1 over the last quarter
-            decay = 1.0 - 0.9 * max(0.0, frac - 0.75) / 0.25
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * warm * decay
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = inner(input_ids=ids, pixel_values=pix, attention_mask=mask, position_ids=pos).last_hidden_state
-            tgt = labels[:, 1:]
-            sel = tgt != -100
-            logits = model.lm_head(hidden[:, :-1][sel]).float()
-        loss = F.cross_entropy(logits, tgt[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        with torch.no_grad():
-            ok_flat = logits.argmax(-1) == tgt[sel]
-            ok = torch.zeros_like(tgt, dtype=torch.bool)
-            ok[sel] = ok_flat
-            win["loss"].append(loss.item())
-            win["tok"].append(ok_flat.float().mean().item())
-            for t, v in answer_accuracy(ok.cpu(), labels.cpu(), types).items():
-                win["types"].setdefault(t, []).extend(v)
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - t_train
-            rec = {"step": step, "loss": sum(win["loss"]) / len(win["loss"]),
-                   "token_acc": sum(win["tok"]) / len(win["tok"]),
-                   "answer_acc": {t: round(sum(v) / len(v), 4) for t, v in sorted(win["types"].items())},
-                   "lr": opt.param_groups[1]["lr"], "elapsed_s": round(el, 1),
-                   "images_per_s": round(step * args.batch_size / el, 1)}
-            if dev.type == "cuda":
-                rec["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(json.dumps(rec), flush=True)
-            win = {"loss": [], "tok": [], "types": {}}
-        if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
-            stopped_early = step
-            break
-        if step >= args.steps:
-            break
-    train_s = time.time() - t_train
+        return dict(input_ids=ids, pixel_values=pix, attention_mask=mask, position_ids=pos), labels, types, {}
+
+    # (a) cosine schedule; (b) / (c) flat
+    step, stopped_early, train_s = train_loop(
+        model, loader, opt, prepare=prepare, steps=args.steps, batch_size=args.batch_size, warmup=args.warmup,
+        schedule=recipe["schedule"], bf16=bf16, device=dev, log=log, log_every=args.log_every,
+        max_minutes=args.max_minutes, cap_start=t_start)
     meta = {"format": "vltok-ref-delta/1", "lora_scale": args.alpha / args.rank, "lora_rank": args.rank,
             "vision_feature_layer": model.config.vision_feature_layer, "steps": step, "seed": args.seed,
             "batch_size": args.batch_size, "vision_layers": ",".join(map(str, vis_layers)),
@@ -533,7 +566,7 @@ def main(argv=None):
         model, processor = R.load(device=dev, delta=args.out)  # exactly what users load (merged, fp32)
         res = runner.evaluate(model, processor, ed, batch_size=args.eval_batch, progress=False)
         res["training"] = {"steps": step, "train_seconds": round(train_s, 1), "total_seconds":
-                           round(time.time() - t_start, 1), "command": "python -m vltok.eval.train_reference " +
+                           round(time.time() - t_start, 1), "command": "python -m vltok.train_reference " +
                            " ".join(argv if argv is not None else sys.argv[1:])}
         runner.write(res, args.eval_json)
         print(runner.markdown([res]), flush=True)

@@ -5,7 +5,7 @@ FEATHER's RoPE-free criterion plus uniform grid should not (specs/methods/feathe
 (``vltok.reference.load()``) on the first ``n`` items of the balanced ``shapes`` test split and reports, per method,
 the share of the final kept visual tokens that lie in each third of the 24x24 grid (uniform = 1/3 each).
 
-    python -m vltok.eval.kept_regions --n 24 --keep 0.16
+    python -m vltok.eval.tools.kept_regions --n 24 --keep 0.16
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def kept_shares(model, processor, items, methods=METHODS, keep=0.16):
     import vltok
     from vltok.reference import prompt
 
-    from .shapes import render
+    from ..shapes import render
 
     out = {}
     dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
@@ -82,7 +82,7 @@ def main(argv=None):
             methods.append((name, json.loads(kw) if kw else {}))
     import vltok.reference as ref
 
-    from .shapes import test_item
+    from ..shapes import test_item
 
     model, processor = ref.load(device=args.device, delta={"auto": True, "none": False}.get(args.delta, args.delta))
     print("trained delta:", ref.default_delta_path() if args.delta == "auto" else args.delta, flush=True)

@@ -1,5 +1,5 @@
 """CPU decode time of the video pipeline (vltok.video.decoding) on generated H.264 clips: decord vs PyAV, 32 / 128
-uniformly sampled frames. `python -m vltok.eval.video_decode_bench` (needs av and decord)."""
+uniformly sampled frames. `python -m vltok.eval.tools.video_decode_bench` (needs av and decord)."""
 import time, statistics, tempfile, os
 from vltok.video.synthetic import write_video
 from vltok.video.decoding import decode
