@@ -30,6 +30,7 @@ import torch
 from .compat import cache_classes, get_cache
 from .errors import IncompatibleError
 from .kernels.select import cut_columns, last_row_scores
+from .stages import BatchView, Cut, DecodePolicy, ImageView, InLLMPolicy, Merge  # noqa: F401  (re-exported)
 
 _STATE = "_vltok_inllm"   # attribute on the DynamicCache: per-layer kept columns for decode steps
 _MAX_GRAPHS = 32          # cut graphs (and shapes seen once) kept per patched model; each holds its input buffers
@@ -51,48 +52,6 @@ class VisualImage:
     native: int | None = None   # tokens of this grid before a vision stage merged some (None: no vision stage)
 
 
-@dataclass(frozen=True)
-class Cut:
-    """Prune before decoder ``layer`` (>= 1), scored from the q/k projections of layer ``layer - 1``.
-
-    ``rope``: apply the model's rotary embedding to q and k before scoring (FastV, MustDrop) or not (FEATHER).
-    ``query``: ``"last"`` (the last real prompt token) or ``"text"`` (every real token after the last image).
-    ``softmax``: over the sample's visual keys only (``"visual"``) or over every key the query may see (``"all"``).
-    """
-
-    layer: int
-    rope: bool = False
-    query: str = "last"
-    softmax: str = "visual"
-    stage: int = 0          # index of this cut in the plan
-    params: tuple = ()      # method-specific budget data handed back to select()
-    scores: bool = True     # False: no attention scores (select() gets None; no q/k is kept for this cut)
-    hidden: bool = False    # True: the views carry the image's current hidden rows (``view.hidden``)
-
-
-@dataclass
-class Merge:
-    """What ``select`` / ``select_batch`` may return instead of plain indices: the survivors ``indices`` (into
-    view.raster, ascending: [k], or [G, k] from select_batch) and their new hidden rows ``rows`` ([k, d] / [G, k, d],
-    any float dtype; cast to the model's). Each survivor keeps its ORIGINAL column (position ids, rotary rows, mask
-    rows and columns); only its hidden row at this cut is replaced (e.g. by the mean of a window it represents)."""
-
-    indices: torch.Tensor
-    rows: torch.Tensor
-
-
-@dataclass
-class ImageView:
-    """What a method sees of one image at one cut: its grid, native count, survivors (raster indices, ascending)."""
-
-    grid: tuple[int, int] | None
-    n: int
-    raster: torch.Tensor
-    protected: torch.Tensor | None = None
-    saliency: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None   # [n_cur, d] the survivors' hidden rows at this cut (``Cut.hidden`` only)
-
-
 @dataclass
 class _Sample:
     images: list = field(default_factory=list)      # per image: [abs positions (current survivors), raster indices]
@@ -110,18 +69,6 @@ class _Slot:
     extra: int
     image: int
     saliency: torch.Tensor | None   # [B, n]
-
-
-@dataclass
-class BatchView:
-    """What ``select_batch`` sees of one image slot at one cut, for G samples at once: ``raster`` [G, n_cur]
-    (ascending per row), ``saliency`` [G, n] or None. Every row has the same grid, native count and survivor count."""
-
-    grid: tuple[int, int] | None
-    n: int
-    raster: torch.Tensor
-    saliency: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None   # [G, n_cur, d] (``Cut.hidden`` only)
 
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor, seq_axis: int) -> torch.Tensor:
