@@ -135,10 +135,7 @@ def attention_rows_batched(q: torch.Tensor, k: torch.Tensor, key_ok: torch.Tenso
     return torch.softmax(logits, dim=-1).mean(1)
 
 
-def _base_rope_code():
-    from vltok.adapters.base import PlaceholderAdapter
-
-    return PlaceholderAdapter.apply_rope.__code__
+ROPE_CONVENTIONS = ("rotate_half", "custom")   # an adapter's ``rope_convention`` (see PlaceholderAdapter)
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -167,6 +164,9 @@ class InLLMEngine:
         lm = ad.language_model()
         layers = list(ad.decoder_layers())
         self.n_layers = len(layers)
+        if ad.rope_convention not in ROPE_CONVENTIONS:
+            raise IncompatibleError(f"vltok's {ad.family} adapter declares rope_convention={ad.rope_convention!r}; "
+                                    f"the in-LLM engine knows {', '.join(map(repr, ROPE_CONVENTIONS))}")
         validate = getattr(self.method.in_llm, "validate", None)
         if validate is not None:
             validate(self.n_layers)   # refuse impossible budgets at patch time, before any hook is installed
@@ -652,7 +652,7 @@ class InLLMEngine:
         if cut.rope:
             pe = kwargs.get("position_embeddings")
             if pe is None or len(pe) != 2 or pe[0].dim() != 3 or pe[0].shape[0] not in (1, prev.shape[0]) \
-                    or getattr(type(self.adapter).apply_rope, "__code__", None) is not _base_rope_code():
+                    or self.adapter.rope_convention != "rotate_half":
                 return None
             cos, sin = pe
         last = self._last_abs()
