@@ -45,3 +45,49 @@ def test_unknown_rope_convention_is_refused_at_patch_time(model, monkeypatch):
     with pytest.raises(IncompatibleError, match="rope_convention='yarn'"):
         vltok.patch(model, "fastv", keep=0.5)
     assert vltok.get_handle(model) is None
+
+
+def test_cut_graphs_option_is_validated_and_reaches_the_engine(model):
+    """cut_graphs: True / False / None, checked at patch time (nothing is left installed when refused); the
+    engine reads it from the handle (CPU: True is refused, since graphs need the model on CUDA; GPU behaviour is
+    tests/test_inllm_batched.py's and tests/test_cut_graphs.py's)."""
+    from vltok.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="cut_graphs must be True, False or None"):
+        vltok.patch(model, "fastv", keep=0.5, cut_graphs="0")
+    with pytest.raises(IncompatibleError, match="model.cuda"):
+        vltok.patch(model, "fastv", keep=0.5, cut_graphs=True)
+    with pytest.raises(IncompatibleError, match="graph_safe"):
+        vltok.patch(model, "mustdrop", keep=0.5, cut_graphs=True)
+    with pytest.raises(IncompatibleError, match="graph_safe"):
+        vltok.patch(model, "pool", keep=0.25, cut_graphs=True)
+    assert vltok.get_handle(model) is None
+    for value in (None, False):
+        with vltok.patched(model, "fastv", keep=0.5, cut_graphs=value) as h:
+            assert h.cut_graphs is value and h.adapter.engine.handle is h
+    with vltok.patched(model, "feather", keep=0.5) as h:
+        h.cut_graphs = False                       # assignable, validated like the option
+        assert h.cut_graphs is False
+        with pytest.raises(IncompatibleError, match="model.cuda"):
+            h.cut_graphs = True
+        with pytest.raises(InvalidOptionError):
+            h.cut_graphs = 1
+        assert h.cut_graphs is False
+        import copy
+
+        clone = copy.deepcopy(model)               # the copy is patched with the same option
+        assert vltok.get_handle(clone).cut_graphs is False
+        vltok.unpatch(clone)
+
+
+def test_speed_profiles_the_eager_cut_through_the_option(model):
+    """eval/speed.py turns the cut graphs off through the handle (no environment variable) and restores them."""
+    import os
+
+    from vltok.eval.speed import _eager_cut
+
+    with vltok.patched(model, "fastv", keep=0.5) as h:
+        with _eager_cut(h):
+            assert h.cut_graphs is False
+        assert h.cut_graphs is None
+    assert "VLTOK_CUT_GRAPHS" not in os.environ

@@ -20,7 +20,6 @@ store shorter K/V in the ``DynamicCache``; each decode step's 4-D mask is gather
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -434,11 +433,11 @@ class InLLMEngine:
         second captures scores, selection, compaction and the gather of the survivors' rows, later ones copy the
         inputs into the graph's buffers and replay it, a dozen host calls instead of ~70 launches' Python. Returns
         the survivors' hidden rows (the call's state updated as the eager cut does), or None for the eager path.
-        ``VLTOK_CUT_GRAPHS=0`` turns it off."""
+        ``vltok.patch(..., cut_graphs=False)`` (``handle.cut_graphs``) turns it off."""
         c = self._call
         if not (hidden.is_cuda and c["slots"] is not None and cut.scores and cut.query == "last" and not cut.hidden
                 and getattr(self.method.in_llm, "graph_safe", False)
-                and os.environ.get("VLTOK_CUT_GRAPHS", "1") != "0"
+                and self.handle.cut_graphs is not False
                 and not torch.cuda.is_current_stream_capturing()):   # (inside vltok.fast's graph: captured eagerly)
             return None
         pe = kw.get("position_embeddings")
