@@ -1,4 +1,4 @@
-"""The graph-replayed in-LLM cut (vltok.inllm.InLLMEngine._graphed_cut) against the eager cut on the other families
+"""The graph-replayed in-LLM cut (vltok.inllm.CutGraphs) against the eager cut on the other families
 that take the batched path: LLaVA-NeXT (two grids per image) and Qwen2-VL / Qwen2.5-VL (M-RoPE). GPU only."""
 import pytest
 import torch
