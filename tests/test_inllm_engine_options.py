@@ -91,3 +91,21 @@ def test_speed_profiles_the_eager_cut_through_the_option(model):
             assert h.cut_graphs is False
         assert h.cut_graphs is None
     assert "VLTOK_CUT_GRAPHS" not in os.environ
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", [True, None, False])
+def test_cut_graphs_option_on_gpu(value):
+    """On CUDA: True / None capture the cut's graph (2nd call of a shape) and replay it; False never does. Every
+    setting gives the eager cut's columns."""
+    m = tiny_llava_deep("sdpa").cuda()
+    inp = {k: v.cuda() for k, v in batch(m, "b2-left").items()}
+    with vltok.patched(m, "fastv", keep=0.5, K=2, cut_graphs=False) as h:
+        m(**inp)
+        want = {k: v.clone() for k, v in h.inllm_prefill_columns.items()}
+    with vltok.patched(m, "fastv", keep=0.5, K=2, cut_graphs=value) as h:
+        for _ in range(3):
+            m(**inp)
+            assert all(torch.equal(h.inllm_prefill_columns[k], want[k]) for k in want)
+        graphs = sum(isinstance(e, dict) for e in h.adapter.engine._graphs.values())
+    assert (graphs >= 1) == (value is not False)
