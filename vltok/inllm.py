@@ -61,8 +61,10 @@ class PendingCall(NamedTuple):
 
 @dataclass
 class _Sample:
-    images: list = field(default_factory=list)      # per image: [abs positions (current survivors), raster indices,
-    #                                                   its VisualImage]
+    """One sample on the per-sample path: per image [absolute columns of its current survivors, their raster indices,
+    its VisualImage]."""
+
+    images: list = field(default_factory=list)
 
 
 @dataclass
