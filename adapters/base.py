@@ -98,8 +98,13 @@ class PlaceholderAdapter:
         """A decoder layer's attention module: has q_proj / k_proj (pre-RoPE outputs), head_dim and scaling."""
         return layer.self_attn
 
+    # the rotary convention of apply_rope: "rotate_half" (Llama / Qwen2; Qwen2-VL's M-RoPE too, whose sections HF
+    # merges into the loop-level cos / sin [B, S, hd]) lets the engine fuse it into its scoring kernel; an adapter
+    # that overrides apply_rope with another convention sets "custom" (the engine then calls apply_rope)
+    rope_convention = "rotate_half"
+
     def apply_rope(self, q, k, cos, sin):
-        """Rotate q, k [B, H, S, hd] with the loop-level cos / sin (Llama convention; Qwen M-RoPE overrides)."""
+        """Rotate q, k [B, H, S, hd] with the loop-level cos / sin [B, S, hd] (rotate-half convention)."""
         from vltok.inllm import rotate_half_rope
 
         return rotate_half_rope(q, k, cos, sin)

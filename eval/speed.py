@@ -136,7 +136,7 @@ def vltok_device_time(handle, fwd) -> float:
     dev = []
     # the in-LLM cut runs eagerly here: the profiler then sees each of its kernels under vltok's ranges (a replayed
     # cut graph runs the same kernels, plus the copies of its inputs into the graph's buffers)
-    with _env("VLTOK_CUT_GRAPHS", "0"), _vltok_ranges(handle):
+    with _eager_cut(handle), _vltok_ranges(handle):
         fwd()
         torch.cuda.synchronize()
         for _ in range(3):
@@ -150,17 +150,14 @@ def vltok_device_time(handle, fwd) -> float:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
-    """The environment variable ``name`` set to ``value`` for the duration, then restored (or removed)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _eager_cut(handle):
+    """The handle's in-LLM cut run eagerly (``handle.cut_graphs = False``) for the duration, then restored."""
+    old = handle.cut_graphs
+    handle.cut_graphs = False
     try:
         yield
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        handle.cut_graphs = old
 
 
 def _has_vltok_parent(ev) -> bool:

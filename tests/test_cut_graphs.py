@@ -1,4 +1,4 @@
-"""The graph-replayed in-LLM cut (vltok.inllm.InLLMEngine._graphed_cut) against the eager cut on the other families
+"""The graph-replayed in-LLM cut (vltok.inllm.CutGraphs) against the eager cut on the other families
 that take the batched path: LLaVA-NeXT (two grids per image) and Qwen2-VL / Qwen2.5-VL (M-RoPE). GPU only."""
 import pytest
 import torch
@@ -15,8 +15,7 @@ METHODS = [("fastv", dict(keep=0.5, K=2)), ("feather", dict(keep=0.5, layers=(2,
 def _compare(m, inputs, method, kw, monkeypatch):
     got = {}
     for graphs in ("0", "1"):
-        monkeypatch.setenv("VLTOK_CUT_GRAPHS", graphs)
-        with vltok.patched(m, method, **kw) as h:
+        with vltok.patched(m, method, cut_graphs=None if graphs == "1" else False, **kw) as h:
             runs = []
             for inp in inputs + inputs[:1]:   # capture on the 2nd call of the shape, replays after
                 logits = m(**inp).logits

@@ -137,8 +137,7 @@ def test_cut_graph_replays_equal_the_eager_cut_on_gpu(kind, method, kw, monkeypa
               for i in range(4)]
     got = {}
     for graphs in ("0", "1"):
-        monkeypatch.setenv("VLTOK_CUT_GRAPHS", graphs)
-        with vltok.patched(m, method, **kw) as h:
+        with vltok.patched(m, method, cut_graphs=None if graphs == "1" else False, **kw) as h:
             runs = []
             for inp in inputs + inputs[:1]:   # capture on the 2nd call, replays after, with changing pixels
                 logits = m(**inp).logits
@@ -166,10 +165,10 @@ def test_cut_graph_cache_is_bounded_on_gpu(monkeypatch):
                   attention_mask=None) for extra in range(4)]
     with vltok.patched(m, "fastv", keep=0.5, K=2) as h:
         ref = []
-        monkeypatch.setenv("VLTOK_CUT_GRAPHS", "0")
+        h.cut_graphs = False
         for call in calls:
             ref.append(m(**call).logits)
-        monkeypatch.setenv("VLTOK_CUT_GRAPHS", "1")
+        h.cut_graphs = None
         for _ in range(3):   # seen, captured, replayed per length, while older lengths are dropped
             for call, r in zip(calls, ref):
                 assert (m(**call).logits - r).abs().max() < 1e-4

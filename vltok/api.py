@@ -61,9 +61,20 @@ class PatchHandle:
         self.record_kept = False
         self._kept_stages: list = []   # raw records behind kept_patches() (vltok/kept.py)
         self._kept_inllm = None
+        self._cut_graphs = None   # see the cut_graphs property
         # one call at a time: per-call state (placeholder rewrite, in-LLM cut state, stats) lives on the adapter /
         # engine, so concurrent calls from several threads are serialized (never mixed); see _install_guards
         self._lock = threading.RLock()
+
+    @property
+    def cut_graphs(self) -> bool | None:
+        """``patch(..., cut_graphs=...)``: whether the in-LLM engine may replay a cut from a CUDA graph (None: where
+        it applies; False: never). Assignable (validated as at patch time), e.g. off while a profiler runs."""
+        return self._cut_graphs
+
+    @cut_graphs.setter
+    def cut_graphs(self, value) -> None:
+        self._cut_graphs = _check_cut_graphs(value, self.model, self.method)
 
     # -- stats (called by adapters) ----------------------------------------------------------------------------
     def _start_call(self):
@@ -173,6 +184,27 @@ def _check_keep(keep) -> float:
     return keep
 
 
+def _check_cut_graphs(value, model, method):
+    """The ``cut_graphs`` option: None (the default: the in-LLM cut of a ``graph_safe`` method is replayed from a
+    CUDA graph where it can be, i.e. on CUDA, batched samples, the last token as query), False (always eager) or True
+    (as None, but refused where graphs can never apply: a method without a graph-safe in-LLM stage, or a model that
+    is not on a CUDA device at patch time; a model moved off CUDA later simply runs eagerly)."""
+    if value is not None and not isinstance(value, bool):
+        raise InvalidOptionError(f"cut_graphs must be True, False or None (the default: CUDA graphs for the in-LLM "
+                                 f"cut where they apply); got {value!r}")
+    if value:
+        if method.in_llm is None or not getattr(method.in_llm, "graph_safe", False):
+            raise IncompatibleError(f"cut_graphs=True: method {method.name!r} has no in-LLM cut that can be replayed "
+                                    "from a CUDA graph (only methods marked graph_safe, e.g. fastv, feather); pass "
+                                    "cut_graphs=None (the default) or False")
+        p = next(iter(model.parameters()), None)
+        if p is None or not p.is_cuda:
+            raise IncompatibleError("cut_graphs=True replays the in-LLM cut from CUDA graphs, which needs the model on "
+                                    "a CUDA device: move it with model.cuda() before patching, or pass "
+                                    "cut_graphs=None (graphs only where they apply)")
+    return value
+
+
 def build_method(name: str, keep: float, **kwargs):
     info = registry.get(name)
     keep = _check_keep(keep)
@@ -191,11 +223,12 @@ def build_method(name: str, keep: float, **kwargs):
         raise InvalidOptionError(f"method {name!r}: {e}") from e
 
 
-def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
+def patch(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = None, **kwargs) -> PatchHandle:
     """Patch ``model`` in place so it carries only ``keep`` of its visual tokens; returns the handle.
 
     ``model(...)`` and ``model.generate(...)`` keep working on the processor's unmodified output.
-    Undo with ``vltok.unpatch(model)`` or ``handle.remove()``.
+    Undo with ``vltok.unpatch(model)`` or ``handle.remove()``. ``kwargs`` are the method's options;
+    ``cut_graphs`` (in-LLM methods): replay the cut from CUDA graphs, see :func:`_check_cut_graphs`.
     """
     from vltok.adapters import find_adapter  # adapters import vltok, so import late
 
@@ -217,7 +250,9 @@ def patch(model, method: str, keep: float = 0.16, **kwargs) -> PatchHandle:
     from .support import fit_to_family
 
     m = fit_to_family(adapter_cls, m)   # e.g. tome on Qwen2-VL merges after the merger; MustDrop's stage 1 dropped
+    cut_graphs = _check_cut_graphs(cut_graphs, model, m)
     handle = PatchHandle(model, m, adapter_cls)
+    handle._cut_graphs = cut_graphs
     handle._spec, handle._adapter_cls = spec, adapter_cls
     _attach(handle)
     return handle
@@ -271,7 +306,7 @@ def _install_guards(model, handle) -> None:
             finally:
                 _attach(handle)
             name, keep, kwargs = handle._spec
-            patch(clone, name, keep, **copy.deepcopy(kwargs, memo))
+            patch(clone, name, keep, cut_graphs=handle.cut_graphs, **copy.deepcopy(kwargs, memo))
             return clone
 
     def reduce_ex(protocol):
@@ -297,9 +332,9 @@ def get_handle(model) -> PatchHandle | None:
 
 
 @contextlib.contextmanager
-def patched(model, method: str, keep: float = 0.16, **kwargs):
+def patched(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = None, **kwargs):
     """``with vltok.patched(model, "pool", keep=0.25) as handle: ...`` -- unpatched again on exit."""
-    handle = patch(model, method, keep, **kwargs)
+    handle = patch(model, method, keep, cut_graphs=cut_graphs, **kwargs)
     try:
         yield handle
     finally:

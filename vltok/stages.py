@@ -101,3 +101,124 @@ def select(reducer, x: torch.Tensor, plan: GridPlan, **side) -> tuple[torch.Tens
         return reducer.select(x, plan, **side)
     idx = selected_indices(reducer, x, plan, **side)
     return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]).to(x.device))
+
+
+# -- in-LLM and decode stages ------------------------------------------------------------------------------------
+# The contract between an in-LLM method (``Method.in_llm``, ``Method.decode``) and the engine that runs it
+# (vltok/inllm.py). The types below are all a method sees; docs/architecture.md links here instead of restating them.
+
+from typing import runtime_checkable  # noqa: E402  (this section is appended; the imports above belong to the top part)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Prune before decoder ``layer`` (>= 1), scored from the q/k projections of layer ``layer - 1``.
+
+    ``rope``: apply the model's rotary embedding to q and k before scoring (FastV, MustDrop) or not (FEATHER).
+    ``query``: ``"last"`` (the last real prompt token) or ``"text"`` (every real token after the last image).
+    ``softmax``: over the sample's visual keys only (``"visual"``) or over every key the query may see (``"all"``).
+    """
+
+    layer: int
+    rope: bool = False
+    query: str = "last"
+    softmax: str = "visual"
+    stage: int = 0          # index of this cut in the plan
+    params: tuple = ()      # method-specific budget data handed back to select()
+    scores: bool = True     # False: no attention scores (select() gets None; no q/k is kept for this cut)
+    hidden: bool = False    # True: the views carry the image's current hidden rows (``view.hidden``)
+
+
+@dataclass
+class Merge:
+    """What ``select`` / ``select_batch`` may return instead of plain indices: the survivors ``indices`` (into
+    view.raster, ascending: [k], or [G, k] from select_batch) and their new hidden rows ``rows`` ([k, d] / [G, k, d],
+    any float dtype; cast to the model's). Each survivor keeps its ORIGINAL column (position ids, rotary rows, mask
+    rows and columns); only its hidden row at this cut is replaced (e.g. by the mean of a window it represents)."""
+
+    indices: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass
+class ImageView:
+    """What a method sees of one image at one cut: its grid, native count, survivors (raster indices, ascending)."""
+
+    grid: tuple[int, int] | None
+    n: int
+    raster: torch.Tensor
+    protected: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None   # [n_cur, d] the survivors' hidden rows at this cut (``Cut.hidden`` only)
+
+
+@dataclass
+class BatchView:
+    """What ``select_batch`` sees of one image slot at one cut, for G samples at once: ``raster`` [G, n_cur]
+    (ascending per row), ``saliency`` [G, n] or None. Every row has the same grid, native count and survivor count."""
+
+    grid: tuple[int, int] | None
+    n: int
+    raster: torch.Tensor
+    saliency: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None   # [G, n_cur, d] (``Cut.hidden`` only)
+
+
+@runtime_checkable
+class InLLMPolicy(Protocol):
+    """``Method.in_llm``: prunes (or merges) visual tokens before chosen decoder layers at prefill.
+
+    Pure: it knows no model. The engine (vltok/inllm.py) finds the visual tokens, computes the attention scores a
+    :class:`Cut` asks for, applies the survivors and decodes on the shorter KV cache. Kept tokens keep their
+    ORIGINAL positions (position ids, rotary rows, mask rows and columns).
+
+    Required: :meth:`plan` and :meth:`select`. Optional members, looked up with ``getattr`` (absent = the default):
+
+    * ``select_batch(cut, view: BatchView, scores [G, R, n_cur] | None) -> [G, k] | Merge | None``: the same
+      choice as :meth:`select`, row by row, for G samples whose image slot has the same grid (the usual batch),
+      with no host sync. None declines (the engine then calls :meth:`select` sample by sample). See
+      :class:`BatchedInLLMPolicy`.
+    * ``validate(n_layers) -> None``: raise :class:`vltok.errors.IncompatibleError` at patch time for a budget the
+      model's depth cannot reach (before any hook is installed).
+    * ``needs_saliency: bool = False``: the adapter fills ``view.saliency`` with a vision-side score per token
+      (LLaVA: the CLS attention of the last ViT layer); an adapter without one warns and leaves it None.
+    * ``graph_safe: bool = False``: ``select_batch`` is sync-free index work (no ``.item()``, no data-dependent
+      shapes), so the engine may replay the cut from a CUDA graph (``vltok.patch(..., cut_graphs=...)``).
+    """
+
+    def plan(self, n_layers: int, images: list[tuple[int, tuple[int, int] | None]]) -> list[Cut]:
+        """The cuts of one call, from the first sample with images: ``images`` = per image (token count, grid or
+        None). Called with ``native=[count per image before the vision stage]`` as well when a vision stage of the
+        same method merged tokens first. Cuts outside ``1..n_layers-1`` are ignored; ``[]`` = nothing to prune."""
+        ...
+
+    def select(self, cut: Cut, view: ImageView, scores: torch.Tensor | None) -> torch.Tensor | Merge:
+        """The survivors of one image of one sample at ``cut``: indices into ``view.raster`` (any order, duplicates
+        allowed; the engine sorts them), or a :class:`Merge` (strictly ascending indices plus replacement rows).
+        ``scores`` [R, n_cur] fp32: the attention of R query rows (mean over heads) to the image's current tokens
+        (``cut.softmax`` says over which keys it was normalized); None when ``cut.scores`` is False. An image may keep
+        0 tokens."""
+        ...
+
+
+@runtime_checkable
+class BatchedInLLMPolicy(InLLMPolicy, Protocol):
+    """An :class:`InLLMPolicy` with the batched fast path (see ``select_batch`` there)."""
+
+    def select_batch(self, cut: Cut, view: BatchView,
+                     scores: torch.Tensor | None) -> torch.Tensor | Merge | None:
+        """:meth:`InLLMPolicy.select` for G samples at once: ``scores`` [G, R, n_cur] (padded query rows are zero)
+        -> [G, k] ascending per row (every row the same k), a :class:`Merge` with [G, k] indices and [G, k, d] rows,
+        or None to decline this cut."""
+        ...
+
+
+@runtime_checkable
+class DecodePolicy(Protocol):
+    """``Method.decode``: rewrites the KV cache after an in-LLM prefill (it needs an ``in_llm`` stage)."""
+
+    def evict_from(self, cuts: list[int]) -> int:
+        """Given the cut layers of the call (ascending), the first decoder layer whose cache keeps only the final
+        survivors (the columns of the returned logits). Layer 0 always keeps its full cache (HF reads the sequence
+        length from it)."""
+        ...

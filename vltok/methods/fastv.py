@@ -5,7 +5,7 @@ image comes from RoPE's decay). Specs: ../shared/specs/methods/feather.md ยง2, ย
 from __future__ import annotations
 
 from ..errors import IncompatibleError
-from ..inllm import Cut
+from ..stages import Cut
 from ..registry import boolean, choice, integer, register
 from ..stages import Method, kept_count
 from .feather import KEEP_MODES, query_mean, top_by_score, top_by_score_rows

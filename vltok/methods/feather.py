@@ -15,7 +15,7 @@ import torch
 from ..errors import IncompatibleError
 from ..registry import choice, int_pair, integer, optional, real, register
 from ..stages import Method
-from ..inllm import Cut
+from ..stages import Cut
 
 KEEP_MODES = ("flops", "final")
 A_MIN = 0.2   # below this stage-1 attention share the plan is mostly grid: move the layers earlier (spec §6.1)

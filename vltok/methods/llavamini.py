@@ -37,7 +37,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import IncompatibleError
-from ..inllm import Cut, Merge
+from ..stages import Cut, Merge
 from ..registry import choice, file_or, integer, optional, register
 from ..stages import GridPlan, Method
 from .baselines import pool_grid

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IncompatibleError
-from ..inllm import Cut
+from ..stages import Cut
 from ..registry import boolean, choice, integer, number, optional, real, register, seq_of
 from ..stages import Method
 from .crossget import importance
