@@ -20,8 +20,10 @@ from .llava_onevision import FrameVideos
 class VideoLlavaAdapter(FrameVideos, LlavaAdapter):
     family = "video_llava"
     stages = ("pre_llm", "in_llm", "decode")
-    runs_method_projector = False
-    runs_input_fusion = False
+    # the projector also reads video frames that keep their CLS, so no method projector / fusion runs there
+    sites = ("llm", "decoder_layers", "placeholder_runs")
+    side_inputs = ()
+    gives_saliency = False
     not_applicable = {
         "vision": "vltok's Video-LLaVA adapter does not hook the layers of its two CLIP towers (not wired yet)",
     }

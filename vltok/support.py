@@ -16,13 +16,14 @@ BEGIN, END = "<!-- support-matrix:begin (python -m vltok.support --write) -->", 
 
 def _optional(method, stage) -> bool:
     """A stage the method can run without (``optional`` on its stage object, e.g. MustDrop's stage 1)."""
-    return getattr(getattr(method, stage, None), "optional", False)
+    obj = getattr(method, stage, None)
+    return obj is not None and getattr(obj, "optional", False)   # (in-LLM / decode objects: see vltok.stages)
 
 
 def _post_fallback(adapter_cls, method):
     """``schedule="auto"`` (tome, crossget): where the family has no vision stage but a pre-LLM one, the vision
     merger's post-encoder reducer (``.post``) runs instead, as if ``schedule="post"`` had been asked for."""
-    post = getattr(getattr(method, "vision", None), "post", None)
+    post = method.vision.post if getattr(method, "vision", None) is not None else None
     if post is None or "vision" in adapter_cls.stages or "pre_llm" not in adapter_cls.stages:
         return method
     import dataclasses
@@ -36,20 +37,21 @@ def incompatibility(adapter_cls, method) -> str | None:
     method = _post_fallback(adapter_cls, method)
     stages = method.stages if hasattr(method, "stages") else tuple(method)
     missing = [s for s in stages if s not in adapter_cls.stages and not _optional(method, s)]
-    if getattr(getattr(method, "pre_llm", None), "temporal", False) and not getattr(adapter_cls, "runs_temporal", False):
+    reducer = getattr(method, "pre_llm", None)
+    if reducer is not None and reducer.temporal and not adapter_cls.runs_temporal:
         return (f"reduces across video frames (a temporal method); vltok's {adapter_cls.family} adapter has no video "
                 "input, and images pass through a temporal method unchanged")
     if not missing:
-        if getattr(getattr(method, "pre_llm", None), "projector", None) is not None and \
-                not getattr(adapter_cls, "runs_method_projector", False):
-            return (f"brings a trained projector, which vltok's {adapter_cls.family} adapter cannot run in place of "
-                    "the model's (LLaVA-1.5 only); use the training-free mode (no projector=)")
-        if getattr(getattr(method, "pre_llm", None), "fusion", None) is not None and \
-                not getattr(adapter_cls, "runs_input_fusion", False):
-            return (f"brings LLM-input fusion layers (trained LLaVA-Mini), which vltok's {adapter_cls.family} adapter "
-                    "cannot run (LLaVA-1.5 only); use a training-free mode (mode='pool')")
+        if reducer is not None:   # what the stage's install() needs of the family, and its side inputs
+            for site, reason in reducer.needed_sites().items():
+                if site not in adapter_cls.sites:
+                    return reason.format(family=adapter_cls.family)
+            lacking = [n for n in reducer.needs if n not in adapter_cls.side_inputs]
+            if lacking:
+                return (f"needs {', '.join(lacking)} (side input) before the LLM, which vltok's {adapter_cls.family} "
+                        f"adapter does not give (it gives: {', '.join(adapter_cls.side_inputs) or 'none'})")
         return None
-    reasons = getattr(adapter_cls, "not_applicable", {})
+    reasons = adapter_cls.not_applicable
     why = "; ".join(reasons[s] for s in missing if s in reasons)
     return (f"works in stage(s) {', '.join(missing)}, which vltok's {adapter_cls.family} adapter does not provide "
             f"(it provides: {', '.join(adapter_cls.stages)})" + (f": {why}" if why else ""))
@@ -65,12 +67,12 @@ def limitations(adapter_cls, method) -> str | None:
     if fitted is not method:
         out.append("merges after the vision encoder (schedule='post'): the family has no vision stage")
         method = fitted
-    if getattr(getattr(method, "pre_llm", None), "temporal", False):
+    if method.pre_llm is not None and method.pre_llm.temporal:
         out.append("videos only: images (and one-frame videos) pass through unchanged")
     parts = [s for s in method.stages if s not in adapter_cls.stages and _optional(method, s)]
     if parts:
         out.append(f"stage(s) {', '.join(parts)} not applicable (vltok's {adapter_cls.family} adapter has none)")
-    if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
+    if getattr(method.in_llm, "needs_saliency", False) and not adapter_cls.gives_saliency:
         out.append("key set not applicable: no vision-side CLS score (runs as key_rate=0)")
     if not out:
         return None
@@ -94,13 +96,6 @@ def fit_to_family(adapter_cls, method):
     return dataclasses.replace(method, **{s: None for s in drop})
 
 
-def _gives_saliency(adapter_cls) -> bool:
-    from vltok.adapters.base import PlaceholderAdapter
-
-    own = getattr(adapter_cls, "install_saliency", None)
-    return own is not None and own is not getattr(PlaceholderAdapter, "install_saliency", None)
-
-
 def default_method(name: str, **options):
     """The method as ``vltok.patch(model, name, keep=0.5, **options)`` builds it (its default options)."""
     return registry.get(name).factory(0.5, **options)
@@ -118,10 +113,8 @@ def rows() -> list[tuple[str, str, dict]]:
 
 def families() -> dict[str, list[str]]:
     """family -> the model classes its adapter covers (the adapters' registration order)."""
-    from vltok.adapters import SUPPORTED
-
     out: dict[str, list[str]] = {}
-    for cls_name, adapter in SUPPORTED.items():
+    for cls_name, adapter in registry.adapter_classes().items():
         out.setdefault(adapter.family, []).append(cls_name)
     return out
 
@@ -129,9 +122,7 @@ def families() -> dict[str, list[str]]:
 def matrix(notes: bool = False) -> dict:
     """(method, family) -> None when it works (with the method's default options), else the reason it does not;
     with ``notes``: (method, family) -> (reason, limitation) (limitation: what does not apply where it works)."""
-    from vltok.adapters import SUPPORTED
-
-    adapters = {a.family: a for a in SUPPORTED.values()}
+    adapters = {a.family: a for a in registry.adapter_classes().values()}
     out = {}
     for label, name, opts in rows():
         m = default_method(name, **opts)
