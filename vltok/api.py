@@ -11,6 +11,7 @@ import threading
 
 from . import registry
 from .record import Recorder
+from .stages import StageProtocolError
 from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, InvalidOptionError, NotPatchedError,
                      VltokError)
 
@@ -141,7 +142,7 @@ def build_method(name: str, keep: float, **kwargs):
     registry.check_options(info, kwargs)   # types and ranges, from the method's declared option specs
     try:
         return info.factory(keep, **kwargs)
-    except VltokError:
+    except (VltokError, StageProtocolError):   # (stage objects that break the protocol: the method's bug)
         raise
     except (ValueError, TypeError, ArithmeticError, OSError) as e:   # a cross-option rule, or a checkpoint to load
         raise InvalidOptionError(f"method {name!r}: {e}") from e

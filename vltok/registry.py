@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import InvalidOptionError, UnknownMethodError
-from .stages import STAGES, Method, check_method
+from .stages import STAGES, Method, StageProtocolError, check_method
 
 
 # -- option specs: what each option of a method accepts, checked at patch time before anything is installed --------
@@ -129,7 +129,7 @@ def register(name: str, description: str, stages: tuple[str, ...], trained_varia
         def checked(*args, **kwargs):
             m = factory(*args, **kwargs)
             if not isinstance(m, Method):
-                raise TypeError(f"method {name!r}: its factory returned {type(m).__name__}, not a vltok.stages.Method")
+                raise StageProtocolError(f"method {name!r}: its factory returned {type(m).__name__}, not a vltok.stages.Method")
             return check_method(m)
 
         _REGISTRY[name] = MethodInfo(name, description, stages, checked, trained_variant, tuple(variants),

@@ -290,28 +290,32 @@ STAGE_CLASSES = {"vision": "VisionMerger", "pre_llm": "GridReducer", "in_llm": "
                  "decode": "DecodePolicy"}
 
 
+class StageProtocolError(TypeError):
+    """A stage object does not follow its stage's protocol (a programming error of the method, not a bad option)."""
+
+
 def check_stage(stage: str, obj, method: str = "?") -> None:
-    """Refuse (TypeError) a stage object that does not follow its stage's protocol, naming what is missing."""
+    """Refuse (StageProtocolError, a TypeError) a stage object that does not follow its stage's protocol, naming what is missing."""
     proto = globals().get(STAGE_CLASSES[stage])
     if proto is None:   # not declared (yet): nothing to check
         return
     where = f"method {method!r}: its {stage} stage object {type(obj).__name__}"
     if isinstance(proto, type) and not isinstance(obj, proto) and proto.__module__ == __name__ \
             and stage in ("vision", "pre_llm"):
-        raise TypeError(f"{where} must subclass vltok.stages.{proto.__name__} (which declares the stage's optional "
+        raise StageProtocolError(f"{where} must subclass vltok.stages.{proto.__name__} (which declares the stage's optional "
                         "attributes with their defaults)")
     missing = [m for m in getattr(proto, "required", ()) if not callable(getattr(obj, m, None))]
     if missing:
-        raise TypeError(f"{where} has no {', '.join(m + '()' for m in missing)} method, which the "
+        raise StageProtocolError(f"{where} has no {', '.join(m + '()' for m in missing)} method, which the "
                         f"{proto.__name__} protocol requires")
     if stage == "pre_llm":
         both = [m for m in ("reduce", "select") if callable(getattr(type(obj), m, None))]
         if len(both) != 1:
-            raise TypeError(f"{where} must implement exactly one of reduce(x, plan, **side) (resampling) or "
+            raise StageProtocolError(f"{where} must implement exactly one of reduce(x, plan, **side) (resampling) or "
                             f"select(x, plan, **side) (selection); it has {', '.join(both) or 'neither'}")
         bad = [n for n in obj.needs if n not in SIDE_INPUTS]
         if bad:
-            raise TypeError(f"{where} needs {bad}, which no adapter gives; side inputs are {SIDE_INPUTS}")
+            raise StageProtocolError(f"{where} needs {bad}, which no adapter gives; side inputs are {SIDE_INPUTS}")
 
 
 def check_method(m: Method) -> Method:
