@@ -103,7 +103,7 @@ def default_method(name: str, **options):
 
 def rows() -> list[tuple[str, str, dict]]:
     """The matrix rows, (label, method name, options): every method with its default options, each followed by the
-    variants its registration names (label ``"llavamini mode=early_fusion"``)."""
+    variants its registration names (label ``"<method> <option>=<value>"``)."""
     out = []
     for name, info in registry.methods().items():
         out.append((name, name, {}))
