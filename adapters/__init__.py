@@ -40,3 +40,8 @@ def find_adapter(model):
         f"vltok does not support {name} yet; supported model classes: {', '.join(SUPPORTED)}. "
         "Pass the ...ForConditionalGeneration model itself (not its inner .model or its language model)"
     )
+
+
+def register_adapter(model_class_name: str, adapter_cls) -> None:
+    """Make ``vltok.patch`` use ``adapter_cls`` for models of that class name (one line per new family)."""
+    SUPPORTED[model_class_name] = adapter_cls

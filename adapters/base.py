@@ -16,24 +16,11 @@ import torch
 from vltok.errors import IncompatibleError
 from vltok import compat
 from vltok.prompt_cache import PromptCaches
+from vltok.stages import CallInfo, GridReducer, VisionFacts, run_reducer
+from vltok.hooks import set_instance_attr  # noqa: F401 (adapters import it from here)
 from vltok.rewrite import restore_prompt, shrink_runs
 
 PER_TOKEN = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
-
-
-def set_instance_attr(obj, name: str, value, undo: list) -> None:
-    """Set ``obj.name`` on the instance only, and remember how to restore it exactly."""
-    had = name in obj.__dict__
-    old = obj.__dict__.get(name)
-
-    def restore():
-        if had:
-            obj.__dict__[name] = old
-        else:
-            obj.__dict__.pop(name, None)
-
-    obj.__dict__[name] = value
-    undo.append(restore)
 
 
 def _bind(sig: inspect.Signature, args, kwargs) -> dict:
@@ -49,16 +36,126 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
     return out
 
 
-class PlaceholderAdapter:
+def apply_grid(reducer: GridReducer, x: torch.Tensor, grid: tuple[int, int], record=None, prefix: int = 0,
+               side: dict | None = None, kept: bool = False):
+    """THE way an adapter applies a pre-LLM reducer: x [B, prefix + h*w, C] (``prefix`` leading tokens, e.g. a kept
+    CLS, pass through) -> ``(y [B, prefix + count, C], plan, idx)``; idx [B, k] = the kept raster indices of a
+    selection (None for a resampling or an identity plan, where y is x itself). ``record`` (the handle's
+    vltok.record.Recorder, or None): the time spent is added to the call's stats and, with ``kept``, the reduction
+    is recorded for handle.kept_patches() (a merging selection also records every patch's group when
+    ``record.record_kept`` is on). ``side``: the side inputs the reducer ``needs`` (keyword arguments)."""
+    h, w = grid
+    plan = reducer.plan(h, w)
+    B = x.shape[0]
+    if plan.identity:
+        if record is not None and kept:
+            record.kept("none", (h, w), B)
+        return x, plan, None
+    t0 = time.perf_counter()
+    groups = record is not None and kept and reducer.merges and record.record_kept
+    idx, y, g = run_reducer(reducer, x[:, prefix:] if prefix else x, plan, groups=groups, **(side or {}))
+    if record is not None and kept:
+        if idx is None:
+            record.kept("resample", (h, w), B, out_grid=tuple(plan.grid))
+        else:
+            record.kept("merge" if g is not None else "select", (h, w), B, idx, g)
+    if prefix:
+        y = torch.cat([x[:, :prefix], y], dim=1)
+    if record is not None:
+        record.seconds(time.perf_counter() - t0)
+    return y, plan, idx
+
+
+class Adapter:
+    """What every adapter declares (read by vltok.support and vltok.patch without a model) and the sites it exposes
+    (vltok.stages.Sites: a site that is None is not applicable to the family)."""
+
     family = "?"
-    stages: tuple[str, ...] = ("pre_llm",)
-    pixel_key = "pixel_values"
+    stages: tuple[str, ...] = ()
+    #: the names of the sites whose accessor gives an object (vltok.stages.Sites)
+    sites: tuple[str, ...] = ()
+    #: the side inputs (vltok.stages.SIDE_INPUTS) this adapter passes to a GridReducer that ``needs`` them
+    side_inputs: tuple[str, ...] = ()
+    runs_temporal = False     # temporal reducers (evs, tmerge) reduce each video's frames together
+    gives_saliency = False    # install_saliency() gives the in-LLM engine a vision-side CLS score
+    not_applicable: dict = {}   # stage -> why the family has no such stage
+    #: positions="original" of pre-LLM selection reducers: kept tokens keep the full grid's position ids
+    original_positions = False
+
+    @staticmethod
+    def vision_refusal(merger) -> str | None:
+        """Why this adapter cannot run ``merger`` (a VisionMerger) in its vision stage, None when it can (e.g. the
+        Qwen tower needs a merge count known before the model runs). Read by vltok.support without a model."""
+        return None
 
     def __init__(self, model, method, handle):
         self.model, self.method, self.handle = model, method, handle
+
+    @property
+    def record(self):
+        """The handle's recorder (vltok.record.Recorder)."""
+        return self.handle.recorder
+
+    # -- sites (vltok.stages.Sites) ------------------------------------------------------------------------------
+    def vision_layers(self):
+        return None
+
+    def projector(self):
+        return None
+
+    def llm(self):
+        return None
+
+    def decoder_layers(self):
+        return None
+
+    placeholder_runs = None
+
+    def vision_facts(self) -> VisionFacts | None:
+        return None
+
+    def rotary(self):
+        return None
+
+    def current_call(self) -> CallInfo:
+        return CallInfo()
+
+    def install_extras(self, undo: list) -> None:
+        """Each stage's own extras on this adapter's sites (vltok.stages: ``install(sites, undo)``)."""
+        for stage in (self.method.vision, self.method.pre_llm):   # (the in-LLM / decode stages: their engine)
+            if stage is not None:
+                stage.install(self, undo)
+
+
+class PlaceholderAdapter(Adapter):
+    family = "?"
+    stages: tuple[str, ...] = ("pre_llm",)
+    sites = ("llm", "decoder_layers", "placeholder_runs")
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
+
+    def __init__(self, model, method, handle):
+        super().__init__(model, method, handle)
         self._in_generate = False
         self.prompt_caches = PromptCaches()   # caches filled from a shortened prompt (generate() continues them)
         self.engine = None   # vltok.inllm.InLLMEngine when the method has an in-LLM stage
+        self._call_info = CallInfo()
+
+    def current_call(self) -> CallInfo:
+        return self._call_info
+
+    def past_length(self, llm_kwargs: dict) -> int:
+        from vltok import compat
+
+        past = compat.get_cache(llm_kwargs)
+        return 0 if past is None else int(past.get_seq_length())
+
+    def llm(self):
+        return self.language_model()
+
+    def rotary(self):
+        from vltok import compat
+
+        return compat.rotary_embedding(self.language_model())
 
     # -- family-specific -------------------------------------------------------------------------------------
     def image_token_id(self) -> int:
@@ -121,6 +218,7 @@ class PlaceholderAdapter:
 
     # -- shared ----------------------------------------------------------------------------------------------
     def attach(self, undo: list) -> None:
+        self.install_extras(undo)   # (before the adapter's hooks: a method's hook on a site sees the full grid)
         if self.method.pre_llm is not None or self.method.vision is not None:
             self.install(undo)
         if self.method.in_llm is not None:
@@ -140,7 +238,7 @@ class PlaceholderAdapter:
                 return self._traced_forward(fwd, positional, args, kwargs)
             t0 = time.perf_counter()
             call = _bind(fsig, args, kwargs)
-            call, _ = self.prepare(call, default_side="right", t0=t0)
+            call, _ = self._prepare_call(call, default_side="right", t0=t0)
             return fwd(**call)
 
         @functools.wraps(gen)
@@ -151,7 +249,7 @@ class PlaceholderAdapter:
                 call["input_ids"] = call.pop("inputs")
             original_ids = call.get("input_ids")
             self._check_generate_mode(call)
-            call, rw = self.prepare(call, default_side="left", t0=t0)
+            call, rw = self._prepare_call(call, default_side="left", t0=t0)
             new_len = None if rw is None else rw.new_len
             if rw is None and not self.has_pixels(call):   # continuing from a cache vltok filled (prompt_cache.py)
                 call, shrink = self.prompt_caches.resume(call, compat.get_cache(call))
@@ -226,7 +324,7 @@ class PlaceholderAdapter:
         a traced call needs none of the host-side work."""
         m = self.method
         return (m.identity and m.vision is None and m.in_llm is None and m.pre_llm is not None
-                and all(getattr(m.pre_llm, a, None) is None for a in ("projector", "fusion")))
+                and not m.pre_llm.needed_sites())
 
     def _traced_forward(self, fwd, positional, args, kwargs):
         """The forward wrapper under torch.compile: only dynamo-traceable code on the paths where vltok has nothing
@@ -240,7 +338,7 @@ class PlaceholderAdapter:
             return fwd(*args, **kwargs)
         if self._passes_through():
             if not self._in_generate:
-                self.handle._start_call()
+                self.record.start_call()
             return fwd(*args, **kwargs)
         return _eager_forward(self, fwd, call)
 
@@ -256,9 +354,19 @@ class PlaceholderAdapter:
             if min_len > 0:
                 call["min_length"] = max(min_len - shrink, 0)
 
+    def _prepare_call(self, call: dict, default_side: str, t0: float | None = None):
+        """``prepare``, then the call as the LLM will see it noted for the sites' ``current_call()``."""
+        call, rw = self.prepare(call, default_side, t0)
+        ids = call.get("input_ids")
+        prompt = self._call_info.prompt
+        if not self._in_generate and ids is not None:   # generate(): the columns after the prompt are generated
+            prompt = ids.shape[1]
+        self._call_info = CallInfo(ids, call.get("labels"), prompt, self.has_pixels(call))
+        return call, rw
+
     def has_pixels(self, call: dict) -> bool:
         """Whether the call brings images or videos (a decode step of generate() does not)."""
-        return any(call.get(k) is not None for k in getattr(self, "pixel_keys", (self.pixel_key,)))
+        return any(call.get(k) is not None for k in self.pixel_keys)
 
     def prepare(self, call: dict, default_side: str, t0: float | None = None):
         """The call as the model should see it (placeholder runs shrunk) and the rewrite (None: unchanged). The
@@ -286,16 +394,16 @@ class PlaceholderAdapter:
                                         f"{am.dim()}-D mask")
             return {**call, "attention_mask": am}, None
         if not self._in_generate:
-            self.handle._start_call()
+            self.record.start_call()
         if self.method.pre_llm is None and self.method.vision is None:   # in-LLM only: layer 0 keeps full length
             if self.engine is not None:
                 find = call if ids is not None else {**call, "input_ids": self._placeholder_ids(emb)}
                 self.engine.begin_call(find, self.visual_layout(find))
-            self.handle._add_seconds(time.perf_counter() - t0)
+            self.record.seconds(time.perf_counter() - t0)
             return call, None
         runs = self.placeholder_runs(call)
         if ids is None and self.engine is None and all(native == new for _, native, new, *_ in runs):
-            self.handle._add_seconds(time.perf_counter() - t0)   # inputs_embeds, nothing to shrink: the model
+            self.record.seconds(time.perf_counter() - t0)   # inputs_embeds, nothing to shrink: the model
             return call, None                                    # finds its placeholders as it would unpatched
         tensors = {k: call[k] for k in PER_TOKEN if isinstance(call.get(k), torch.Tensor)}
         if emb is not None:   # shrunk with the placeholder columns (its pad rows: zeros, masked out)
@@ -318,16 +426,16 @@ class PlaceholderAdapter:
                 am = am if am is not None else torch.ones(rw.tensors["input_ids"].shape, dtype=torch.long,
                                                           device=call["position_ids"].device)
                 call["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
-            self.handle._record_rewrite(rw)
+            self.record.rewrite(rw)
         if self.engine is not None:   # the layout reads the rewrite's host copy of the ids (no second read-back)
             seen = call if ids is not None else {**call, "input_ids": find if rw is None else rw.tensors["input_ids"]}
             self.engine.begin_call(seen, self.visual_layout(seen if rw is None else {**call, "input_ids": rw.host_ids}))
-        self.handle._add_seconds(time.perf_counter() - t0)
+        self.record.seconds(time.perf_counter() - t0)
         return call, rw
 
 
 def _eager_forward(adapter, fwd, call):
-    call, _ = adapter.prepare(call, default_side="right")
+    call, _ = adapter._prepare_call(call, default_side="right")
     return fwd(**call)
 
 

@@ -15,43 +15,28 @@ have no RoPE), so those methods are refused by ``vltok.patch`` with the adapter'
 """
 from __future__ import annotations
 
-import time
-
-import torch
-
-from vltok.stages import select
 from vltok.vision import install_vision
 
+from .base import Adapter, apply_grid
 from .hf_vit import encoder_layers, split_layer
 
 
-class VisionMemoryAdapter:
+class VisionMemoryAdapter(Adapter):
     """Reduce the ViT tokens that a cross-attending model reads (no placeholders, no rewrite)."""
 
     family = "blip"
     stages: tuple[str, ...] = ("vision", "pre_llm")
+    sites = ("vision_layers",)
     not_applicable = {
         "in_llm": "BLIP has no decoder-only LLM over visual tokens: the text model cross-attends to the ViT tokens",
         "decode": "BLIP's text model caches no visual tokens (they are cross-attention memory)",
     }
 
-    def __init__(self, model, method, handle):
-        self.model, self.method, self.handle = model, method, handle
-
     def vision_model(self):
         return self.model.vision_model
 
-    def _reduce(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        reducer = self.method.pre_llm
-        plan = reducer.plan(h, w)
-        patches = x[:, 1:]
-        if plan.grid is not None:
-            y = reducer.reduce(patches, plan)
-        else:
-            _, y = select(reducer, patches, plan)
-        for _ in range(x.shape[0]):
-            self.handle._record_image(x.shape[1], 1 + y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
-        return torch.cat([x[:, :1], y], dim=1)
+    def vision_layers(self):
+        return encoder_layers(self.vision_model())
 
     def _install_vision(self, vision, undo: list) -> None:
         layers = encoder_layers(vision)
@@ -62,9 +47,9 @@ class VisionMemoryAdapter:
             counts = run.counts
             B = run.size.shape[0] if run.size is not None else 0
             for _ in range(B):
-                self.handle._record_image(counts[0], counts[-1], [(n_patches,)], [(counts[-1] - 1,)])
-            self.handle.stats["vision_tokens_per_layer"] = list(counts)
-            self.handle._add_seconds(run.seconds)
+                self.record.image(counts[0], counts[-1], [(n_patches,)], [(counts[-1] - 1,)])
+            self.record.stats["vision_tokens_per_layer"] = list(counts)
+            self.record.seconds(run.seconds)
 
         schedule = lambda n: self.method.vision.schedule(n, len(layers))
         install_vision(layers, split_layer, self.method.vision, schedule, 1, undo, None, on_done, nominal=n_patches)
@@ -72,7 +57,8 @@ class VisionMemoryAdapter:
     def attach(self, undo: list) -> None:
         vision = self.vision_model()
         p = vision.config.patch_size
-        h0 = vision.register_forward_pre_hook(lambda module, args: self.handle._start_call())
+        self.install_extras(undo)
+        h0 = vision.register_forward_pre_hook(lambda module, args: self.record.start_call())
         undo.append(h0.remove)
         if self.method.vision is not None:
             self._install_vision(vision, undo)
@@ -84,13 +70,13 @@ class VisionMemoryAdapter:
             x = out[0]
             if x.shape[1] != 1 + h * w:
                 raise ValueError(f"{type(module).__name__} returned {x.shape[1]} tokens, expected 1 + {h}*{w}")
-            if self.method.pre_llm.plan(h, w).identity:
-                for _ in range(x.shape[0]):
-                    self.handle._record_image(x.shape[1], x.shape[1], [(h, w)], [(h, w)])
+            y, plan, _ = apply_grid(self.method.pre_llm, x, (h, w), self.record, prefix=1)   # (CLS kept)
+            for _ in range(x.shape[0]):
+                self.record.image(x.shape[1], y.shape[1], [(h, w)], [(h, w)] if plan.identity else
+                                  [plan.grid or (plan.count,)])
+            if y is x:
                 return None
-            t0 = time.perf_counter()
-            out["last_hidden_state"] = self._reduce(x, h, w)
-            self.handle._add_seconds(time.perf_counter() - t0)
+            out["last_hidden_state"] = y
             return out
 
         handle = vision.register_forward_hook(hook, with_kwargs=True)

@@ -19,9 +19,9 @@ import torch
 
 from vltok import compat
 from vltok.errors import IncompatibleError
-from vltok.stages import select
+from vltok.stages import VisionFacts
 
-from .base import PlaceholderAdapter, _bind, infer_grid, set_instance_attr
+from .base import PlaceholderAdapter, _bind, apply_grid, infer_grid, set_instance_attr
 
 
 def _n_special_tokens(vision_config) -> int:
@@ -70,15 +70,37 @@ def llava_next_unpadded(config, image_size) -> tuple[int, int]:
 
 class LlavaAdapter(PlaceholderAdapter):
     family = "llava"
-    runs_method_projector = True   # _install_method_projector
-    runs_input_fusion = True       # _install_fusion
     stages = ("vision", "pre_llm", "in_llm", "decode")
-    # side inputs of the pre-LLM contract (vltok/stages.py) this adapter gives a reducer that needs / wants them
+    sites = ("vision_layers", "projector", "llm", "decoder_layers", "placeholder_runs")
     side_inputs = ("cls_attention", "text_embeds")
+    gives_saliency = True
     original_positions = True   # positions="original" of pre-LLM selection reducers (_install_original_positions)
 
     def image_token_id(self):
         return self.model.config.image_token_id
+
+    # -- sites -----------------------------------------------------------------------------------------------
+    def vision_layers(self):
+        from .hf_vit import encoder_layers
+
+        return encoder_layers(self.model.model.vision_tower)
+
+    def projector(self):
+        """The projector: its input is the (reduced) grid (the pre-LLM reduction is a pre-hook on it)."""
+        return self.model.model.multi_modal_projector
+
+    def vision_facts(self) -> VisionFacts:
+        cfg = self.model.config
+        vc = cfg.vision_config
+        try:
+            used = used_vision_layers(self.model)
+        except IncompatibleError:
+            used = None
+        side = vc.image_size // vc.patch_size
+        return VisionFacts(encoder=vision_encoder_name(cfg), model_type=vc.model_type, width=vc.hidden_size,
+                           n_special=_n_special_tokens(vc), prefix=_prefix(self.model), grid=(side, side),
+                           used_layers=used, feature_layer=cfg.vision_feature_layer,
+                           projector_act=getattr(cfg, "projector_hidden_act", "gelu"))
 
     def _patch(self):
         vc = self.model.config.vision_config
@@ -146,7 +168,7 @@ class LlavaAdapter(PlaceholderAdapter):
         h, w = pv.shape[-2] // p, pv.shape[-1] // p
         self._grid = (h, w)
         if self.method.vision is not None:
-            if hasattr(self.method.vision, "decide"):   # data-dependent count: probe the encoder up to its merge
+            if self.method.vision.decide is not None:   # data-dependent count: probe the encoder up to its merge
                 self._probe_vision(pv, h * w)
             count = h * w - sum(self._vision_schedule(h * w))
         else:
@@ -166,7 +188,7 @@ class LlavaAdapter(PlaceholderAdapter):
             r = probe_vision(self._vision_run, lambda: self.model.model.vision_tower(pixel_values, return_dict=True))
         layer = self.method.vision.merge_layer
         self._probed = (n_patches, [0] * layer + [r])
-        self.handle._add_seconds(time.perf_counter() - t0)
+        self.record.seconds(time.perf_counter() - t0)
 
     def _vision_schedule(self, n_patches: int) -> list[int] | None:
         """r per layer for the layers whose output reaches the projector (vision_feature_layer); None when the
@@ -191,21 +213,18 @@ class LlavaAdapter(PlaceholderAdapter):
             n_in = prefix + run.counts[0] - n_special
             n_out = prefix + run.counts[-1] - n_special   # (counts exclude a trailing cross token)
             for _ in range(run.size.shape[0] if run.size is not None else 0):
-                self.handle._record_image(n_in, n_out, [getattr(self, "_grid", (n_in - prefix,))], [(n_out - prefix,)])
-            self.handle.stats["vision_tokens_per_layer"] = list(run.counts)
-            self.handle._add_seconds(run.seconds)
+                self.record.image(n_in, n_out, [getattr(self, "_grid", (n_in - prefix,))], [(n_out - prefix,)])
+            self.record.stats["vision_tokens_per_layer"] = list(run.counts)
+            self.record.seconds(run.seconds)
             self._record_vision_kept(run, n_special)
 
         merger = self.method.vision
-        trailing = getattr(merger, "trailing", 0)
-        if trailing:
-            self._check_cross_tokens(merger.cross, n_special, n_patches)
-            merger.cross.to(device=next(tower.parameters()).device)   # (as a method projector is moved)
+        trailing = merger.trailing   # (its learned tokens were checked and placed by merger.install: install_extras)
         self._vision_run = install_vision(encoder_layers(tower), split_layer, merger,
                                           self._vision_schedule, n_special, undo,
                                           attn_impl=getattr(vc, "_attn_implementation", None), on_done=on_done,
                                           nominal=n_patches, trailing_ok=True,
-                                          track=lambda: self.handle.record_kept)
+                                          track=lambda: self.record.record_kept)
         if trailing and any(self._vision_schedule(n_patches)):   # keep=1.0: nothing installed, model unchanged
             run = self._vision_run
 
@@ -219,7 +238,6 @@ class LlavaAdapter(PlaceholderAdapter):
 
             h = self.model.model.multi_modal_projector.register_forward_pre_hook(strip, with_kwargs=True)
             undo.append(h.remove)
-            self._install_method_projector(merger, 0, undo)   # per-token projector: a kept CLS is fine
 
     def _record_vision_kept(self, run, n_special: int) -> None:
         """handle.kept_patches() after a vision-stage merge: each output token's first patch (run.pos) and, when
@@ -228,7 +246,7 @@ class LlavaAdapter(PlaceholderAdapter):
         n_in = run.counts[0] - n_special
         h, w = grid if grid and grid[0] * grid[1] == n_in else (1, n_in)
         if run.pos is None:   # nothing merged in this call
-            self.handle._record_kept("none", (h, w), run.batch)
+            self.record.kept("none", (h, w), run.batch)
             return
         B = run.pos.shape[0]
         end = run.pos.shape[1] - run.appended
@@ -236,44 +254,53 @@ class LlavaAdapter(PlaceholderAdapter):
         groups = run.groups()
         if groups is not None:
             groups = groups[:, n_special:n_special + h * w] - n_special
-        self.handle._record_kept("merge", (h, w), B, kept, groups)
+        self.record.kept("merge", (h, w), B, kept, groups)
 
-    def _check_cross_tokens(self, cross, n_special: int, n_patches: int) -> None:
-        """Refuse a learned cross-token module that does not fit this model, before anything is installed."""
-        vc = self.model.config.vision_config
-        name = vision_encoder_name(self.model.config)
-        fix = "train cross tokens for this model (vltok train crossget) or use the training-free mode"
-        if n_special == 0:
-            raise IncompatibleError(f"cross_tokens start as a copy of CLS; the {vc.model_type} tower has no CLS "
-                                    f"token; {fix}")
-        if cross.encoder and cross.encoder != name:
-            raise IncompatibleError(f"cross_tokens were trained on the vision encoder {cross.encoder!r}, this model "
-                                    f"has {name!r}; {fix}")
-        if cross.offsets.shape[1] != vc.hidden_size:
-            raise IncompatibleError(f"cross_tokens have width {cross.offsets.shape[1]}, the vision encoder "
-                                    f"{vc.hidden_size}; {fix}")
-        used = len(self._vision_schedule(n_patches))
-        if cross.offsets.shape[0] != used:
-            raise IncompatibleError(f"cross_tokens have offsets for {cross.offsets.shape[0]} encoder layers, this "
-                                    f"model feeds the projector from {used} (vision_feature_layer="
-                                    f"{self.model.config.vision_feature_layer}); {fix}")
-        p, stock = cross.projector, self.model.model.multi_modal_projector
-        if p is not None:
-            act = getattr(self.model.config, "projector_hidden_act", "gelu")
-            want = (stock.linear_1.in_features, stock.linear_1.out_features, stock.linear_2.out_features, act)
-            got = (p.linear_1.in_features, p.linear_1.out_features, p.linear_2.out_features, p.act_name)
-            if got != want:
-                raise IncompatibleError(f"the cross_tokens checkpoint's projector (in, width, out, act) = {got} does "
-                                        f"not fit this model's {want}; {fix}")
+    def _install_cls_attention(self, undo) -> None:
+        """Side input ``cls_attention`` (vltok.stages.SIDE_INPUTS): the CLS query's attention row over the patch
+        tokens at the encoder layer whose output feeds the projector (mean over heads, softmax over all keys, CLS /
+        register columns dropped), from hooks on that layer's q / k projections; kept for the projector pre-hook."""
+        from .hf_vit import attention_parts
+
+        facts = self.vision_facts()
+        if facts.n_special == 0 or facts.used_layers is None:
+            raise IncompatibleError(f"{self.method.name} needs the CLS attention of the vision tower, which this "
+                                    f"{facts.model_type} tower (no CLS token, or several feature layers) has not")
+        layer = self.vision_layers()[facts.used_layers - 1]
+        attn = getattr(layer, "self_attn", None) or layer.attention
+        q_lin, k_lin, _, _, _, hd, scale = attention_parts(attn)
+        cap = {}
+
+        def keep(name):
+            return lambda m, a, o: cap.__setitem__(name, o)
+
+        def done(module, args, out):
+            q, k = cap.pop("q", None), cap.pop("k", None)
+            if q is not None and k is not None:
+                self._side["cls_attention"] = self._cls_row(q, k, hd, scale, facts.n_special)
+
+        self._side = {}
+        hooks = [q_lin.register_forward_hook(keep("q")), k_lin.register_forward_hook(keep("k")),
+                 layer.register_forward_hook(done)]
+        undo.extend(h.remove for h in hooks)
+
+    @staticmethod
+    def _cls_row(q, k, hd: int, scale: float, n_special: int) -> torch.Tensor:
+        """q, k [B, T, H*hd] -> [B, T - n_special] fp32: the CLS query's softmax row over all keys, mean over heads,
+        the special columns dropped."""
+        from vltok.inllm import attention_rows_batched
+
+        B, T = k.shape[:2]
+        rows = attention_rows_batched(q[:, :1].reshape(B, 1, -1, hd), k.reshape(B, T, -1, hd), None, scale)
+        return rows[:, 0, n_special:]
 
     def install(self, undo):
         if self.method.vision is not None:
             return self._install_vision(undo)
-        reducer = self.method.pre_llm
         prefix = _prefix(self.model)
-        fusion = getattr(reducer, "fusion", None)
+        reducer = self.method.pre_llm
         self._install_side_inputs(reducer, undo)
-        if getattr(reducer, "after_projector", False) and fusion is None and getattr(reducer, "projector", None) is None:
+        if reducer.after_projector and reducer.projector is None:
             # the reducer works on the features the LLM receives: reduce the projector's output (a per-token MLP,
             # so a selection gives the same rows as projecting the kept tokens)
             def post_hook(module, args, output):
@@ -286,8 +313,6 @@ class LlavaAdapter(PlaceholderAdapter):
 
         def pre_hook(module, args, kwargs):
             x = args[0] if args else kwargs["image_features"]
-            if fusion is not None:   # the full grid, for the LLM-input fusion
-                self._fusion_visual = x[:, prefix:]
             y = self._reduce_images(x, prefix)
             if y is x:
                 return None
@@ -297,178 +322,36 @@ class LlavaAdapter(PlaceholderAdapter):
 
         h = self.model.model.multi_modal_projector.register_forward_pre_hook(pre_hook, with_kwargs=True)
         undo.append(h.remove)
-        if fusion is not None:
-            self._install_fusion(fusion, prefix, undo)
-        self._install_method_projector(reducer, prefix, undo)
-
-    def _prepare_llava(self, call, default_side, t0=None):
-        if getattr(self, "_fusion", None) is not None and call.get("input_ids") is None and self.has_pixels(call):
-            raise IncompatibleError(f"{self.method.name}'s LLM-input fusion reads the image and answer columns from "
-                                    "input_ids; pass input_ids instead of inputs_embeds")
-        call, rw = super().prepare(call, default_side, t0)
-        if getattr(self, "_fusion", None) is not None:   # what the LLM-input fusion needs of this call
-            ids = call.get("input_ids")
-            self._fusion_call = (ids, call.get("labels"))
-            if not self._in_generate and ids is not None:   # generate(): columns after the prompt are generated
-                self._fusion_prompt = ids.shape[1]
-        return call, rw
-
-    def _install_fusion(self, fusion, prefix: int, undo):
-        """LLM-input fusion (a pre-LLM reducer's ``fusion``, e.g. trained LLaVA-Mini's pre-fusion): at prefill, a
-        forward pre-hook on the LLM replaces ``inputs_embeds`` by ``fusion.fuse(embeds, per-sample projected full
-        visual tokens, image columns, columns to fuse, rope)``; columns to fuse = real tokens that are neither
-        answers (labels != -100) nor generated. Decode steps (filled cache) pass through."""
-        lm = self.language_model()
-        rotary = compat.rotary_embedding(lm)
-        if prefix or rotary is None:
-            raise IncompatibleError("LLM-input fusion needs vision_feature_select_strategy='default' (no CLS token in "
-                                    "the grid) and an LLM with a rotary_emb module (Llama-style)")
-        stock = self.model.model.multi_modal_projector
-        fusion.bind(self.decoder_layers(), stock)
-        self._fusion, self._fusion_visual, self._fusion_call, self._fusion_prompt = fusion, None, (None, None), None
-        img_id = self.image_token_id()
-
-        def rope(x, position_ids):
-            return rotary(x, position_ids)
-
-        def lm_pre_hook(module, args, kwargs):
-            emb, vis = kwargs.get("inputs_embeds"), self._fusion_visual
-            ids, labels = self._fusion_call
-            past = compat.get_cache(kwargs)
-            if emb is None or vis is None or ids is None or (past is not None and past.get_seq_length() > 0):
-                return None   # no image call, or a decode step (fusion ran at prefill)
-            if ids.shape[1] != emb.shape[1]:
-                raise IncompatibleError("LLM-input fusion needs the whole prompt in one prefill; chunked prefill "
-                                        "(prefill_chunk_size) is not supported")
-            image_cols = ids.to(emb.device) == img_id
-            per_row = image_cols.sum(1).tolist()
-            if not sum(per_row):
-                return None
-            per_image, rem = divmod(sum(per_row), vis.shape[0])
-            if rem or any(n % max(per_image, 1) for n in per_row):
-                raise IncompatibleError(f"LLM-input fusion: {sum(per_row)} image columns for {vis.shape[0]} images")
-            t0 = time.perf_counter()
-            hv = stock.forward(vis)   # the stock projector, or the method's (installed as its forward)
-            visual = [g.flatten(0, 1) for g in hv.to(emb.dtype).split([n // per_image for n in per_row])]
-            am = kwargs.get("attention_mask")
-            fuse = am.to(emb.device).bool() if am is not None and am.dim() == 2 else torch.ones_like(image_cols)
-            fuse = fuse[:, -emb.shape[1]:] & ~image_cols
-            if labels is not None and labels.shape == ids.shape:
-                fuse &= labels.to(emb.device) == -100
-            if self._fusion_prompt is not None:
-                fuse[:, self._fusion_prompt:] = False
-            new = fusion.fuse(emb, visual, image_cols, fuse, rope)
-            self.handle._add_seconds(time.perf_counter() - t0)
-            return args, {**kwargs, "inputs_embeds": new}
-
-        h = lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
-        undo.append(h.remove)
-        undo.append(lambda: self.__dict__.update(_fusion_visual=None, _fusion_call=(None, None)))
-
-    def _reduce_images(self, x, prefix: int):
-        """The projector's input [n_images, prefix + h*w, C] -> each image's grid reduced (x itself if unchanged)."""
-        reducer = self.method.pre_llm
-        n_tok = x.shape[1]
-        grid = getattr(self, "_grid", None)
-        h, w = grid if grid and grid[0] * grid[1] == n_tok - prefix else infer_grid(n_tok, prefix)
-        plan = reducer.plan(h, w)
-        if plan.identity:
-            for _ in range(x.shape[0]):
-                self.handle._record_image(n_tok, n_tok, [(h, w)], [(h, w)])
-            self.handle._record_kept("none", (h, w), x.shape[0])
-            return x
-        t0 = time.perf_counter()
-        if plan.grid is None:   # selection: the kept raster indices are part of the record (handle.kept_patches)
-            groups_fn = getattr(reducer, "select_groups", None)
-            if groups_fn is not None and self.handle.record_kept:
-                idx, y, groups = groups_fn(x[:, prefix:], plan)
-            else:
-                (idx, y), groups = select(reducer, x[:, prefix:], plan, **self._side_for(x.shape[0])), None
-            if getattr(self, "_orig_positions", None):   # positions="original": this call's map is waiting
-                self._orig_positions["idx"] = idx
-            self.handle._record_kept("merge" if groups is not None else "select", (h, w), x.shape[0], idx, groups)
-        else:
-            y = reducer.reduce(x[:, prefix:], plan)
-            self.handle._record_kept("resample", (h, w), x.shape[0], out_grid=tuple(plan.grid))
-        if prefix:
-            y = torch.cat([x[:, :prefix], y], dim=1)
-        self.handle._add_seconds(time.perf_counter() - t0)
-        for _ in range(x.shape[0]):
-            self.handle._record_image(n_tok, y.shape[1], [(h, w)], [plan.grid or (plan.count,)])
-        return y
 
     # -- side inputs of pre-LLM reducers (cls_attention, text_embeds) and original position ids ---------------------
     def _install_side_inputs(self, reducer, undo):
-        """Hooks for the side inputs ``reducer`` needs or wants (refused at patch time when this model has none),
-        and the position-id hook of ``positions="original"``."""
-        want = tuple(getattr(reducer, "needs", ())) + tuple(getattr(reducer, "wants", ()))
+        """Hooks for the side inputs ``reducer`` needs (refused at patch time when this model has none) or wants
+        (given where this adapter can), and the position-id hook of ``positions="original"``."""
+        want = [n for n in tuple(reducer.needs) + tuple(reducer.wants) if n in self.side_inputs]
         self._side, self._side_text = {}, None
         if "cls_attention" in want:
             self._install_cls_attention(undo)
         self._wants_text = "text_embeds" in want
-        if getattr(reducer, "positions", "contiguous") == "original":
+        if reducer.positions == "original" and self.original_positions:
             self._install_original_positions(undo)
 
-    def _install_cls_attention(self, undo):
-        """cls_attention [n_images, h*w] fp32: the CLS query's attention over every key of the layer whose output
-        feeds the projector (config.vision_feature_layer), softmax over all keys, mean over heads, CLS / register
-        columns dropped; from forward hooks on that layer's q / k projections (the model keeps its attention
-        backend: no output_attentions, no eager)."""
-        from .hf_vit import attention_parts, encoder_layers
-
-        vc = self.model.config.vision_config
-        n_special = _n_special_tokens(vc)
-        if n_special == 0:
-            raise IncompatibleError(f"method {self.method.name!r} needs the vision tower's CLS attention; this "
-                                    f"{vc.model_type} tower has no CLS token. Use a method without it (e.g. 'dpp', "
-                                    "'dart', 'pool')")
-        layer = encoder_layers(self.model.model.vision_tower)[used_vision_layers(self.model) - 1]
-        attn = getattr(layer, "self_attn", None) or layer.attention
-        q_lin, k_lin, _, _, _, hd, scale = attention_parts(attn)
-        cap = {}
-
-        def on_k(module, args, out):
-            q = cap.pop("q", None)
-            if q is None:
-                return
-            t0 = time.perf_counter()
-            self._side["cls_attention"] = self._cls_row(q, out, hd, scale, n_special)
-            self.handle._add_seconds(time.perf_counter() - t0)
-
-        hooks = [q_lin.register_forward_hook(lambda m, a, o: cap.__setitem__("q", o)),
-                 k_lin.register_forward_hook(on_k)]
-        undo.extend(h.remove for h in hooks)
-        undo.append(lambda: self.__dict__.update(_side={}))
-
-    @staticmethod
-    def _cls_row(q, k, hd: int, scale: float, n_special: int) -> torch.Tensor:
-        """q, k [B, T, H*hd] -> [B, T - n_special]: the CLS query's softmax row over all keys, mean over heads,
-        the special columns dropped (fp32)."""
-        B, T = k.shape[:2]
-        qc = q[:, 0].reshape(B, -1, hd).float()                                       # [B, H, hd] the CLS query
-        kh = k.reshape(B, T, -1, hd).float()                                          # [B, T, H, hd]
-        p = torch.einsum("bhd,bthd->bht", qc, kh).mul(scale).softmax(-1).mean(1)      # [B, T]
-        return p[:, n_special:]
-
-    def _side_for(self, n_images: int) -> dict:
-        """The side inputs for one reduction of ``n_images`` images (what the reducer needs / wants)."""
+    def _side_inputs(self, n_images: int) -> dict:
+        """The side inputs of one reduction of ``n_images`` images: what the reducer needs or wants, where given."""
         side = {}
         if "cls_attention" in self._side:
             side["cls_attention"] = self._side.pop("cls_attention")
-        if getattr(self, "_wants_text", False) and self._side_text is not None:
-            texts = self._side_text
-            if len(texts) == n_images:
-                side["text_embeds"] = texts
+        if getattr(self, "_wants_text", False) and self._side_text is not None and len(self._side_text) == n_images:
+            side["text_embeds"] = self._side_text
         return side
 
     def prepare(self, call, default_side, t0=None):
         orig = (call.get("input_ids"), call.get("attention_mask"), call.get("position_ids"))
-        call, rw = self._prepare_llava(call, default_side, t0)
+        call, rw = super().prepare(call, default_side, t0)
         self._call_side = default_side
         if getattr(self, "_wants_text", False) and self.has_pixels(call):
             t1 = time.perf_counter()
             self._side_text = self._text_embeds(call)
-            self.handle._add_seconds(time.perf_counter() - t1)
+            self.record.seconds(time.perf_counter() - t1)
         if getattr(self, "_orig_positions", None) is not None:
             if rw is not None and self.has_pixels(call):
                 self._orig_positions = self._position_map(orig, rw, call)
@@ -570,19 +453,24 @@ class LlavaAdapter(PlaceholderAdapter):
         pos = torch.where(col >= 0, pos, torch.ones_like(pos))   # added pads (masked out)
         return pos[:, -S:].to(device)
 
-    def _install_method_projector(self, reducer, prefix, undo):
-        """A reducer with a trained ``projector`` (e.g. tokenshuffle's) replaces the model's projector: its
-        reduce() output is that projector's input."""
-        proj = getattr(reducer, "projector", None)
-        if proj is None:
-            return
-        if prefix:
-            raise IncompatibleError("a method projector cannot take the CLS token kept by "
-                                    "vision_feature_select_strategy='full'; use a checkpoint with 'default'")
-        stock = self.model.model.multi_modal_projector
-        ref = next(stock.parameters())
-        proj.to(device=ref.device, dtype=ref.dtype)
-        set_instance_attr(stock, "forward", lambda image_features, *a, **k: proj(image_features), undo)
+    def _reduce_images(self, x, prefix: int):
+        """The projector's input [n_images, prefix + h*w, C] -> each image's grid reduced (x itself if unchanged)."""
+        n_tok = x.shape[1]
+        grid = getattr(self, "_grid", None)
+        h, w = grid if grid and grid[0] * grid[1] == n_tok - prefix else infer_grid(n_tok, prefix)
+        reducer = self.method.pre_llm
+        side = self._side_inputs(x.shape[0])
+        missing = [n for n in reducer.needs if n not in side and n != "text_embeds"]   # (text: the reducer says)
+        if missing:
+            raise IncompatibleError(f"{self.method.name} needs {', '.join(missing)} from the vision tower, which did "
+                                    "not run in this call (pass pixel_values, not precomputed image features)")
+        y, plan, idx = apply_grid(reducer, x, (h, w), self.record, prefix, side=side, kept=True)
+        if idx is not None and getattr(self, "_orig_positions", None):   # positions="original": the map waits
+            self._orig_positions["idx"] = idx
+        out = [(h, w)] if plan.identity else [plan.grid or (plan.count,)]
+        for _ in range(x.shape[0]):
+            self.record.image(n_tok, y.shape[1], [(h, w)], out)
+        return y
 
 
 class LlavaNextAdapter(PlaceholderAdapter):
@@ -650,16 +538,14 @@ class LlavaNextAdapter(PlaceholderAdapter):
             grid = m.view(h_u, w_u + 1, d)
             newline = grid[0, -1]
             x = grid[:, :w_u].reshape(1, h_u * w_u, d)
-            plan = reducer.plan(h_u, w_u)
+            y, plan, idx = apply_grid(reducer, x, (h_u, w_u), self.record)
             if plan.identity:
                 return m, plan
             if plan.grid is not None:
                 r_h, r_w = plan.grid
-                y = reducer.reduce(x, plan).view(r_h, r_w, d)
                 nl = newline.expand(r_h, 1, d)
-                return torch.cat([y, nl], dim=1).reshape(-1, d), plan
-            idx, tokens = select(reducer, x, plan)
-            idx, tokens = idx[0], tokens[0]
+                return torch.cat([y.view(r_h, r_w, d), nl], dim=1).reshape(-1, d), plan
+            idx, tokens = idx[0], y[0]
             keys = torch.cat([(idx // w_u) * (w_u + 1) + idx % w_u,
                               torch.arange(h_u, device=idx.device) * (w_u + 1) + w_u])
             seq = torch.cat([tokens, newline.expand(h_u, d)])
@@ -674,7 +560,6 @@ class LlavaNextAdapter(PlaceholderAdapter):
             image_sizes, image_newline = bound["image_sizes"], bound.get("image_newline")
             if image_newline is None:
                 raise IncompatibleError("vltok's LLaVA-NeXT adapter expects image_newline tokens (spatial_unpad)")
-            t0 = time.perf_counter()
             out = []
             base_plan = reducer.plan(t, t)
             for f, size in zip(feats, image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes):
@@ -683,15 +568,12 @@ class LlavaNextAdapter(PlaceholderAdapter):
                     raise IncompatibleError(
                         f"packed LLaVA-NeXT features have {f.shape[0]} tokens, expected {t * t + h_u * (w_u + 1)} "
                         f"(base {t}x{t} + {h_u}x({w_u}+1)); this checkpoint's packing is not supported")
-                base = f[: t * t]
-                if not base_plan.identity:
-                    base = reducer.reduce(base[None], base_plan)[0]
+                base = apply_grid(reducer, f[None, : t * t], (t, t), self.record)[0][0]
                 m, map_plan = reduce_map(f[t * t:], h_u, w_u)
                 y = torch.cat([base, m])
                 out.append(y)
-                self.handle._record_image(f.shape[0], y.shape[0], [(t, t), (h_u, w_u)],
-                                          [base_plan.grid or (base_plan.count,), map_plan.grid or (map_plan.count,)])
-            self.handle._add_seconds(time.perf_counter() - t0)
+                self.record.image(f.shape[0], y.shape[0], [(t, t), (h_u, w_u)],
+                                  [base_plan.grid or (base_plan.count,), map_plan.grid or (map_plan.count,)])
             return out, torch.tensor([o.shape[0] for o in out], dtype=lens.dtype, device=lens.device)
 
         set_instance_attr(inner, "pack_image_features", pack_image_features, undo)

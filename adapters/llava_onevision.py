@@ -14,9 +14,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from vltok.stages import select
-
-from .base import set_instance_attr
+from .base import apply_grid, set_instance_attr
 from .llava import LlavaNextAdapter
 
 
@@ -48,7 +46,7 @@ class FrameVideos:
         (h, w), pre, extra = self.frame_grid(), self.frame_prefix, self.video_extra
         frames = pv.shape[1]
         reducer = self.method.pre_llm
-        if getattr(reducer, "temporal", False):   # a budget per video (vltok.methods.temporal), a multiple of frames
+        if reducer.temporal:   # a budget per video (vltok.methods.temporal), a multiple of frames
             return [frames * (pre + h * w) + extra] * pv.shape[0], \
                 [frames * pre + reducer.video_count(frames, h, w) + extra] * pv.shape[0]
         count = reducer.plan(h, w).count
@@ -73,22 +71,11 @@ class FrameVideos:
         if x.shape[1] != pre + h * w:
             raise IncompatibleError(f"video frames have {x.shape[1]} tokens, expected {pre} + {h}x{w}; this "
                                     "checkpoint's frame layout is not supported")
-        if getattr(reducer, "temporal", False):
+        if reducer.temporal:
             return self._reduce_temporal(x, frames)
-        if plan.identity:
-            y = x
-        else:
-            t0 = time.perf_counter()
-            g = x[:, pre:]
-            if plan.grid is not None:
-                y = reducer.reduce(g, plan)
-            else:
-                _, y = select(reducer, g, plan)
-            if pre:
-                y = torch.cat([x[:, :pre], y], dim=1)
-            self.handle._add_seconds(time.perf_counter() - t0)
+        y, plan, _ = apply_grid(reducer, x, (h, w), self.record, prefix=pre)
         for _ in range(x.shape[0] // frames):
-            self.handle._record_image(frames * x.shape[1] + extra, frames * y.shape[1] + extra, [(frames, h, w)],
+            self.record.image(frames * x.shape[1] + extra, frames * y.shape[1] + extra, [(frames, h, w)],
                                       [(frames, *plan.grid) if plan.grid else (frames, plan.count)])
         return y
 
@@ -116,9 +103,9 @@ class FrameVideos:
                     rows = seq.index_select(0, key.argsort(stable=True))
                 out.append(rows)
             y = torch.stack(out).reshape(V * frames, pre + count // frames, D)
-            self.handle._add_seconds(time.perf_counter() - t0)
+            self.record.seconds(time.perf_counter() - t0)
         for _ in range(V):
-            self.handle._record_image(frames * x.shape[1] + extra, frames * pre + count + extra, [(frames, h, w)],
+            self.record.image(frames * x.shape[1] + extra, frames * pre + count + extra, [(frames, h, w)],
                                       [(count,)])
         return y
 

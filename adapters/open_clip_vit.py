@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from vltok.errors import IncompatibleError, UnsupportedModelError
 from vltok.vision import LayerSplit
 
+from .base import Adapter
 from .timm_vit import install_image_encoder
 
 
@@ -65,15 +66,17 @@ def vision_transformer(model):
     return vit
 
 
-class OpenClipVitAdapter:
+class OpenClipVitAdapter(Adapter):
     family = "open_clip"
     stages = ("vision",)
+    sites = ("vision_layers",)
 
-    def __init__(self, model, method, handle):
-        self.model, self.method, self.handle = model, method, handle
+    def vision_layers(self):
+        return list(vision_transformer(self.model).transformer.resblocks)
 
     def attach(self, undo):
         vit = vision_transformer(self.model)
+        self.install_extras(undo)
         if getattr(vit, "class_embedding", None) is None:
             raise IncompatibleError("this open_clip tower has no class token to protect; vltok's merge keeps CLS")
         if getattr(vit, "attn_pool", None) is not None:

@@ -27,9 +27,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from vltok.stages import select, selected_indices
-
-from .base import PlaceholderAdapter, _bind, set_instance_attr
+from .base import PlaceholderAdapter, _bind, apply_grid, set_instance_attr
 
 MODALITIES = (("image", 1, "image_grid_thw"), ("video", 2, "video_grid_thw"))
 
@@ -39,6 +37,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     pixel_keys = ("pixel_values", "pixel_values_videos")
     runs_temporal = True   # temporal methods (evs, tmerge) reduce each video's temporal slices together
     stages = ("vision", "pre_llm", "in_llm", "decode")   # vision: merges of whole 2x2 units (adapters/qwen_tower.py)
+    sites = ("llm", "decoder_layers", "placeholder_runs")   # (the pre-LLM reduction runs after the merger / projector)
 
     def __init__(self, model, method, handle):
         if method.vision is not None:   # the tower merge, described to the code below as a data-dependent selection
@@ -72,13 +71,13 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
     def _item_count(self, t: int, h: int, w: int) -> int:
         reducer = self.method.pre_llm
-        if getattr(reducer, "temporal", False):   # one budget per item over its t slices (vltok.methods.temporal)
+        if reducer.temporal:   # one budget per item over its t slices (vltok.methods.temporal)
             return reducer.video_count(t, h, w)
         return t * reducer.plan(h, w).count
 
     def _item_identity(self, t: int, h: int, w: int) -> bool:
         reducer = self.method.pre_llm
-        if getattr(reducer, "temporal", False):
+        if reducer.temporal:
             return reducer.video_count(t, h, w) == t * h * w
         return reducer.plan(h, w).identity
 
@@ -129,19 +128,15 @@ class Qwen2VLAdapter(PlaceholderAdapter):
     def _reduce_item(self, f: torch.Tensor, t: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """f [t*h*w, D] -> ([t*count, D], kept raster indices per frame (selection methods only))."""
         reducer = self.method.pre_llm
-        if getattr(reducer, "temporal", False):
+        if reducer.temporal:
             if reducer.video_count(t, h, w) == t * h * w:
                 return f, []
             idx, y = reducer.reduce_video(f.view(t, h, w, f.shape[-1]))
             return y, [idx[(idx // (h * w)) == s] - s * h * w for s in range(t)]
-        plan = reducer.plan(h, w)
+        y, plan, idx = apply_grid(reducer, f.view(t, h * w, f.shape[-1]), (h, w))   # (timed by the caller)
         if plan.identity:
             return f, []
-        x = f.view(t, h * w, f.shape[-1])
-        if plan.grid is not None:
-            return reducer.reduce(x, plan).reshape(-1, f.shape[-1]), []
-        idx, y = select(reducer, x, plan)                            # [t, k] ascending, [t, k, D]
-        return y.reshape(-1, f.shape[-1]), list(idx)
+        return y.reshape(-1, f.shape[-1]), [] if idx is None else list(idx)   # idx [t, k] ascending
 
     def _wrap_features(self, inner, kind: str, undo: list) -> None:
         if self.method.vision is not None:
@@ -173,13 +168,13 @@ class Qwen2VLAdapter(PlaceholderAdapter):
                 feats.append(y)
                 kept.append(idx)
                 plan = self.method.pre_llm.plan(h, w)
-                self.handle._record_image(f.shape[0], y.shape[0], [(t, h, w)],
-                                          [(y.shape[0],) if getattr(self.method.pre_llm, "temporal", False) else
-                                           (t, *plan.grid) if plan.grid else (t, plan.count)])
+                self.record.image(f.shape[0], y.shape[0], [(t, h, w)],
+                                  [(y.shape[0],) if self.method.pre_llm.temporal else
+                                   (t, *plan.grid) if plan.grid else (t, plan.count)])
             self._kept[kind] = kept
             self._check_probed(kind)
             out.pooler_output = tuple(feats)
-            self.handle._add_seconds(time.perf_counter() - t0)
+            self.record.seconds(time.perf_counter() - t0)
             return out if as_dict else out.to_tuple()
 
         set_instance_attr(inner, name, get_features, undo)
@@ -254,16 +249,16 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
     def _probe_indices(self, kind, j, t, h, w, plan) -> list[torch.Tensor]:
         """Kept raster indices per frame of item j. Selections made at reduction time are used when the features
-        already ran in this call (forward); generate() computes positions before the vision tower, so the reducer
-        is asked on an empty probe and the reduction later checks that it chose the same indices."""
+        already ran in this call (forward); generate() computes positions before the vision tower, so they come from
+        the plan (a selection that depends on (h, w) only names its indices there) and the reduction later checks
+        that it chose the same indices."""
         recorded = self._kept.get(kind)
         if recorded is not None and j < len(recorded) and recorded[j]:
             return recorded[j]
-        if getattr(self.method.pre_llm, "data_dependent", False):
+        if plan.data_dependent:
             raise RuntimeError(f"vltok: the kept indices of {kind} {j} were not recorded before its positions were "
                                "needed (the features are encoded ahead in prepare); please report this")
-        probe = torch.zeros(t, h * w, 0)
-        idx = list(selected_indices(self.method.pre_llm, probe, plan))
+        idx = [torch.tensor(plan.indices, dtype=torch.long)] * t
         self._probed.setdefault(kind, {})[j] = idx
         return idx
 
@@ -326,7 +321,7 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         return new, rw
 
     def prepare(self, call, default_side, t0=None):
-        ahead = not self._in_generate and getattr(self.method.pre_llm, "data_dependent", False)
+        ahead = not self._in_generate and self._data_dependent(call)
         if not self._in_generate:
             self._kept, self._probed, self._ahead = {}, {}, {}
         pos = call.get("position_ids")
@@ -346,6 +341,14 @@ class Qwen2VLAdapter(PlaceholderAdapter):
         new, rw = self._rewrite({k: v for k, v in call.items() if k != "position_ids"}, default_side, ahead, t0)
         new["position_ids"] = pos if rw is None else self._shrink_mrope(pos, call, new, selection)
         return new, rw
+
+    def _data_dependent(self, call) -> bool:
+        """Whether the reducer's kept tokens depend on the features for a grid of this call (its plans say)."""
+        reducer = self.method.pre_llm
+        if reducer is None:
+            return False
+        grids = [g for g in (call.get("image_grid_thw"), call.get("video_grid_thw")) if g is not None]
+        return any(reducer.plan(h, w).data_dependent for g in grids for _, h, w in self._frames(g))
 
     def _already_reduced(self, call) -> bool:
         """True when every placeholder run already has its reduced length: the inner forward of generate(), whose

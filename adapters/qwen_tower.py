@@ -37,17 +37,17 @@ import torch
 import torch.nn.functional as F
 
 from vltok.errors import IncompatibleError
-from vltok.stages import GridPlan
+from vltok.stages import GridPlan, GridReducer
 
 from .base import _bind, set_instance_attr
 
 
 def vision_refusal(merger) -> str | None:
     """Why the Qwen tower cannot run this vision-stage merger (None: it can)."""
-    if getattr(merger, "trailing", 0):
+    if merger.trailing:
         return ("appends a learned cross token to the vision encoder (CrossGET's cross_tokens, trained on "
                 "LLaVA-1.5); the Qwen tower merges training-free only (drop cross_tokens=)")
-    if hasattr(merger, "decide") or getattr(merger, "after_mlp", False):
+    if merger.decide is not None or merger.after_mlp:
         return ("its vision-stage merge count depends on the image (MustDrop's window merge); the Qwen tower "
                 "needs the count per frame before the model runs (M-RoPE positions)")
     if "anchor" not in inspect.signature(merger.merge).parameters:
@@ -55,12 +55,10 @@ def vision_refusal(merger) -> str | None:
     return None
 
 
-class TowerSelection:
+class TowerSelection(GridReducer):
     """The tower's outcome as the Qwen adapter's pre-LLM code sees it: per frame of (h, w) merger units, ``count``
-    units survive (a data-dependent selection: the kept raster indices are recorded by the tower run)."""
-
-    data_dependent = True
-    temporal = False
+    units survive (a data-dependent selection, ``plan.indices`` None: the kept raster indices are recorded by the
+    tower run, so ``select`` is never asked)."""
 
     def __init__(self, merger, depth: int):
         self.merger, self.depth = merger, depth
@@ -78,7 +76,7 @@ class TowerSelection:
     def plan(self, h: int, w: int) -> GridPlan:
         return GridPlan(h, w, self.count(h * w), None)
 
-    def indices(self, x, plan):
+    def select(self, x, plan, **side):
         raise RuntimeError("vltok: the Qwen tower merge records its kept units while the tower runs; they were "
                            "asked for before it ran (please report this)")
 
@@ -362,14 +360,14 @@ def wrap_tower_features(adapter, inner, kind: str, undo: list) -> None:
             kept.append(list(per))
             n_out = sum(int(k.numel()) for k in per)
             sizes.append(n_out)
-            adapter.handle._record_image(t * h * w, n_out, [(t, h, w)], [(t, n_out // t)])
-            adapter.handle._record_kept("merge" if run.merged else "none", (h, w), t,
-                                        kept=torch.stack(per) if run.merged else None)
+            adapter.record.image(t * h * w, n_out, [(t, h, w)], [(t, n_out // t)])
+            adapter.record.kept("merge" if run.merged else "none", (h, w), t,
+                                kept=torch.stack(per) if run.merged else None)
         out.pooler_output = torch.split(out.pooler_output, sizes)
         adapter._kept[kind] = kept
-        if adapter.handle.stats:
-            adapter.handle.stats["vision_tokens_per_layer"] = list(run.counts)
-        adapter.handle._add_seconds(run.seconds)
+        if adapter.record.stats:
+            adapter.record.stats["vision_tokens_per_layer"] = list(run.counts)
+        adapter.record.seconds(run.seconds)
         return out if as_dict else out.to_tuple()
 
     set_instance_attr(inner, name, get_features, undo)

@@ -15,7 +15,7 @@ import time
 from vltok.errors import IncompatibleError, UnsupportedModelError
 from vltok.vision import LayerSplit, install_vision
 
-from .base import set_instance_attr
+from .base import Adapter, set_instance_attr
 
 
 def split_block(block) -> LayerSplit:
@@ -45,12 +45,12 @@ def install_image_encoder(handle, method, blocks: list, split, n_prefix: int, n_
         counts = run.counts
         B = run.size.shape[0] if run.size is not None else 0
         for _ in range(B):
-            handle._record_image(counts[0] - n_prefix, counts[-1] - n_prefix, [(counts[0] - n_prefix,)],
-                                 [(counts[-1] - n_prefix,)])
-        s = handle.stats
+            handle.recorder.image(counts[0] - n_prefix, counts[-1] - n_prefix, [(counts[0] - n_prefix,)],
+                                  [(counts[-1] - n_prefix,)])
+        s = handle.recorder.stats
         s["vision_tokens_per_layer"] = list(counts)
         s["flops_keep"] = sum(counts[:-1]) / (len(blocks) * counts[0])
-        handle._add_seconds(run.seconds)
+        handle.recorder.seconds(run.seconds)
 
     install_vision(blocks, split, method.vision, schedule, n_prefix, undo, attn_impl, on_done, nominal=n_patches)
     if not any(schedule(n_patches)):
@@ -58,27 +58,29 @@ def install_image_encoder(handle, method, blocks: list, split, n_prefix: int, n_
     fwd = owner.forward
 
     def forward(*args, **kwargs):
-        handle._start_call()
+        handle.recorder.start_call()
         t0 = time.perf_counter()
         out = fwd(*args, **kwargs)
-        handle.stats["wall_seconds"] = time.perf_counter() - t0
+        handle.recorder.stats["wall_seconds"] = time.perf_counter() - t0
         return out
 
     set_instance_attr(owner, "forward", forward, undo)
 
 
-class TimmVitAdapter:
+class TimmVitAdapter(Adapter):
     family = "timm_vit"
     stages = ("vision",)
+    sites = ("vision_layers",)
 
-    def __init__(self, model, method, handle):
-        self.model, self.method, self.handle = model, method, handle
+    def vision_layers(self):
+        return list(self.model.blocks)
 
     def attach(self, undo):
         model = self.model
         if not type(model).__module__.startswith("timm."):
             raise UnsupportedModelError(f"{type(model).__module__}.{type(model).__name__} is not a timm "
                                         "VisionTransformer; vltok's vision stage supports timm ViTs and HF LLaVA towers")
+        self.install_extras(undo)
         blocks = list(model.blocks)
         attn_impl = None if getattr(blocks[0].attn, "fused_attn", True) else "eager"
         n_prefix = int(getattr(model, "num_prefix_tokens", 1))

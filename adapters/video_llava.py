@@ -20,10 +20,11 @@ from .llava_onevision import FrameVideos
 class VideoLlavaAdapter(FrameVideos, LlavaAdapter):
     family = "video_llava"
     stages = ("pre_llm", "in_llm", "decode")
+    # the projector also reads video frames that keep their CLS, so no method projector / fusion runs there
+    sites = ("llm", "decoder_layers", "placeholder_runs")
     side_inputs = ()   # (LLaVA-1.5's cls_attention / text_embeds are not wired through the frame path)
     original_positions = False
-    runs_method_projector = False
-    runs_input_fusion = False
+    gives_saliency = False
     not_applicable = {
         "vision": "vltok's Video-LLaVA adapter does not hook the layers of its two CLIP towers (not wired yet)",
     }

@@ -63,9 +63,8 @@ def lowpass_gemm(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def dct_lowpass(x, h, w, r_h, r_w, gain="resize", impl="auto", precise=False):
     """Triton path of vltok.methods.fourier.dct_lowpass (dense basis; the same result up to fp32 rounding)."""
-    from vltok.methods.fourier import _check, _dense_basis
-
     from ._triton import usable
+    from .dct_basis import check_args as _check, dense_basis as _dense_basis
 
     _check(x, h, w, r_h, r_w, impl)
     if not usable(x) or x.dtype == torch.float64:

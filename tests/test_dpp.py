@@ -60,13 +60,13 @@ def model():
 
 def _spy(handle):
     red, seen = handle.method.pre_llm, []
-    orig = red.indices
+    orig = red.select
 
-    def indices(x, plan, **side):
+    def select(x, plan, **side):
         seen.append(dict(side, x=x))
         return orig(x, plan, **side)
 
-    red.indices = indices
+    red.select = select
     return seen
 
 

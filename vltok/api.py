@@ -10,6 +10,8 @@ import numbers
 import threading
 
 from . import registry
+from .record import Recorder
+from .stages import StageProtocolError
 from .errors import (AlreadyPatchedError, IncompatibleError, InvalidKeepError, InvalidOptionError, NotPatchedError,
                      VltokError)
 
@@ -65,6 +67,7 @@ class PatchHandle:
         # one call at a time: per-call state (placeholder rewrite, in-LLM cut state, stats) lives on the adapter /
         # engine, so concurrent calls from several threads are serialized (never mixed); see _install_guards
         self._lock = threading.RLock()
+        self.recorder = Recorder(self)   # what adapters and engines write the stats through
 
     @property
     def cut_graphs(self) -> bool | None:
@@ -76,12 +79,28 @@ class PatchHandle:
     def cut_graphs(self, value) -> None:
         self._cut_graphs = _check_cut_graphs(value, self.model, self.method)
 
-    # -- stats (called by adapters) ----------------------------------------------------------------------------
+    # -- stats: written through the public ``handle.recorder`` (vltok/record.py); these private names remain for
+    # callers not yet moved to it (the in-LLM engine) ---------------------------------------------------------------
     def _start_call(self):
-        self.stats = {"method": self.method.name, "keep": self.method.keep, "images": [], "tokens_in": 0,
-                      "tokens_out": 0, "keep_achieved": 1.0, "flops_keep": 1.0, "llm_input_tokens": 0,
-                      "seconds": 0.0}
-        self._kept_stages, self._kept_inllm = [], None
+        self.recorder.start_call()
+
+    def _record_kept(self, *args, **kwargs):
+        self.recorder.kept(*args, **kwargs)
+
+    def _record_kept_inllm(self, layout, cuts):
+        self.recorder.kept_inllm(layout, cuts)
+
+    def _record_image(self, *args):
+        self.recorder.image(*args)
+
+    def _record_inllm(self, *args):
+        self.recorder.inllm(*args)
+
+    def _record_rewrite(self, rw):
+        self.recorder.rewrite(rw)
+
+    def _add_seconds(self, dt):
+        self.recorder.seconds(dt)
 
     def kept_patches(self):
         """What the last call kept of each image, in the image's patch grid: a list of vltok.kept.KeptGrid (one per
@@ -91,68 +110,6 @@ class PatchHandle:
         from .kept import resolve
 
         return resolve(self)
-
-    def _record_kept(self, kind, grid, batch, kept=None, groups=None, out_grid=None):
-        """Adapters: one pre-LLM / vision reduction of ``batch`` images of patch grid ``grid`` (h, w): kind
-        "none" | "select" | "merge" | "resample"; ``kept`` [batch, k] raster indices, ``groups`` [batch, h*w]
-        (output token per patch, -1 dropped), ``out_grid`` (r_h, r_w). Tensors are kept as they are (no sync)."""
-        self._kept_stages.append(dict(kind=kind, grid=tuple(grid), batch=int(batch), kept=kept, groups=groups,
-                                      out_grid=out_grid))
-
-    def _record_kept_inllm(self, layout, cuts):
-        """In-LLM engine, per prefill: the layout and the cut layers (the columns are the handle's
-        ``inllm_prefill_columns`` / ``inllm_dead_columns``, read when kept_patches() is asked)."""
-        self._kept_inllm = (layout, list(cuts), dict(getattr(self, "inllm_prefill_columns", {})),
-                            dict(getattr(self, "inllm_dead_columns", {}) or {}))
-
-    def _record_image(self, tokens_in, tokens_out, grids_in, grids_out):
-        s = self.stats or (self._start_call() or self.stats)
-        s["images"].append({"tokens_in": int(tokens_in), "tokens_out": int(tokens_out),
-                            "grids_in": [list(g) for g in grids_in], "grids_out": [list(g) for g in grids_out]})
-        s["tokens_in"] += int(tokens_in)
-        s["tokens_out"] += int(tokens_out)
-        s["llm_input_tokens"] = s["tokens_out"]
-        s["keep_achieved"] = s["tokens_out"] / max(s["tokens_in"], 1)
-        # pre-LLM stages: every LLM layer sees the reduced count, so the FLOPs-equivalent keep is the kept share
-        s["flops_keep"] = s["keep_achieved"]
-
-    def _record_inllm(self, per_layer, n_visual, cuts, seconds_scoring, final_cols, sizes_in, sizes_out):
-        """In-LLM stage (vltok.inllm), per LLM prefill: visual tokens entering each decoder layer (sample 0),
-        FLOPs-equivalent keep sum_l n_l / (L N), final columns, scoring time."""
-        s = self.stats or (self._start_call() or self.stats)
-        if not s["images"]:
-            for ins, outs in zip(sizes_in, sizes_out):
-                for a, b in zip(ins, outs):
-                    self._record_image(a, b, [], [])
-        else:   # the images were recorded by an earlier stage: the in-LLM stage shrinks their final counts
-            for im, b in zip(s["images"], [b for outs in sizes_out for b in outs]):
-                im["tokens_out"] = int(b)
-            s["tokens_out"] = sum(im["tokens_out"] for im in s["images"])
-            s["keep_achieved"] = s["tokens_out"] / max(s["tokens_in"], 1)
-        r = next((b for b, x in enumerate(sizes_in) if x), 0)   # "sample 0": the first sample with images
-        n0 = sum(sizes_in[r]) if sizes_in else n_visual
-        n_llm0 = n0
-        if sizes_in and len(s["images"]) >= len(sizes_in[r]):   # an earlier stage (vision) recorded native counts
-            n0 = sum(im["tokens_in"] for im in s["images"][:len(sizes_in[r])])
-        s["tokens_per_layer"] = [int(n) for n in per_layer]
-        # sample 0's visual tokens after each stage: native, entering the LLM (after a vision stage), after each cut
-        s["stage_tokens"] = {"native": int(n0), "llm_input": int(n_llm0),
-                             "cuts": {int(c): int(per_layer[c]) for c in cuts},
-                             "final": int(sum(sizes_out[r])) if sizes_out else int(per_layer[-1])}
-        s["prune_layers"] = list(cuts)
-        s["flops_keep"] = sum(per_layer) / max(len(per_layer) * n0, 1)
-        s["seconds_scoring"] = s.get("seconds_scoring", 0.0) + seconds_scoring
-        s["seconds"] += seconds_scoring
-        s["llm_input_tokens"] = int(sum(sum(x) for x in sizes_in))
-        self.inllm_kept_columns = final_cols
-
-    def _record_rewrite(self, rw):
-        self.stats["seq_len_in"], self.stats["seq_len_out"] = rw.orig_len, rw.new_len
-        self.kept_positions = rw.kept_positions
-
-    def _add_seconds(self, dt):
-        if self.stats:
-            self.stats["seconds"] += dt
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def remove(self):
@@ -217,7 +174,7 @@ def build_method(name: str, keep: float, **kwargs):
     registry.check_options(info, kwargs)   # types and ranges, from the method's declared option specs
     try:
         return info.factory(keep, **kwargs)
-    except VltokError:
+    except (VltokError, StageProtocolError):   # (stage objects that break the protocol: the method's bug)
         raise
     except (ValueError, TypeError, ArithmeticError, OSError) as e:   # a cross-option rule, or a checkpoint to load
         raise InvalidOptionError(f"method {name!r}: {e}") from e
@@ -230,7 +187,6 @@ def patch(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = N
     Undo with ``vltok.unpatch(model)`` or ``handle.remove()``. ``kwargs`` are the method's options;
     ``cut_graphs`` (in-LLM methods): replay the cut from CUDA graphs, see :func:`_check_cut_graphs`.
     """
-    from vltok.adapters import find_adapter  # adapters import vltok, so import late
 
     existing = getattr(model, "__dict__", {}).get(_ATTR)
     if existing is not None:
@@ -238,7 +194,7 @@ def patch(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = N
             f"this model is already patched ({existing.method.name}, keep={existing.method.keep}); call "
             "vltok.unpatch(model) (or handle.remove()) before patching it again"
         )
-    adapter_cls = find_adapter(model)
+    adapter_cls = registry.adapter_for(model)
     spec = (method, keep, dict(kwargs))
     m = build_method(method, keep, **kwargs)
     from .support import incompatibility   # late: python -m vltok.support must not find it imported
@@ -279,7 +235,7 @@ def _attach(handle) -> None:
 def _install_guards(model, handle) -> None:
     """Serialize calls (``forward`` / ``generate`` under the handle's lock, skipped while torch.compile traces), make
     ``copy.deepcopy`` give an independent patched copy and refuse pickling with a clear error."""
-    from vltok.adapters.base import set_instance_attr   # adapters import vltok, so import late
+    from .hooks import set_instance_attr
     import torch
 
     for name in ("forward", "generate"):

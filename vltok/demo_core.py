@@ -234,7 +234,7 @@ class DemoModel:
     """A loaded model + processor, used by one request at a time (``lock``)."""
 
     def __init__(self, model, processor, device="cpu", name: str = "vltok-ref"):
-        from vltok.adapters import find_adapter
+        from vltok.registry import adapter_for as find_adapter
 
         self.model, self.processor, self.device, self.name = model, processor, torch.device(device), name
         self.adapter_cls = find_adapter(model)   # UnsupportedModelError for other families

@@ -69,10 +69,9 @@ class PrefillGraph:
                                     "attention_mask (or none)")
         call = {"input_ids": ids, "pixel_values": pixel_values}
         if handle is not None and handle.method.in_llm is not None:   # layer 0 keeps every placeholder
-            from .adapters.llava import _prefix
-
             p = handle.adapter._patch()
-            native = new = [(pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p) + _prefix(self.model)]
+            native = new = [(pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p)
+                            + handle.adapter.vision_facts().prefix]
         elif handle is not None:
             native, new = handle.adapter.image_counts(call)
         else:
@@ -116,7 +115,7 @@ class PrefillGraph:
     def __call__(self, input_ids, pixel_values, attention_mask=None) -> torch.Tensor:
         handle, first, n, k = self._prepare(input_ids, pixel_values, attention_mask)
         if handle is not None:
-            handle._start_call()
+            handle.recorder.start_call()
             L = input_ids.shape[1]
             handle.stats["seq_len_in"], handle.stats["seq_len_out"] = L, L - (n - k)
         if not self.graphs:

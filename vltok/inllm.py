@@ -698,11 +698,11 @@ class InLLMEngine:
                 seen.scatter_(1, final, ~c.dead.gather(1, final))
             self._prompt_seen = seen
         self.handle.inllm_layer_columns = dict(c.layer_keep)   # what decode steps see (after the decode stage)
-        self.handle._record_inllm(counts, N, sorted(c.cuts), c.scoring, final,
+        self.handle.recorder.inllm(counts, N, sorted(c.cuts), c.scoring, final,
                                   [_per_image(s, lambda p, im: im.positions.numel()) for s in c.samples],
                                   [_per_image(s, lambda p, im: p.numel()) for s in c.samples])
-        self.handle._record_kept_inllm(c.layout, sorted(c.cuts))   # handle.kept_patches() (vltok/kept.py)
-        self.handle._add_seconds(time.perf_counter() - t0)   # this hook's own work
+        self.handle.recorder.kept_inllm(c.layout, sorted(c.cuts))   # handle.kept_patches() (vltok/kept.py)
+        self.handle.recorder.seconds(time.perf_counter() - t0)   # this hook's own work
         return None
 
     def _evict(self, c: PrefillState, cache):
@@ -887,7 +887,7 @@ def _last_visual(layout) -> list[int]:
     return torch.stack([torch.stack([im.positions.max() for im in imgs]).max() for imgs in layout]).tolist()
 
 
-_last_visual._vltok_host = 0   # host-side work (eval/profile_vltok.py counts its read-backs: none)
+_last_visual._vltok_host = 0   # host-side work (eval/tools/profile_vltok.py counts its read-backs: none)
 
 
 def _expand_pending(pending: PendingCall, B: int) -> PendingCall:
@@ -954,4 +954,4 @@ def split_runs(input_ids: torch.Tensor, token_id: int, counts: list[int],
     return out
 
 
-split_runs._vltok_host = 1   # works on one host copy of the ids (eval/profile_vltok.py counts one read-back)
+split_runs._vltok_host = 1   # works on one host copy of the ids (eval/tools/profile_vltok.py counts one read-back)

@@ -1,6 +1,7 @@
 """Method registry: name -> factory, description and stages."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import InvalidOptionError, UnknownMethodError
-from .stages import Method
+from .stages import STAGES, Method, StageProtocolError, check_method
 
 
 # -- option specs: what each option of a method accepts, checked at patch time before anything is installed --------
@@ -117,8 +118,21 @@ _REGISTRY: dict[str, MethodInfo] = {}
 
 def register(name: str, description: str, stages: tuple[str, ...], trained_variant: bool = False,
              variants: tuple = (), options: dict | None = None):
+    """Register a method factory ``(keep, **options) -> Method``. Every Method it builds is checked against the stage
+    protocol (vltok.stages.check_stage: a TypeError naming what is missing) before anyone uses it."""
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise TypeError(f"method {name!r}: unknown stage(s) {bad}; stages are {STAGES}")
+
     def deco(factory):
-        _REGISTRY[name] = MethodInfo(name, description, stages, factory, trained_variant, tuple(variants),
+        @functools.wraps(factory)
+        def checked(*args, **kwargs):
+            m = factory(*args, **kwargs)
+            if not isinstance(m, Method):
+                raise StageProtocolError(f"method {name!r}: its factory returned {type(m).__name__}, not a vltok.stages.Method")
+            return check_method(m)
+
+        _REGISTRY[name] = MethodInfo(name, description, stages, checked, trained_variant, tuple(variants),
                                      dict(options or {}))
         return factory
 
@@ -143,3 +157,23 @@ def get(name: str) -> MethodInfo:
             "(see vltok.methods() for what each does)"
         )
     return _REGISTRY[name]
+
+
+# -- model families: the one place outside vltok.adapters (and eval / training / demos / the CLI) that finds them ----
+def adapter_for(model):
+    """The adapter class of a model instance (vltok.adapters.find_adapter; UnsupportedModelError if none)."""
+    from vltok.adapters import find_adapter   # adapters import vltok: imported on first use
+
+    return find_adapter(model)
+
+
+def adapter_classes() -> dict:
+    """Model class name -> adapter class, in registration order."""
+    from vltok.adapters import SUPPORTED
+
+    return dict(SUPPORTED)
+
+
+def sites_of(model):
+    """The adapter of ``model`` as a vltok.stages.Sites (no method attached): where a method may install extras."""
+    return adapter_for(model)(model, None, None)

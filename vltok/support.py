@@ -16,7 +16,8 @@ BEGIN, END = "<!-- support-matrix:begin (python -m vltok.support --write) -->", 
 
 def _optional(method, stage) -> bool:
     """A stage the method can run without (``optional`` on its stage object, e.g. MustDrop's stage 1)."""
-    return getattr(getattr(method, stage, None), "optional", False)
+    obj = getattr(method, stage, None)
+    return obj is not None and getattr(obj, "optional", False)   # (in-LLM / decode objects: see vltok.stages)
 
 
 def _provides(adapter_cls, method, stage) -> bool:
@@ -30,7 +31,7 @@ def _provides(adapter_cls, method, stage) -> bool:
 
 
 def _not_applicable(adapter_cls, method) -> dict:
-    reasons = dict(getattr(adapter_cls, "not_applicable", {}))
+    reasons = dict(adapter_cls.not_applicable)
     check = getattr(adapter_cls, "vision_refusal", None)
     if check is not None and getattr(method, "vision", None) is not None and check(method.vision):
         reasons["vision"] = check(method.vision)
@@ -40,7 +41,7 @@ def _not_applicable(adapter_cls, method) -> dict:
 def _post_fallback(adapter_cls, method):
     """``schedule="auto"`` (tome, crossget): where the family has no vision stage but a pre-LLM one, the vision
     merger's post-encoder reducer (``.post``) runs instead, as if ``schedule="post"`` had been asked for."""
-    post = getattr(getattr(method, "vision", None), "post", None)
+    post = method.vision.post if getattr(method, "vision", None) is not None else None
     if post is None or _provides(adapter_cls, method, "vision") or "pre_llm" not in adapter_cls.stages:
         return method
     import dataclasses
@@ -59,31 +60,25 @@ def incompatibility(adapter_cls, method) -> str | None:
     stages = method.stages if hasattr(method, "stages") else tuple(method)
     missing = [s for s in stages if not (_provides(adapter_cls, method, s) if hasattr(method, "stages")
                                          else s in adapter_cls.stages) and not _optional(method, s)]
-    if getattr(getattr(method, "pre_llm", None), "temporal", False) and not getattr(adapter_cls, "runs_temporal", False):
+    reducer = getattr(method, "pre_llm", None)
+    if reducer is not None and reducer.temporal and not adapter_cls.runs_temporal:
         return (f"reduces across video frames (a temporal method); vltok's {adapter_cls.family} adapter has no video "
                 "input, and images pass through a temporal method unchanged")
     if not missing:
-        lacking = [n for n in getattr(getattr(method, "pre_llm", None), "needs", ())
-                   if n not in getattr(adapter_cls, "side_inputs", ())]
-        if lacking:   # the side-input contract (vltok/stages.py): an adapter supplies what its family has
-            return (f"needs {', '.join(lacking)} ({'; '.join(SIDE_INPUTS.get(n, n) for n in lacking)}), which vltok's "
-                    f"{adapter_cls.family} adapter does not supply (it supplies: "
-                    f"{', '.join(getattr(adapter_cls, 'side_inputs', ())) or 'none'})")
-        if getattr(getattr(method, "pre_llm", None), "positions", "contiguous") == "original" and \
-                not getattr(adapter_cls, "original_positions", False):
-            return (f"with positions='original' keeps the full grid's position ids, which vltok's "
-                    f"{adapter_cls.family} adapter does not do (LLaVA-1.5 only); use positions='contiguous'")
-        if getattr(getattr(method, "pre_llm", None), "projector", None) is not None and \
-                not getattr(adapter_cls, "runs_method_projector", False):
-            return (f"brings a trained projector, which vltok's {adapter_cls.family} adapter cannot run in place of "
-                    "the model's (LLaVA-1.5 only); use the training-free mode (no projector=)")
-        if getattr(getattr(method, "pre_llm", None), "fusion", None) is not None and \
-                not getattr(adapter_cls, "runs_input_fusion", False):
-            return (f"brings LLM-input fusion layers (trained LLaVA-Mini), which vltok's {adapter_cls.family} adapter "
-                    "cannot run (LLaVA-1.5 only); use a training-free mode (mode='pool')")
+        if reducer is not None:   # what the stage's install() needs of the family, and its side inputs
+            for site, reason in reducer.needed_sites().items():
+                if site not in adapter_cls.sites:
+                    return reason.format(family=adapter_cls.family)
+            lacking = [n for n in reducer.needs if n not in adapter_cls.side_inputs]
+            if lacking:   # the side-input contract (vltok/stages.py): an adapter gives what its family has
+                return (f"needs {', '.join(lacking)} ({'; '.join(SIDE_INPUTS.get(n, n) for n in lacking)}) before "
+                        f"the LLM, which vltok's {adapter_cls.family} adapter does not give (it gives: "
+                        f"{', '.join(adapter_cls.side_inputs) or 'none'})")
+            if getattr(reducer, "positions", "contiguous") == "original" and not adapter_cls.original_positions:
+                return (f"with positions='original' keeps the full grid's position ids, which vltok's "
+                        f"{adapter_cls.family} adapter does not do (LLaVA-1.5 only); use positions='contiguous'")
         return None
-    reasons = _not_applicable(adapter_cls, method) if hasattr(method, "stages") else \
-        getattr(adapter_cls, "not_applicable", {})
+    reasons = _not_applicable(adapter_cls, method) if hasattr(method, "stages") else adapter_cls.not_applicable
     why = "; ".join(reasons[s] for s in missing if s in reasons)
     return (f"works in stage(s) {', '.join(missing)}, which vltok's {adapter_cls.family} adapter does not provide "
             f"(it provides: {', '.join(adapter_cls.stages)})" + (f": {why}" if why else ""))
@@ -99,7 +94,7 @@ def limitations(adapter_cls, method) -> str | None:
     if fitted is not method:
         out.append("merges after the vision encoder (schedule='post'): the family has no vision stage")
         method = fitted
-    if getattr(getattr(method, "pre_llm", None), "temporal", False):
+    if method.pre_llm is not None and method.pre_llm.temporal:
         out.append("videos only: images (and one-frame videos) pass through unchanged")
     parts = [s for s in method.stages if not _provides(adapter_cls, method, s) and _optional(method, s)]
     if parts:
@@ -107,11 +102,11 @@ def limitations(adapter_cls, method) -> str | None:
         why = "; ".join(refused[s] for s in parts if s in adapter_cls.stages and s in refused)
         out.append(f"stage(s) {', '.join(parts)} not applicable ("
                    + (why or f"vltok's {adapter_cls.family} adapter has none") + ")")
-    unused = [n for n in getattr(getattr(method, "pre_llm", None), "wants", ())
-              if n not in getattr(adapter_cls, "side_inputs", ())]
+    unused = [n for n in (method.pre_llm.wants if method.pre_llm is not None else ())
+              if n not in adapter_cls.side_inputs]
     if unused:
-        out.append(f"runs without {', '.join(unused)} (the adapter does not supply it: no text conditioning)")
-    if getattr(getattr(method, "in_llm", None), "needs_saliency", False) and not _gives_saliency(adapter_cls):
+        out.append(f"runs without {', '.join(unused)} (the adapter does not give it: no text conditioning)")
+    if getattr(method.in_llm, "needs_saliency", False) and not adapter_cls.gives_saliency:
         out.append("key set not applicable: no vision-side CLS score (runs as key_rate=0)")
     if not out:
         return None
@@ -135,13 +130,6 @@ def fit_to_family(adapter_cls, method):
     return dataclasses.replace(method, **{s: None for s in drop})
 
 
-def _gives_saliency(adapter_cls) -> bool:
-    from vltok.adapters.base import PlaceholderAdapter
-
-    own = getattr(adapter_cls, "install_saliency", None)
-    return own is not None and own is not getattr(PlaceholderAdapter, "install_saliency", None)
-
-
 def default_method(name: str, **options):
     """The method as ``vltok.patch(model, name, keep=0.5, **options)`` builds it (its default options)."""
     return registry.get(name).factory(0.5, **options)
@@ -149,7 +137,7 @@ def default_method(name: str, **options):
 
 def rows() -> list[tuple[str, str, dict]]:
     """The matrix rows, (label, method name, options): every method with its default options, each followed by the
-    variants its registration names (label ``"llavamini mode=early_fusion"``)."""
+    variants its registration names (label ``"<method> <option>=<value>"``)."""
     out = []
     for name, info in registry.methods().items():
         out.append((name, name, {}))
@@ -159,10 +147,8 @@ def rows() -> list[tuple[str, str, dict]]:
 
 def families() -> dict[str, list[str]]:
     """family -> the model classes its adapter covers (the adapters' registration order)."""
-    from vltok.adapters import SUPPORTED
-
     out: dict[str, list[str]] = {}
-    for cls_name, adapter in SUPPORTED.items():
+    for cls_name, adapter in registry.adapter_classes().items():
         out.setdefault(adapter.family, []).append(cls_name)
     return out
 
@@ -170,9 +156,7 @@ def families() -> dict[str, list[str]]:
 def matrix(notes: bool = False) -> dict:
     """(method, family) -> None when it works (with the method's default options), else the reason it does not;
     with ``notes``: (method, family) -> (reason, limitation) (limitation: what does not apply where it works)."""
-    from vltok.adapters import SUPPORTED
-
-    adapters = {a.family: a for a in SUPPORTED.values()}
+    adapters = {a.family: a for a in registry.adapter_classes().values()}
     out = {}
     for label, name, opts in rows():
         m = default_method(name, **opts)

@@ -37,7 +37,7 @@ import torch
 
 import vltok
 
-from . import compat
+from . import compat, registry
 from .methods.tokenshuffle import ShuffleProjector, load_projector, save_projector, window_for_keep
 
 
@@ -62,15 +62,16 @@ def build_tokenshuffle(model, keep: float, window=None):
 
 
 def build_crossget(model, keep: float, visible: bool = False, projector: bool = True):
-    from vltok.adapters.llava import used_vision_layers, vision_encoder_name
-
     from .methods.crossget import CrossTokens, load_cross_tokens, save_cross_tokens
 
     stock = _llava_projector(model)
     act = getattr(model.config, "projector_hidden_act", "gelu")
     proj = ShuffleProjector.from_projector(stock.linear_1, stock.linear_2, act, (1, 1)) if projector else None
-    module = CrossTokens(used_vision_layers(model), model.config.vision_config.hidden_size, visible, proj,
-                         vision_encoder_name(model.config)).to(device=stock.linear_1.weight.device,
+    facts = registry.sites_of(model).vision_facts()
+    if facts.used_layers is None:
+        raise vltok.IncompatibleError(f"vision-stage methods need one vision_feature_layer; this checkpoint has "
+                                      f"vision_feature_layer={facts.feature_layer}; use a pre-LLM method (e.g. 'pool')")
+    module = CrossTokens(facts.used_layers, facts.width, visible, proj, facts.encoder).to(device=stock.linear_1.weight.device,
                                                                dtype=stock.linear_1.weight.dtype)
     return (module, dict(cross_tokens=module),
             lambda m, path: save_cross_tokens(m, path, keep=keep),
@@ -103,9 +104,7 @@ def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, s
     if method not in LEARNED:
         raise vltok.VltokError(f"method {method!r} has no trained variant in vltok train; trainable: "
                                f"{', '.join(LEARNED)}")
-    from vltok.adapters import find_adapter
-
-    family = find_adapter(model).family
+    family = registry.adapter_for(model).family
     if family != "llava":   # before anything is built or written
         raise vltok.IncompatibleError(
             f"vltok train {method}: the learned module replaces the projector (and, for crossget, rides in the vision "

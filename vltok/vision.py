@@ -1,26 +1,8 @@
 """Vision-encoder stage: merge tokens inside the encoder's layers, between the attention residual and the MLP.
 
-A method's ``vision`` object (ToMe, CrossGET) implements
-
-* ``schedule(n_patches, n_layers) -> list[int]``: r (tokens removed) per merging layer, known before the model runs
-  (so a placeholder adapter can shrink the runs first); the count that leaves is ``n_patches - sum(r)``;
-* ``merge(x, size, pos, keys, query, r, n_protected) -> (x, size, pos)``: pure tensors; x [B, N, C], size [B, N, 1]
-  (tokens each one stands for), pos [B, N] (smallest original index in its group), keys [B, N, H, d] of this
-  layer's attention, query [B, H, d] the first token's query (CLS) or None, ``n_protected`` leading tokens
-  (CLS, registers) that must stay untouched and in place;
-* ``prop_attn`` (bool) and ``needs_query`` (bool);
-* optional trailing tokens (CrossGET's learned cross token): ``trailing`` (int, tokens appended after the last
-  one), ``enter(layer, x, appended) -> x`` (appends them before layer 0, refreshes them before every later layer),
-  ``visible`` (bool: False masks their keys for every query, so they only read), ``query_index`` (-1: the query
-  handed to ``merge`` is the last token's). They stay last, are counted in ``size`` / ``pos`` with size 1 and are
-  never merged (the merger protects them); the adapter strips them before the projector (``run.appended``) and
-  must say it can (``trailing_ok=True``), else the call is refused;
-* optional ``after_mlp`` (bool): merge after the layer's MLP (the full layer's output) instead of between the
-  attention residual and the MLP (MustDrop's window merge after layer 0);
-* optional data-dependent count (MustDrop's similarity threshold): ``schedule`` returns None and the merger has
-  ``merge_layer`` (int) and ``decide(x, size, keys, query, n_protected) -> r``, evaluated on the merge layer's
-  tokens. An adapter that must know the count before the model runs calls :func:`probe_vision`, which runs the
-  encoder up to that layer and stops there; the adapter then hands the probed schedule to the real call.
+A method's ``vision`` object (ToMe, CrossGET, MustDrop's stage 1) is a :class:`vltok.stages.VisionMerger`: its
+docstring and declared attributes are the protocol (schedule / merge, the optional data-dependent ``decide`` that an
+adapter probes with :func:`probe_vision`, trailing learned tokens that an adapter must strip, ``trailing_ok=True``).
 
 An adapter describes one encoder family with a :class:`LayerSplit` per layer: the attention half (with residual)
 called with an additive bias, the MLP half (with residual), the q/k projections to hook and the head count. This
@@ -109,7 +91,7 @@ def layer_bias(run: VisionRun, merger, x: torch.Tensor):
     """The additive attention bias [B, 1, 1, N] for a layer's input x: log(size) under proportional attention,
     -inf on the keys of trailing tokens that only read (``visible=False``); None when neither applies."""
     prop = run.size is not None and merger.prop_attn
-    if not run.appended or getattr(merger, "visible", True):
+    if not run.appended or merger.visible:
         return size_bias(run.size, x.dtype) if prop else None
     B, N = x.shape[:2]
     t = run.appended
@@ -129,17 +111,17 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
     ``track()`` (read at layer 0 of each call; e.g. ``handle.record_kept``): carry a one-hot group tracer through
     the merges (mergers whose ``merge`` takes ``extra``), so ``run.groups()`` gives every input token's group.
     """
-    from vltok.adapters.base import set_instance_attr
+    from .hooks import set_instance_attr
 
     pad = lambda sch: list(sch) + [0] * (len(layers) - len(sch))
     schedule_fn = schedule if callable(schedule) else None
-    data_dependent = hasattr(merger, "decide")
+    data_dependent = merger.decide is not None
     schedule = schedule_fn(nominal) if schedule_fn else schedule
     schedule = pad(schedule or [])
     run = VisionRun()
     if not any(schedule) and not data_dependent:
         return run
-    trailing = getattr(merger, "trailing", 0)
+    trailing = merger.trailing
     if trailing and not trailing_ok:
         raise IncompatibleError("this method appends a learned token to the vision encoder (CrossGET's cross_tokens), "
                                 "which this family's adapter cannot strip before the projector (LLaVA-1.5 only); "
@@ -149,9 +131,9 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
             f"proportional attention adds a log-size bias to the vision encoder's attention, which {attn_impl} "
             "cannot take; load the model with attn_implementation='sdpa' (or 'eager'), or pass prop_attn=False")
     first = 0 if (schedule_fn or trailing) else next(i for i, r in enumerate(schedule) if r)
-    after_mlp = getattr(merger, "after_mlp", False)
+    after_mlp = merger.after_mlp
     can_track = track is not None and "extra" in inspect.signature(merger.merge).parameters
-    decide_at = getattr(merger, "merge_layer", -1)
+    decide_at = merger.merge_layer
 
     for i, layer in enumerate(layers):
         parts = split(layer)
@@ -208,7 +190,7 @@ def install_vision(layers: list, split: Callable, merger, schedule, n_protected:
                 else:
                     k = k.view(B, N, H, -1)
                     q = run.q.view(B, N, H, -1) if run.q is not None else None
-                qi = getattr(merger, "query_index", 0)
+                qi = merger.query_index
                 query = q[:, qi] if (q is not None and (n_protected > 0 or trailing) and merger.needs_query) else None
                 if deciding:
                     r = schedule[_i] = merger.decide(x, run.size, k, query, n_protected)

@@ -63,8 +63,8 @@ def vltok_entry_points(handle):
     m = handle.method
     if m.vision is not None:
         out.append((m.vision, "merge"))
-    if m.pre_llm is not None:   # selection reducers run through select / indices (vltok.stages.select)
-        out += [(m.pre_llm, n) for n in ("reduce", "select", "indices") if hasattr(m.pre_llm, n)]
+    if m.pre_llm is not None:   # a GridReducer implements exactly one of reduce / select (vltok.stages.run_reducer)
+        out.append((m.pre_llm, "reduce" if callable(getattr(type(m.pre_llm), "reduce", None)) else "select"))
     adapter = getattr(handle, "adapter", None)
     out += [(adapter, n) for n in ("_cls_row", "_text_embeds") if adapter is not None and hasattr(adapter, n)]
     return out

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import choice, integer, register
-from ..stages import GridPlan, Method, selection_plan
+from ..stages import GridPlan, GridReducer, Method, selection_plan
 from ._grid import ROUNDINGS, grid_for_keep
 
 
@@ -37,7 +37,7 @@ def select_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, idx.to(x.device))
 
 
-class PoolReducer:
+class PoolReducer(GridReducer):
     def __init__(self, keep: float, rounding: str):
         self.keep, self.rounding = keep, rounding
 
@@ -49,21 +49,27 @@ class PoolReducer:
         return pool_grid(x, plan.h, plan.w, *plan.grid)
 
 
-class RandomReducer:
+@lru_cache(maxsize=64)
+def _indices_tuple(n: int, k: int, seed: int) -> tuple[int, ...]:
+    return tuple(random_indices(n, k, seed).tolist())
+
+
+class RandomReducer(GridReducer):
+    """A selection that depends on (h, w) and the seed only: the plan names its indices (not data-dependent)."""
+
     def __init__(self, keep: float, seed: int, positions: str = "contiguous"):
         self.keep, self.seed, self.positions = keep, seed, positions
 
     def plan(self, h, w):
-        return selection_plan(h, w, self.keep)
+        k = selection_plan(h, w, self.keep).count
+        return selection_plan(h, w, self.keep, _indices_tuple(h * w, k, self.seed))
 
-    def indices(self, x, plan):
+    def select(self, x, plan):
         # cached per device: no host-to-device copy per call (so the reduction can be captured in a CUDA graph)
-        return _indices_on(plan.h * plan.w, plan.count, self.seed, x.device).expand(x.shape[0], -1)
-
-    def reduce(self, x, plan):
+        idx = _indices_on(plan.h * plan.w, plan.count, self.seed, x.device)
         if plan.count == plan.h * plan.w:
-            return x
-        return select_tokens(x, _indices_on(plan.h * plan.w, plan.count, self.seed, x.device))
+            return idx.expand(x.shape[0], -1), x
+        return idx.expand(x.shape[0], -1), select_tokens(x, idx)
 
 
 @register("pool", "Adaptive average pooling of each image grid to r_h x r_w (sqrt(keep) per axis); baseline",

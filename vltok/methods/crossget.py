@@ -57,7 +57,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import boolean, choice, file_or, optional, register
-from ..stages import Method
+from ..errors import IncompatibleError
+from ..stages import Method, VisionMerger, replace_projector
 from .tome import SCHEDULES, round_sizes, spread_schedule
 
 IMPORTANCES = ("cls_attn", "cls_query_cos", "none")
@@ -185,7 +186,7 @@ def cross_input(x: torch.Tensor, layer: int, offsets: torch.Tensor, appended: bo
     return torch.cat([x[:, :-1], tok if off is None else tok + off], 1)
 
 
-class CrossGetMerger:
+class CrossGetMerger(VisionMerger):
     def __init__(self, keep: float, importance: str, ensemble: str, prop_attn: bool, cross: CrossTokens | None = None,
                  late: bool = False, post=None, early: bool = False):
         self.keep, self.importance, self.ensemble, self.prop_attn = keep, importance, ensemble, prop_attn
@@ -200,6 +201,50 @@ class CrossGetMerger:
 
     def schedule(self, n_patches: int, n_layers: int) -> list[int]:
         return spread_schedule(n_patches, self.keep, n_layers, self.late, self.early)
+
+    def needed_sites(self) -> dict[str, str]:
+        return {}   # learned cross tokens: install() checks the family (a vision stage that strips them)
+
+    def install(self, sites, undo: list) -> None:
+        """Learned cross tokens: refuse tokens that do not fit this model before anything is installed, place them
+        on the tower's device and, when a trained projector comes with them, run it in place of the model's (only
+        when something merges: keep=1.0 leaves the model unchanged)."""
+        if not self.trailing:
+            return
+        facts, stock, layers = sites.vision_facts(), sites.projector(), sites.vision_layers()
+        if facts is None or stock is None or not layers:
+            raise IncompatibleError("this method appends a learned token to the vision encoder (CrossGET's "
+                                    "cross_tokens), which this family's adapter cannot strip before the projector "
+                                    "(LLaVA-1.5 only); use the training-free mode (no cross_tokens=)")
+        cross, fix = self.cross, "train cross tokens for this model (vltok train crossget) or use the training-free mode"
+        if facts.n_special == 0:
+            raise IncompatibleError(f"cross_tokens start as a copy of CLS; the {facts.model_type} tower has no CLS "
+                                    f"token; {fix}")
+        if cross.encoder and cross.encoder != facts.encoder:
+            raise IncompatibleError(f"cross_tokens were trained on the vision encoder {cross.encoder!r}, this model "
+                                    f"has {facts.encoder!r}; {fix}")
+        if cross.offsets.shape[1] != facts.width:
+            raise IncompatibleError(f"cross_tokens have width {cross.offsets.shape[1]}, the vision encoder "
+                                    f"{facts.width}; {fix}")
+        if facts.used_layers is None:
+            raise IncompatibleError(f"vision-stage methods need one vision_feature_layer; this checkpoint has "
+                                    f"vision_feature_layer={facts.feature_layer}; use a pre-LLM method (e.g. 'pool')")
+        schedule = self.schedule(facts.grid[0] * facts.grid[1], facts.used_layers)
+        if cross.offsets.shape[0] != len(schedule):
+            raise IncompatibleError(f"cross_tokens have offsets for {cross.offsets.shape[0]} encoder layers, this "
+                                    f"model feeds the projector from {len(schedule)} (vision_feature_layer="
+                                    f"{facts.feature_layer}); {fix}")
+        p = cross.projector
+        if p is not None:
+            want = (stock.linear_1.in_features, stock.linear_1.out_features, stock.linear_2.out_features,
+                    facts.projector_act)
+            got = (p.linear_1.in_features, p.linear_1.out_features, p.linear_2.out_features, p.act_name)
+            if got != want:
+                raise IncompatibleError(f"the cross_tokens checkpoint's projector (in, width, out, act) = {got} does "
+                                        f"not fit this model's {want}; {fix}")
+        cross.to(device=next(layers[0].parameters()).device)   # (as a method projector is moved)
+        if p is not None and any(schedule):
+            replace_projector(sites, p, undo, per_token=True)   # per-token projector: a kept CLS is fine
 
     def enter(self, layer: int, x: torch.Tensor, appended: bool) -> torch.Tensor:
         return cross_input(x, layer, self.cross.offsets, appended)

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IncompatibleError
-from ..inllm import Cut
 from ..registry import choice, integer, register
-from ..stages import GridPlan, Method, selection_plan
+from ..stages import Cut, GridPlan, GridReducer, Method, selection_plan
 from .fastv import FastVPruner
 from .feather import KEEP_MODES
 
@@ -93,13 +92,12 @@ def text_pivot_rows(text_embeds, n: int, C: int):
     return torch.stack(out)
 
 
-class DartReducer:
+class DartReducer(GridReducer):
     """Pre-LLM DART: selection on the features the LLM receives (``after_projector``: LLaVA-1.5 reduces the
     projector's output for this reducer; a per-token projector makes that the same as projecting the kept rows)."""
 
     wants = ("text_embeds",)     # used where the adapter gives it; no text pivots elsewhere
     after_projector = True
-    data_dependent = True
 
     def __init__(self, keep: float, pivots: int, text_pivots: int, positions: str):
         self.keep, self.pivots, self.text_pivots, self.positions = keep, pivots, text_pivots, positions
@@ -107,20 +105,14 @@ class DartReducer:
     def plan(self, h: int, w: int) -> GridPlan:
         return selection_plan(h, w, self.keep)
 
-    def indices(self, x, plan, text_embeds=None, **side):
+    def select(self, x, plan, text_embeds=None, **side):
         if plan.count == x.shape[1]:
-            return torch.arange(plan.count, device=x.device).expand(x.shape[0], -1)
+            return torch.arange(plan.count, device=x.device).expand(x.shape[0], -1), x
         extra = None
         if text_embeds is not None and len(text_embeds) == x.shape[0]:
             extra = text_pivot_rows(text_embeds, self.text_pivots, x.shape[-1])
-        return dart_select(x, plan.count, self.pivots, extra)
-
-    def select(self, x, plan, **side):
-        idx = self.indices(x, plan, **side)
+        idx = dart_select(x, plan.count, self.pivots, extra)
         return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-    def reduce(self, x, plan, **side):
-        return self.select(x, plan, **side)[1]
 
 
 class DartPruner:

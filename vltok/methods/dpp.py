@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleError
 from ..registry import boolean, choice, register
-from ..stages import GridPlan, Method, selection_plan
+from ..stages import GridPlan, GridReducer, Method, selection_plan
 from .dart import POSITIONS
 
 CONDITIONS = ("auto", "text", "none")
@@ -89,12 +89,11 @@ def dpp_greedy(L: torch.Tensor, k: int) -> torch.Tensor:
     return sel.T.sort(dim=1).values
 
 
-class DppReducer:
-    """Pre-LLM stage object: ``plan`` / ``indices`` / ``select`` on the features the LLM receives
+class DppReducer(GridReducer):
+    """Pre-LLM stage object: ``plan`` / ``select`` on the features the LLM receives
     (``after_projector``: LLaVA-1.5 reduces the projector's output for this reducer)."""
 
     after_projector = True
-    data_dependent = True
 
     def __init__(self, keep: float, condition: str, negate: bool, positions: str):
         self.keep, self.condition, self.negate, self.positions = keep, condition, negate, positions
@@ -104,9 +103,9 @@ class DppReducer:
     def plan(self, h: int, w: int) -> GridPlan:
         return selection_plan(h, w, self.keep)
 
-    def indices(self, x, plan, text_embeds=None, **side):
+    def select(self, x, plan, text_embeds=None, **side):
         if plan.count == x.shape[1]:
-            return torch.arange(plan.count, device=x.device).expand(x.shape[0], -1)
+            return torch.arange(plan.count, device=x.device).expand(x.shape[0], -1), x
         if self.condition == "text" and text_embeds is None:
             raise IncompatibleError("dpp with condition='text' needs the prompt's text embeddings (side input "
                                     "text_embeds); pass input_ids, or use condition='auto' / 'none'")
@@ -116,14 +115,8 @@ class DppReducer:
                 raise IncompatibleError(f"dpp: text_embeds ({len(text_embeds)} samples) do not match the "
                                         f"{x.shape[0]} images of width {x.shape[-1]}")
             rel = relevance(x, text_embeds, self.negate)
-        return dpp_greedy(dpp_kernel(x, rel), plan.count)
-
-    def select(self, x, plan, **side):
-        idx = self.indices(x, plan, **side)
+        idx = dpp_greedy(dpp_kernel(x, rel), plan.count)
         return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-    def reduce(self, x, plan, **side):
-        return self.select(x, plan, **side)[1]
 
 
 @register("dpp", "CDPruner-style DPP: the most diverse tokens (greedy MAP of a similarity kernel), conditioned on "

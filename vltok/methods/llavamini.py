@@ -39,7 +39,7 @@ import torch
 from ..errors import IncompatibleError
 from ..stages import Cut, Merge
 from ..registry import choice, file_or, integer, optional, register
-from ..stages import GridPlan, Method
+from ..stages import GridPlan, GridReducer, Method
 from .baselines import pool_grid
 from .feather import top_by_score, top_by_score_rows
 
@@ -169,7 +169,7 @@ class EarlyFusion:
         return Merge(idx, rows[0])
 
 
-class MiniPoolReducer:
+class MiniPoolReducer(GridReducer):
     def __init__(self, keep: float, budget: str):
         self.keep, self.budget = keep, budget
 

@@ -29,15 +29,16 @@ compressed tokens still see the whole image through pre-fusion (they follow all 
 Deviations from the reference: values are not LayerNorm'ed (exact step 0), the optional window restriction,
 pre-fusion initialised from the LLM rather than at random.
 
-Adapter contract (docs/architecture.md, "pre-LLM input fusion"): the reducer exposes ``fusion`` (this module) with
-``bind(decoder_layers, projector)`` (called at patch time: copies the LLM's first P layers and the projector when
-it is trained, then loads pending checkpoint weights) and ``fuse(...)``; ``projector`` is the trained projector
-(or None for the stock one).
+The method installs all of it itself (:meth:`MiniTrainedReducer.install`, on the adapter's sites of
+vltok.stages.Sites: projector, llm, decoder_layers): ``MiniModule.bind(decoder_layers, projector)`` copies the
+LLM's first P layers and the projector when it is trained, then loads pending checkpoint weights; the trained
+projector replaces the model's; ``fuse(...)`` runs on the LLM input at prefill. No adapter knows LLaVA-Mini.
 """
 from __future__ import annotations
 
 import copy
 import json
+import time
 import math
 
 import torch
@@ -45,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import IncompatibleError
-from ..stages import GridPlan
+from ..stages import GridPlan, GridReducer
 
 
 def compressor_size(keep: float, n: int) -> int:
@@ -239,21 +240,24 @@ class MiniModule(nn.Module):
 
 def build_module(model, keep: float, heads: int = 8, local: bool = True, prefusion_layers: int = 4,
                  train_projector: bool = True, gate: bool = True) -> MiniModule:
-    """Step-0 module for a LLaVA-1.5-family model (bound: pre-fusion = copies of the LLM's first layers)."""
-    inner = getattr(model, "model", None)
-    proj = getattr(inner, "multi_modal_projector", None)
-    lm = getattr(inner, "language_model", None)
-    if proj is None or lm is None or not hasattr(lm, "layers") or type(model).__name__ != "LlavaForConditionalGeneration":
-        raise IncompatibleError(f"the trained LLaVA-Mini adapter needs a LlavaForConditionalGeneration (LLaVA-1.5 "
-                                f"family); got {type(model).__name__}")
-    vc = model.config.vision_config
+    """Step-0 module for a model whose adapter exposes the projector, decoder-layer and vision sites (the LLaVA-1.5
+    family; bound: pre-fusion = copies of the LLM's first layers). The model is reached through its sites only."""
+    from ..registry import adapter_classes, sites_of
+
+    sites = sites_of(model)
+    missing = [s for s in FUSION_SITES if s not in sites.sites]
+    if missing:
+        fits = [name for name, a in adapter_classes().items() if all(s in a.sites for s in FUSION_SITES)]
+        raise IncompatibleError(f"the trained LLaVA-Mini adapter needs a model whose grids feed the projector "
+                                f"({', '.join(fits)}); got {type(model).__name__}, whose adapter has no "
+                                f"{', '.join(missing)} site")
+    facts = sites.vision_facts()
     n = getattr(model.config, "image_seq_length", None)   # the processor's grid (the reference VLM: a DINOv2 config
     side = math.isqrt(n) if n else 0                       # of 518 px fed 336 px crops, so 24x24, not 37x37)
-    h = w = side if side and side * side == n else vc.image_size // vc.patch_size
-    encoder = getattr(vc, "_name_or_path", "") or vc.model_type
-    m = MiniModule(vc.hidden_size, compressor_size(keep, h * w), heads, local, prefusion_layers, train_projector,
-                   (h, w), encoder, gate)
-    m.bind(lm.layers, proj)
+    h, w = (side, side) if side and side * side == n else facts.grid
+    m = MiniModule(facts.width, compressor_size(keep, h * w), heads, local, prefusion_layers, train_projector,
+                   (h, w), facts.encoder, gate)
+    m.bind(sites.decoder_layers(), sites.projector())
     return m
 
 
@@ -285,12 +289,17 @@ def load_module(path: str) -> MiniModule:
     return m.eval()
 
 
-class MiniTrainedReducer:
+FUSION_SITES = ("projector", "llm", "decoder_layers")
+FUSION_REASON = ("brings LLM-input fusion layers (trained LLaVA-Mini), which vltok's {family} adapter cannot run "
+                 "(LLaVA-1.5 only); use a training-free mode (mode='pool')")
+
+
+class MiniTrainedReducer(GridReducer):
     """Pre-LLM stage of the trained mode: C x C compressed tokens per grid, a trained projector (optional) and the
-    pre-fusion (``fusion``) that the adapter runs on the LLM input."""
+    pre-fusion, which :meth:`install` runs on the LLM input."""
 
     def __init__(self, keep: float, module: MiniModule):
-        self.keep, self.module, self.fusion = keep, module, module
+        self.keep, self.module = keep, module
 
     @property
     def projector(self):
@@ -304,6 +313,70 @@ class MiniTrainedReducer:
 
     def reduce(self, x: torch.Tensor, plan: GridPlan) -> torch.Tensor:
         return self.module.compressor(x, plan.h, plan.w)
+
+    def needed_sites(self) -> dict[str, str]:
+        out = super().needed_sites()
+        for s in FUSION_SITES:
+            out.setdefault(s, FUSION_REASON)
+        return out
+
+    def install(self, sites, undo: list) -> None:
+        """LLM-input fusion: bind the pre-fusion (copies of the LLM's first layers, and of the projector when it is
+        trained), run the trained projector in place of the model's, keep each image call's full grid (a pre-hook
+        on the projector, installed before the adapter's reduction) and, at prefill, replace the LLM's
+        ``inputs_embeds`` by ``module.fuse(embeds, per-sample projected full visual tokens, image columns, columns
+        to fuse, rope)``; columns to fuse = real tokens that are neither answers (labels != -100) nor generated.
+        Decode steps (filled cache) pass through."""
+        module, stock, lm, rotary = self.module, sites.projector(), sites.llm(), sites.rotary()
+        facts = sites.vision_facts()
+        if (facts is not None and facts.prefix) or rotary is None:
+            raise IncompatibleError("LLM-input fusion needs vision_feature_select_strategy='default' (no CLS token in "
+                                    "the grid) and an LLM with a rotary_emb module (Llama-style)")
+        module.bind(sites.decoder_layers(), stock)
+        super().install(sites, undo)   # the trained projector (bound above), if any
+        img_id = sites.image_token_id()
+        state = {"visual": None}
+
+        def keep_grid(mod, args, kwargs):   # the full grid of this image call (before the reduction)
+            state["visual"] = args[0] if args else kwargs["image_features"]
+
+        def lm_pre_hook(mod, args, kwargs):
+            emb, vis = kwargs.get("inputs_embeds"), state["visual"]
+            call = sites.current_call()
+            ids, labels = call.input_ids, call.labels
+            if ids is None and call.images:
+                raise IncompatibleError("llavamini's LLM-input fusion reads the image and answer columns from "
+                                        "input_ids; pass input_ids instead of inputs_embeds")
+            if emb is None or vis is None or ids is None or sites.past_length(kwargs) > 0:
+                return None   # no image call, or a decode step (fusion ran at prefill)
+            if ids.shape[1] != emb.shape[1]:
+                raise IncompatibleError("LLM-input fusion needs the whole prompt in one prefill; chunked prefill "
+                                        "(prefill_chunk_size) is not supported")
+            image_cols = ids.to(emb.device) == img_id
+            per_row = image_cols.sum(1).tolist()
+            if not sum(per_row):
+                return None
+            per_image, rem = divmod(sum(per_row), vis.shape[0])
+            if rem or any(n % max(per_image, 1) for n in per_row):
+                raise IncompatibleError(f"LLM-input fusion: {sum(per_row)} image columns for {vis.shape[0]} images")
+            t0 = time.perf_counter()
+            hv = stock.forward(vis)   # the stock projector, or the method's (installed as its forward)
+            visual = [g.flatten(0, 1) for g in hv.to(emb.dtype).split([n // per_image for n in per_row])]
+            am = kwargs.get("attention_mask")
+            fuse = am.to(emb.device).bool() if am is not None and am.dim() == 2 else torch.ones_like(image_cols)
+            fuse = fuse[:, -emb.shape[1]:] & ~image_cols
+            if labels is not None and labels.shape == ids.shape:
+                fuse &= labels.to(emb.device) == -100
+            if call.prompt is not None:
+                fuse[:, call.prompt:] = False
+            new = module.fuse(emb, visual, image_cols, fuse, rotary)
+            sites.record.seconds(time.perf_counter() - t0)
+            return args, {**kwargs, "inputs_embeds": new}
+
+        hooks = [stock.register_forward_pre_hook(keep_grid, with_kwargs=True),
+                 lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)]
+        undo.extend(h.remove for h in hooks)
+        undo.append(lambda: state.update(visual=None))
 
 
 def trained_reducer(keep: float, weights) -> MiniTrainedReducer:

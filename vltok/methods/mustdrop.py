@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..errors import IncompatibleError
 from ..stages import Cut
 from ..registry import boolean, choice, integer, number, optional, real, register, seq_of
-from ..stages import Method
+from ..stages import Method, VisionMerger
 from .crossget import importance
 from .feather import top_by_score, top_by_score_rows
 
@@ -227,7 +227,7 @@ def guard_mask(keys: torch.Tensor, query: torch.Tensor | None, size: torch.Tenso
     return torch.zeros_like(imp, dtype=torch.bool).scatter(1, top, True)
 
 
-class MustDropMerger:
+class MustDropMerger(VisionMerger):
     """Stage 1 as a vision-stage object (vltok/vision.py protocol): merges after the full ``merge_layer`` (0)."""
 
     after_mlp = True

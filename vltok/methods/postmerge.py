@@ -17,8 +17,8 @@ in-LLM layouts), the same rule ToMe's ``order="raster"`` uses. (The spec says "t
 over several rounds the destination of the last round need not be the earliest member -- a measured quality
 difference was not looked for.)
 
-The reducer is a selection reducer (``plan.grid is None``) whose rows are not copies of the input: adapters call
-:func:`vltok.stages.select`, which returns both. It is data-dependent (``data_dependent = True``): which
+The reducer is a selection reducer (``plan.grid is None``) whose rows are not copies of the input: ``select``
+returns both (a merging selection, ``merges = True``). It is data-dependent (its plan names no indices): which
 indices survive is known only from the features.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..stages import GridPlan, selection_plan
+from ..stages import GridPlan, GridReducer, selection_plan
 from .crossget import cgsm_match, cgsm_merge
 from .tome import bipartite_merge, round_sizes
 
@@ -64,10 +64,10 @@ def post_merge(x: torch.Tensor, n_out: int, matcher: str = "cgsm", groups: bool 
     return pos, y.to(x.dtype)
 
 
-class PostMergeReducer:
-    """Pre-LLM stage object: ``plan`` / ``select`` (and ``indices`` / ``reduce`` for the GridReducer protocol)."""
+class PostMergeReducer(GridReducer):
+    """Pre-LLM stage object: a merging selection (data-dependent: its plan names no indices)."""
 
-    data_dependent = True
+    merges = True
 
     def __init__(self, keep: float, matcher: str):
         self.keep, self.matcher = keep, matcher
@@ -75,20 +75,9 @@ class PostMergeReducer:
     def plan(self, h: int, w: int) -> GridPlan:
         return selection_plan(h, w, self.keep)
 
-    def select(self, x, plan):
-        if plan.count == x.shape[1]:
-            return torch.arange(plan.count, device=x.device).expand(x.shape[0], -1), x
-        return post_merge(x, plan.count, self.matcher)
-
-    def select_groups(self, x, plan):
-        """(indices, rows, groups [B, N]: the output row each input token went into) -- vltok.kept's record."""
+    def select(self, x, plan, groups: bool = False):
+        """(indices, rows[, groups [B, N]: the output row each input token went into -- vltok.kept's record])."""
         if plan.count == x.shape[1]:
             idx = torch.arange(plan.count, device=x.device).expand(x.shape[0], -1)
-            return idx, x, idx
-        return post_merge(x, plan.count, self.matcher, groups=True)
-
-    def indices(self, x, plan):
-        return self.select(x, plan)[0]
-
-    def reduce(self, x, plan):
-        return self.select(x, plan)[1]
+            return (idx, x, idx) if groups else (idx, x)
+        return post_merge(x, plan.count, self.matcher, groups=groups)

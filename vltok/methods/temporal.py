@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Opt, choice, register
-from ..stages import GridPlan, Method, kept_count
+from ..stages import GridPlan, GridReducer, Method, kept_count
 
 METRICS = ("cosine", "l2")
 
@@ -121,12 +121,12 @@ def tmerge(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return reps, means.to(x.dtype)
 
 
-class TemporalReducer:
+class TemporalReducer(GridReducer):
     """Pre-LLM stage object for video families: ``video_count(T, h, w)`` and ``reduce_video(x [T, h, w, d]) ->
-    (flat indices ascending, rows)``; ``plan(h, w)`` (images) is the identity."""
+    (flat indices ascending, rows)``; ``plan(h, w)`` (images) is the identity (a selection of every token; which
+    tokens of a video survive depends on the features, so the plan names no indices)."""
 
     temporal = True
-    data_dependent = True   # which tokens survive depends on the features (the count does not)
 
     def __init__(self, name: str, keep: float, metric: str = "cosine"):
         self.name, self.keep, self.metric = name, keep, metric
@@ -134,11 +134,8 @@ class TemporalReducer:
     def plan(self, h: int, w: int) -> GridPlan:
         return GridPlan(h, w, h * w, None)
 
-    def reduce(self, x, plan):
-        return x
-
-    def indices(self, x, plan):
-        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    def select(self, x, plan):
+        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1), x
 
     def video_count(self, t: int, h: int, w: int) -> int:
         if t <= 1:

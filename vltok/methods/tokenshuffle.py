@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import choice, file_or, int_pair, optional, register
-from ..stages import GridPlan, Method
+from ..stages import GridPlan, GridReducer, Method
 
 POOLS = ("mean", "max")
 
@@ -135,7 +135,7 @@ def load_projector(path: str, window: tuple[int, int] | None = None, encoder: st
     return p.eval()
 
 
-class ShuffleReducer:
+class ShuffleReducer(GridReducer):
     def __init__(self, keep: float, window: tuple[int, int], pool: str, projector: ShuffleProjector | None):
         self.keep, self.window, self.pool, self.projector = keep, window, pool, projector
 

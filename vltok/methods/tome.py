@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import boolean, choice, register
-from ..stages import Method, kept_count
+from ..stages import Method, VisionMerger, kept_count
 
 ORDERS = ("tome", "raster")
 
@@ -106,7 +106,7 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, metr
     return (x_out, s_out, p_out) if anchor is None else (x_out, s_out, p_out, a_out)
 
 
-class TomeMerger:
+class TomeMerger(VisionMerger):
     """Vision-stage object (vltok/vision.py protocol): ``schedule`` and ``merge``."""
 
     needs_query = False

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleError
 from ..registry import choice, real, register
-from ..stages import GridPlan, Method, selection_plan
+from ..stages import GridPlan, GridReducer, Method, selection_plan
 
 ORDERS = ("paper", "raster")
 MERGES = ("paper", "mean")
@@ -90,11 +90,10 @@ def visionzip(x: torch.Tensor, cls_attention: torch.Tensor, dominant: int, conte
     return idx, rows
 
 
-class VisionZipReducer:
-    """Pre-LLM stage object (a selection-style reducer whose contextual rows are merges): ``plan`` / ``select``."""
+class VisionZipReducer(GridReducer):
+    """Pre-LLM stage object (a selection whose contextual rows are merges): ``plan`` / ``select``."""
 
     needs = ("cls_attention",)
-    data_dependent = True
 
     def __init__(self, keep: float, contextual_share: float, merge: str, order: str):
         self.keep, self.share, self.merge, self.order = keep, contextual_share, merge, order
@@ -110,12 +109,6 @@ class VisionZipReducer:
                                     "this model's adapter did not supply it")
         d, c = split_budget(plan.count, self.share)
         return visionzip(x, cls_attention.to(x.device), d, c, merge=self.merge, order=self.order)
-
-    def indices(self, x, plan, **side):
-        return self.select(x, plan, **side)[0]
-
-    def reduce(self, x, plan, **side):
-        return self.select(x, plan, **side)[1]
 
 
 @register("visionzip", "VisionZip: dominant tokens by the vision tower's CLS attention + contextual tokens merged "
