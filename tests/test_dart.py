@@ -125,7 +125,7 @@ def test_keep_one_bit_identical_batch_and_generate(model, method, kw):
 
 
 def test_in_llm_cut_has_no_host_sync(model):
-    from vltok.eval.profile_vltok import count_syncs
+    from vltok.eval.tools.profile_vltok import count_syncs
 
     inp = llava_inputs(model, PROMPTS)
     with vltok.patched(model, "dart_llm", keep=0.25, keep_mode="final") as h, torch.no_grad():

@@ -201,7 +201,7 @@ BAD = {
     "random": {"seed": ["abc", 1.5, -1, True], "positions": ["raster", 1]},
     "fourier": {"r": ["10", 0, (0, 2), (2,), 1.5, (100, "a")], "gain": [123, "loud"], "rounding": ["x"],
                 "impl": ["cuda"], "precise": ["yes", 1]},
-    "tome": {"order": ["zigzag"], "prop_attn": ["no"], "schedule": ["early"]},
+    "tome": {"order": ["zigzag"], "prop_attn": ["no"], "schedule": ["middle"]},
     "crossget": {"importance": ["x"], "ensemble": [3], "prop_attn": [None], "cross_tokens": [MISSING, 3],
                  "schedule": ["x"]},
     "llavamini": {"mode": ["fast"], "budget": ["x"], "K": [0, "2", 1.0], "reduce": ["mean"], "weights": [MISSING, 5]},

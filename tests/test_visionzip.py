@@ -158,7 +158,7 @@ def test_new_methods_have_speed_rows_with_their_own_time(model):
 
 def test_no_host_sync_inside_the_reduction(model):
     """The CLS row and the selection / merge run without host syncs (one read-back of input_ids, the rewrite's)."""
-    from vltok.eval.profile_vltok import count_syncs
+    from vltok.eval.tools.profile_vltok import count_syncs
 
     inp = llava_inputs(model, PROMPTS)
     with vltok.patched(model, "visionzip", keep=0.25) as h, torch.no_grad():
