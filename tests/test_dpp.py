@@ -175,3 +175,15 @@ def test_original_positions_in_generate_continue_after_the_full_prompt(model):
         am0 = torch.cat([am0, torch.ones_like(nxt)], 1)
         cols = [c + [ids.shape[1] - 1] for c in cols]
     assert torch.equal(gen[:, -4:], ids[:, -4:])
+
+
+def test_optional_text_side_input_is_noted_where_a_family_does_not_give_it():
+    from vltok import registry, support
+
+    m = support.default_method("dpp")
+    assert m.pre_llm.wants == ("text_embeds",) and m.pre_llm.needs == ()
+    classes = registry.adapter_classes()
+    assert support.limitations(classes["LlavaForConditionalGeneration"], m) is None
+    assert "runs without text_embeds" in support.limitations(classes["Qwen2VLForConditionalGeneration"], m)
+    text = support.default_method("dpp", condition="text")   # required: refused where it is not given
+    assert "needs text_embeds" in support.incompatibility(classes["Qwen2VLForConditionalGeneration"], text)

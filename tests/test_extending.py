@@ -71,6 +71,9 @@ def test_stage_objects_are_checked_at_build_time(monkeypatch):
     bad_need = type("Need", (GridReducer,), {"needs": ("depth",), "plan": _Neither.plan, "reduce": _Plain.reduce})()
     with pytest.raises(TypeError, match="needs.*depth"):
         check_stage("pre_llm", bad_need)
+    bad_want = type("Want", (GridReducer,), {"wants": ("depth",), "plan": _Neither.plan, "reduce": _Plain.reduce})()
+    with pytest.raises(TypeError, match="needs.*depth"):   # an optional side input must be a known one too
+        check_stage("pre_llm", bad_want)
 
 
 def test_plans_say_whether_a_selection_depends_on_the_data():
