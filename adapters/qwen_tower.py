@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from vltok import compat
 from vltok.errors import IncompatibleError
 from vltok.stages import GridPlan, GridReducer
 
@@ -205,8 +206,8 @@ class QwenTower:
 
     # -- the merging forward -----------------------------------------------------------------------------------
     def merging_forward(self, pixels, grid_thw, frames, scheds):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        from transformers.vision_utils import get_vision_position_ids
+        BaseModelOutputWithPooling = compat.transformers_attr("modeling_outputs", "BaseModelOutputWithPooling")
+        get_vision_position_ids = compat.transformers_attr("vision_utils", "get_vision_position_ids")
 
         vis = self.visual
         m = vis.spatial_merge_size
@@ -227,7 +228,7 @@ class QwenTower:
             starts.append(starts[-1] + U)
         frame_start = torch.tensor(starts, device=x.device)
         if self.windowed:
-            from transformers.vision_utils import get_vision_window_index
+            get_vision_window_index = compat.transformers_attr("vision_utils", "get_vision_window_index")
 
             window_index, cu_win = get_vision_window_index(grid_thw, m, vis.window_size, vis.patch_size)
             window_index = window_index.to(x.device)

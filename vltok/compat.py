@@ -106,6 +106,16 @@ def _family_fn(family: str, name: str):
         raise fail(f"{mod}.{name} is missing ({e})") from None
 
 
+def transformers_attr(module: str, name: str):
+    """``transformers.<module>.<name>`` (e.g. ``vision_utils``, ``get_vision_position_ids``: the Qwen tower merge),
+    or a TransformersCompatError naming what this transformers version lacks."""
+    mod = f"transformers.{module}"
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise fail(f"{mod}.{name} is missing ({e})") from None
+
+
 def anyres_helpers(family: str = "llava_next"):
     """(get_anyres_image_grid_shape, unpad_image) of LLaVA-NeXT (or ``llava_onevision``)."""
     return _family_fn(family, "get_anyres_image_grid_shape"), _family_fn(family, "unpad_image")
