@@ -183,7 +183,7 @@ def test_single_frame_cues_near_chance_large():
 
 
 def test_single_frame_verdict_names_the_leaking_types():
-    from vltok.eval.train_reference_video import single_frame_verdict
+    from vltok.train_reference_video import single_frame_verdict
 
     sc = {"by_type": {"order": {"acc": 0.65, "n": 40}, "state": {"acc": 0.30, "n": 40}, "color": {"acc": 1.0, "n": 40}}}
     line = single_frame_verdict(sc)   # state: 30 % > 10 + 15; order: 65 % within 50 + 2.5 x 7.9; color: single-frame
