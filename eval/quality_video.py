@@ -175,7 +175,7 @@ def markdown(doc: dict) -> str:
     lines += ["## Methods x keep (%d frames)" % doc["frames"], "", "| " + " | ".join(head) + " |", sep]
     lines += ["| " + " | ".join(_row(r, types)) + " |" for r in doc["runs"]]
     if doc.get("single_frame"):
-        from .train_reference_video import single_frame_verdict
+        from vltok.train_reference_video import single_frame_verdict
 
         lines += ["", "## One frame (the middle one) instead of the clip", "", "| " + " | ".join(head) + " |", sep,
                   "| " + " | ".join(_row(doc["single_frame"], types)) + " |", "",

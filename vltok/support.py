@@ -25,16 +25,15 @@ def _provides(adapter_cls, method, stage) -> bool:
     by the adapter's own check of the merger (``vision_refusal``, e.g. the Qwen tower needs a known merge count)."""
     if stage not in adapter_cls.stages:
         return False
-    check = getattr(adapter_cls, "vision_refusal", None)
     vision = getattr(method, "vision", None)
-    return stage != "vision" or check is None or vision is None or check(vision) is None
+    return stage != "vision" or vision is None or adapter_cls.vision_refusal(vision) is None
 
 
 def _not_applicable(adapter_cls, method) -> dict:
     reasons = dict(adapter_cls.not_applicable)
-    check = getattr(adapter_cls, "vision_refusal", None)
-    if check is not None and getattr(method, "vision", None) is not None and check(method.vision):
-        reasons["vision"] = check(method.vision)
+    why = adapter_cls.vision_refusal(method.vision) if getattr(method, "vision", None) is not None else None
+    if why:
+        reasons["vision"] = why
     return reasons
 
 
