@@ -129,7 +129,25 @@ def replace_projector(sites: Sites, module: torch.nn.Module, undo: list, per_tok
 
 
 # -- the vision stage ----------------------------------------------------------------------------------------------
-class VisionMerger:
+class SiteExtras:
+    """What the vision and pre-LLM stage classes share: the sites a stage's ``install`` uses and the install itself
+    (a trained ``projector``, when the stage brings one, replaces the model's)."""
+
+    projector: torch.nn.Module | None = None
+
+    def needed_sites(self) -> dict[str, str]:
+        """Site name -> the reason shown where an adapter lacks it (``{family}`` is filled in): the sites that
+        install() uses. Default: the projector site when the stage brings a trained projector."""
+        return {"projector": PROJECTOR_REASON} if self.projector is not None else {}
+
+    def install(self, sites: Sites, undo: list) -> None:
+        """Install this stage's extras on the adapter's sites; append restore callables to undo. Default: a trained
+        ``projector`` replaces the model's (:func:`replace_projector`)."""
+        if self.projector is not None:
+            replace_projector(sites, self.projector, undo)
+
+
+class VisionMerger(SiteExtras):
     """Merges tokens inside the vision encoder (vltok/vision.py calls it at every layer of the schedule).
 
     Required: ``schedule(n_patches, n_layers) -> list[int] | None`` (r per layer, known before the model runs; None
@@ -155,17 +173,6 @@ class VisionMerger:
     post: "GridReducer | None" = None
     optional: bool = False          # the method runs without this stage where the family lacks it
     projector: torch.nn.Module | None = None   # a trained projector that replaces the model's (install())
-
-    def needed_sites(self) -> dict[str, str]:
-        """Site name -> the reason shown where an adapter lacks it (``{family}`` is filled in): the sites that
-        install() uses. Default: the projector site when the stage brings a trained projector."""
-        return {"projector": PROJECTOR_REASON} if self.projector is not None else {}
-
-    def install(self, sites: Sites, undo: list) -> None:
-        """Install this stage's extras on the adapter's sites; append restore callables to undo. Default: a trained
-        ``projector`` replaces the model's (:func:`replace_projector`)."""
-        if self.projector is not None:
-            replace_projector(sites, self.projector, undo)
 
 
 # -- the pre-LLM stage ---------------------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ class GridPlan:
         return self.grid is None and self.indices is None
 
 
-class GridReducer:
+class GridReducer(SiteExtras):
     """Pre-LLM stage: one image's grid x [B, h*w, C] (raster order) -> [B, plan.count, C]. Never modifies x.
 
     Required: ``plan(h, w) -> GridPlan`` and EXACTLY ONE of
@@ -229,17 +236,6 @@ class GridReducer:
 
     def plan(self, h: int, w: int) -> GridPlan:
         raise NotImplementedError
-
-    def needed_sites(self) -> dict[str, str]:
-        """Site name -> the reason shown where an adapter lacks it (``{family}`` is filled in): the sites that
-        install() uses. Default: the projector site when the stage brings a trained projector."""
-        return {"projector": PROJECTOR_REASON} if self.projector is not None else {}
-
-    def install(self, sites: Sites, undo: list) -> None:
-        """Install this stage's extras on the adapter's sites; append restore callables to undo. Default: a trained
-        ``projector`` replaces the model's (:func:`replace_projector`)."""
-        if self.projector is not None:
-            replace_projector(sites, self.projector, undo)
 
 
 def _kind(reducer: GridReducer) -> str:

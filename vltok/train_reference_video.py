@@ -36,6 +36,7 @@ from vltok import reference_video as RV
 from vltok.eval import quality_video as Q
 from vltok.eval import shapes_video as S
 from .train_reference import add_lora, save_delta, train_loop
+from .train_reference import collate as image_collate
 
 FRAME_MIX = ((16, 0.7), (8, 0.15), (4, 0.15))
 
@@ -70,13 +71,9 @@ class TrainClips(torch.utils.data.Dataset):
 
 
 def collate(batch, pad_id: int):
-    n = max(len(b[0]) for b in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, (x, y, _, _) in enumerate(batch):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
-    return ids, labels, mask, torch.stack([b[2] for b in batch]), [[b[3]] for b in batch]
+    """The image training's collate; each sample's type as a one-element list (the per-type accuracy of the log)."""
+    *tensors, types = image_collate(batch, pad_id)
+    return (*tensors, [[t] for t in types])
 
 
 def test_records(n: int, seed: int = 0) -> list[dict]:
