@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import torch
 
 import vltok
+from vltok.eval.speed import time_ms
 
 IMAGE_GRID = (1, 82, 64)     # patches: a 1148 x 896 image -> 41 x 32 = 1312 tokens
 VIDEO_GRID = (16, 20, 28)    # 32 frames of 280 x 392 (temporal patch 2) -> 16 slices of 10 x 14 = 2240 tokens
@@ -182,17 +183,7 @@ def time_forward(model, inputs, reps: int, warmup: int, clock: TowerClock) -> tu
         clock.take_ms()
         tot, vit = [], []
         for _ in range(reps):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fwd()
-                b.record()
-                torch.cuda.synchronize()
-                tot.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fwd()
-                tot.append((time.perf_counter() - t0) * 1e3)
+            tot.append(time_ms(fwd, cuda))
             vit.append(clock.take_ms())
     return statistics.median(tot), statistics.median(vit)
 

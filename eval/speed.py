@@ -90,24 +90,27 @@ def make_inputs(model, family: str, batch: int, device, seed=0, grid=None):
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
+def time_ms(fn, cuda: bool | None = None) -> float:
+    """Milliseconds of one fn() call: CUDA events (host clock without CUDA, for smoke tests)."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def cuda_time(fn, warmup=2, reps=5) -> float:
     """Median milliseconds of fn() over reps: CUDA events after warm-up (host clock on CPU, for smoke tests)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_ms(fn) for _ in range(reps))
 
 
 def vltok_host_time(handle, fwd, reps: int = 5) -> float:

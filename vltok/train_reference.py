@@ -213,6 +213,17 @@ def fanout_mask(segs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     return torch.zeros(allow.shape, dtype=dtype, device=segs.device).masked_fill(~allow, torch.finfo(dtype).min)
 
 
+def setup_run(seed: int, device: str, bf16: bool | None) -> tuple[torch.device, bool]:
+    """Seed torch and random, allow TF32 on CUDA; bf16 defaults to on for CUDA. Returns (device, bf16)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev, (bf16 if bf16 is not None else dev.type == "cuda")
+
+
 def collate_fanout(batch, pad_id: int):
     """Right-padded batch of :class:`FanoutSet` items: ids, labels, segment ids (-1 on padding), position ids,
     pixel values, types."""
@@ -451,13 +462,7 @@ def main(argv=None):
 
         gen = mp.get_context("fork").Process(target=_make_test, args=(args.eval_dir, args.eval_n))
         gen.start()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    dev = torch.device(args.device)
-    bf16 = args.bf16 if args.bf16 is not None else dev.type == "cuda"
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dev, bf16 = setup_run(args.seed, args.device, args.bf16)
 
     model, processor = R.load(device=dev, delta=False)
     torch.manual_seed(args.seed)

@@ -35,7 +35,7 @@ from vltok import reference_video as RV
 
 from vltok.eval import quality_video as Q
 from vltok.eval import shapes_video as S
-from .train_reference import add_lora, save_delta, train_loop
+from .train_reference import add_lora, save_delta, setup_run, train_loop
 from .train_reference import collate as image_collate
 
 FRAME_MIX = ((16, 0.7), (8, 0.15), (4, 0.15))
@@ -149,13 +149,7 @@ def main(argv=None):
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    dev = torch.device(args.device)
-    bf16 = args.bf16 if args.bf16 is not None else dev.type == "cuda"
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dev, bf16 = setup_run(args.seed, args.device, args.bf16)
 
     import warnings
 
