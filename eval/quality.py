@@ -117,13 +117,16 @@ def summary(results: list[dict], methods: list[str]) -> str:
 
 
 def region_table(results: list[dict], methods: list[str], keep: float) -> str:
-    """Accuracy per image third of the evidence at one keep: where a method loses what it drops."""
+    """Accuracy per image third of the evidence at one keep: where a method loses what it drops ("-" for a third
+    with no question, as on a small --n)."""
     lines = [f"| method (keep {keep:g}) | @top | @middle | @bottom | bottom - top |", "|---|---|---|---|---|"]
     for r in results:
         if (r["method"] == "full" or (r["method"] in methods and abs(r["keep"] - keep) < 1e-6)) and "error" not in r:
             g = r["score"]["by_region"]
-            t, m, b = (100 * g[x]["acc"] for x in ("top", "middle", "bottom"))
-            lines.append(f"| {r['method']} | {t:.1f} | {m:.1f} | {b:.1f} | {b - t:+.1f} |")
+            t, m, b = (100 * g[x]["acc"] if x in g else None for x in ("top", "middle", "bottom"))
+            cells = " | ".join("-" if v is None else f"{v:.1f}" for v in (t, m, b))
+            diff = "-" if t is None or b is None else f"{b - t:+.1f}"
+            lines.append(f"| {r['method']} | {cells} | {diff} |")
     return "\n".join(lines) + "\n"
 
 

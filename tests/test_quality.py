@@ -49,6 +49,9 @@ def test_tables_report_retention_flops_keep_refusals_and_region_gaps(tmp_path):
     assert "| fastv | 40.0 (50%, 0.170) |" in s and "| pool | 60.0 (75%, 0.174) |" in s and "| tome | err |" in s
     r = Q.region_table(res, ["fastv", "pool"], 0.16)
     assert "| fastv | 20.0 | 40.0 | 60.0 | +40.0 |" in r
+    del res[2]["score"]["by_region"]["middle"], res[1]["score"]["by_region"]["top"]   # a small --n: empty thirds
+    r = Q.region_table(res, ["fastv", "pool"], 0.16)
+    assert "| fastv | - | 40.0 | 60.0 | - |" in r and "| pool | 60.0 | - | 60.0 | +0.0 |" in r
     Q.write_all(res, ["fastv", "pool", "tome"], tmp_path / "q", "# head\n", question_ids=[1, 2])
     md = (tmp_path / "q.md").read_text()
     assert md.startswith("# head") and "tome keep 0.16: IncompatibleError" in md
