@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Get the reference VLM's base weights onto the lent GPU machine, whose calls carry at most 64 MiB each.
 #
-#   bash eval/device_ship.sh prepare          # here: .ship1/.ship2/.ship3/.ship4 (git-ignored via .git/info/exclude)
-#   device run, carry [.ship1]:  bash eval/device_ship.sh take .ship1      (then .ship2, .ship3 on the warm machine)
-#   device run, carry [.ship4]:  bash eval/device_ship.sh take .ship4 && bash eval/device_ship.sh install && ...
+#   bash eval/device_ship.sh prepare          # here: .ship1/.ship2/.ship3 (git-ignored via .git/info/exclude)
+#   device run, carry [.ship1]:  bash eval/device_ship.sh take .ship1      (then .ship2 on the warm machine)
+#   device run, carry [.ship3]:  bash eval/device_ship.sh take .ship3 && eval "$(bash eval/device_ship.sh install | tail -1)" && ...
 #
-# What travels: the SmolLM2 GGUF (98 MB) in two parts, the converted DINOv2 (44 MB, from this machine's reference
-# cache), the committed trained delta and the gguf wheel. `install` joins the parts, checks the GGUF's sha256,
+# What travels (173 MB: three calls of at most 64 MiB each, the working tree included): the SmolLM2 GGUF (98 MB) in
+# two parts, the converted DINOv2 (44 MB, from this machine's reference cache), the committed trained image delta
+# (31 MB) in two parts, and the gguf wheel. `install` joins the parts, checks the GGUF's sha256,
 # builds the cache under $VLTOK_CACHE (default /tmp/vcache) and prints the variables for `vltok.reference.load()`.
 # The device keeps /tmp while it stays warm (30 s between calls), so the calls must follow each other quickly.
 set -euo pipefail
@@ -19,19 +20,20 @@ case "$cmd" in
     cache=$("$py" -P -c 'from vltok import reference as R; print(R.build_cache())' | tail -1)
     ex="$(git rev-parse --git-common-dir)/info/exclude"; mkdir -p "$(dirname "$ex")"
     grep -q '^/.ship' "$ex" 2>/dev/null || echo '/.ship*/' >> "$ex"
-    rm -rf .ship1 .ship2 .ship3 .ship4 && mkdir -p .ship1 .ship2 .ship3 .ship4
+    rm -rf .ship1 .ship2 .ship3 .ship4 && mkdir -p .ship1 .ship2 .ship3
     split -b 52000000 "$gg" .ship1/gg.part. && mv .ship1/gg.part.ab .ship2/
     cp "$cache/dinov2.safetensors" .ship3/
-    cp assets/vltok-ref-delta.safetensors .ship4/
+    split -n 2 -d assets/vltok-ref-delta.safetensors .ship1/delta.part. && mv .ship1/delta.part.00 .ship2/ && \
+      mv .ship1/delta.part.01 .ship3/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .ship2 gguf==0.19.0
-    ex="$(git rev-parse --git-common-dir)/info/exclude"; mkdir -p "$(dirname "$ex")"
     du -sh .ship*;;
   take)
     mkdir -p /tmp/ship && cp -r "$2"/. /tmp/ship/ && ls -la /tmp/ship;;
   install)
     s=/tmp/ship
     mkdir -p $s/gguf && cat $s/gg.part.* > $s/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat $s/delta.part.* > $s/vltok-ref-delta.safetensors
     echo "$GGUF_SHA  $s/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
     python3 -m pip install -q --no-index --no-deps --target /tmp/site $s/gguf-*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLTOK_CACHE=${VLTOK_CACHE:-/tmp/vcache}
