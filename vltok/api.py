@@ -79,29 +79,6 @@ class PatchHandle:
     def cut_graphs(self, value) -> None:
         self._cut_graphs = _check_cut_graphs(value, self.model, self.method)
 
-    # -- stats: written through the public ``handle.recorder`` (vltok/record.py); these private names remain for
-    # callers not yet moved to it (the in-LLM engine) ---------------------------------------------------------------
-    def _start_call(self):
-        self.recorder.start_call()
-
-    def _record_kept(self, *args, **kwargs):
-        self.recorder.kept(*args, **kwargs)
-
-    def _record_kept_inllm(self, layout, cuts):
-        self.recorder.kept_inllm(layout, cuts)
-
-    def _record_image(self, *args):
-        self.recorder.image(*args)
-
-    def _record_inllm(self, *args):
-        self.recorder.inllm(*args)
-
-    def _record_rewrite(self, rw):
-        self.recorder.rewrite(rw)
-
-    def _add_seconds(self, dt):
-        self.recorder.seconds(dt)
-
     def kept_patches(self):
         """What the last call kept of each image, in the image's patch grid: a list of vltok.kept.KeptGrid (one per
         image and grid): kept raster indices (selection), every patch's group (merging; full groups need
