@@ -192,7 +192,14 @@ class QwenTower:
                 self.run = TowerRun()
                 self.run.kept = [torch.arange(U) for _, _, U in frames]
                 return orig(hidden_states, grid_thw=grid_thw, **kwargs)
-            return self.merging_forward(hidden_states, grid_thw, frames, scheds)
+            cfg = self.visual.config
+            if kwargs.get("output_attentions", getattr(cfg, "output_attentions", False)):
+                raise IncompatibleError(
+                    "vltok's Qwen tower merge computes the ViT's attention without its weights, so output_attentions "
+                    "cannot be returned while it merges; patch with schedule='post' (merging after the tower) or "
+                    "unpatch for this call")
+            want_hs = kwargs.get("output_hidden_states", getattr(cfg, "output_hidden_states", False))
+            return self.merging_forward(hidden_states, grid_thw, frames, scheds, bool(want_hs))
 
         set_instance_attr(vis, "forward", forward, undo)
 
@@ -205,7 +212,9 @@ class QwenTower:
         return out
 
     # -- the merging forward -----------------------------------------------------------------------------------
-    def merging_forward(self, pixels, grid_thw, frames, scheds):
+    def merging_forward(self, pixels, grid_thw, frames, scheds, want_hidden_states: bool = False):
+        """The tower with merges. ``want_hidden_states``: also return the input of the first block and every block's
+        output (the model's own layout: window order on Qwen2.5-VL), each with the rows alive after that block."""
         BaseModelOutputWithPooling = compat.transformers_attr("modeling_outputs", "BaseModelOutputWithPooling")
         get_vision_position_ids = compat.transformers_attr("vision_utils", "get_vision_position_ids")
 
@@ -258,12 +267,15 @@ class QwenTower:
 
         cos, sin = cos_full[rows(anchor)], sin_full[rows(anchor)]
         win_seg = windows()
+        hidden = [x] if want_hidden_states else None
         for i, blk in enumerate(vis.blocks):
             seg = [U * u for U in fcounts] if i in full_attn else win_seg
             if i < first:   # nothing merged yet: the model's own block
                 cu = torch.tensor([0] + seg, device=x.device).cumsum(0).to(torch.int32)
                 x = blk(x, cu_seqlens=cu, max_seqlen=max(seg), position_embeddings=(cos, sin))
                 run.counts.append(x.shape[0] // u)
+                if hidden is not None:
+                    hidden.append(x)
                 continue
             bias = size.repeat_interleave(u).log() if (prop and size is not None) else None
             x, keys = attend(blk, x, cos, sin, seg, bias)
@@ -278,11 +290,14 @@ class QwenTower:
                 run.seconds += time.perf_counter() - t0
             x = x + blk.mlp(blk.norm2(x))
             run.counts.append(x.shape[0] // u)
+            if hidden is not None:
+                hidden.append(x)
         merged = vis.merger(x)
         order = anchor.argsort()
         kept = anchor[order]
         run.kept = list((kept - frame_start[frame_of[kept]]).split(fcounts))
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=merged[order])
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=merged[order],
+                                          hidden_states=None if hidden is None else tuple(hidden))
 
     def merge_step(self, x, keys, size, anchor, fcounts, rs, rank, u):
         """Merge rs[f] units of every frame f (frames of equal (units, r) batched); each frame's survivors are then

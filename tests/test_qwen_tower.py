@@ -308,3 +308,33 @@ def test_refusals_and_fallbacks():
         assert h.method.vision is None and h.method.pre_llm is not None
     with vltok.patched(m, "tome", keep=0.5) as h:
         assert h.method.vision is not None
+
+
+def test_vision_hidden_states_while_merging(model):
+    """output_hidden_states through the merging tower: the first block's input and every block's output, with the
+    rows alive after that block; blocks before the first merge equal the unpatched tower's; output_attentions
+    (not computed by the merging attention) is refused with the fix named."""
+    inp = _inputs(model)
+    px, grid = inp["pixel_values"], inp["image_grid_thw"]
+    depth = len(model.model.visual.blocks)
+    with torch.no_grad():
+        ref = model.model.get_image_features(px, grid, output_hidden_states=True)
+        with vltok.patched(model, "tome", keep=0.25) as h:
+            tower = h.adapter._tower
+            plain = tower.select.schedule
+            tower.select.schedule = lambda U: [0, 0] + list(plain(U))[2:]   # no merge in blocks 0 and 1
+            try:
+                out = model.model.get_image_features(px, grid, output_hidden_states=True)
+                counts = tower.run.counts
+                none = model.model.get_image_features(px, grid)
+                with pytest.raises(vltok.IncompatibleError, match="schedule='post'"):
+                    model.model.get_image_features(px, grid, output_attentions=True)
+            finally:
+                tower.select.schedule = plain
+    hs = out.hidden_states
+    assert len(hs) == depth + 1 == len(ref.hidden_states) and none.hidden_states is None
+    assert [x.shape[0] for x in hs] == [c * 4 for c in counts] and counts[-1] < counts[0]
+    for a, b in zip(ref.hidden_states[:3], hs[:3]):   # the embedding and blocks 0, 1: nothing merged yet
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert hs[3].shape[0] < ref.hidden_states[3].shape[0]
+    assert torch.equal(hs[-1], out.last_hidden_state)
