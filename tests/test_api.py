@@ -34,12 +34,20 @@ def test_unknown_method_lists_valid_ones():
     assert "forward" not in m.__dict__
 
 
-@pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan"), "0.5", True, None])
+@pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan"), "0.5", True])
 def test_keep_outside_range(keep):
     m = tiny_llava()
     with pytest.raises(vltok.InvalidKeepError, match=r"keep"):
         vltok.patch(m, "fourier", keep=keep)
     assert vltok.get_handle(m) is None and "forward" not in m.__dict__
+
+
+def test_keep_not_given_is_the_default():   # keep=None means "not given" (the CLIs pass it): 0.16
+    m = tiny_llava()
+    with vltok.patched(m, "fourier") as a:
+        assert a.keep == 0.16 and a.keep_set_by is None and "keep=0.16" in repr(a)
+    with vltok.patched(m, "fourier", keep=None) as b:
+        assert b.keep == vltok.api.DEFAULT_KEEP == 0.16
 
 
 def test_unknown_option_names_the_valid_ones():

@@ -55,7 +55,7 @@ def test_paper_preset_uses_union_and_count_rule_stays_available():
 def test_union_batch_equals_masked_reference_and_single_runs(kind):
     m = tiny_llava_deep("sdpa")
     inp = batch(m, kind)
-    with vltok.patched(m, "feather", keep=0.5, preset="paper") as h:
+    with vltok.patched(m, "feather", preset="paper") as h:
         out = m(**inp).logits
         cols, final, dead = h.inllm_prefill_columns, h.inllm_kept_columns, h.inllm_dead_columns
         k1 = min(cols)
@@ -75,7 +75,7 @@ def test_union_batch_equals_masked_reference_and_single_runs(kind):
         counts.append(vis.numel())
         # each sample alone keeps the same visual columns (relative to its image start)
         one = {k: v[b:b + 1] for k, v in inp.items()}
-        with vltok.patched(m, "feather", keep=0.5, preset="paper") as h1:
+        with vltok.patched(m, "feather", preset="paper") as h1:
             m(**one)
             c1 = h1.inllm_prefill_columns[k1][0]
         first = int((ids[b] == IMG).nonzero()[0])

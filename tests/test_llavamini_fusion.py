@@ -83,17 +83,18 @@ def pooled_greedy(m, inp, K, grid, steps):
 
 # (reduce, keep, K, pooled grid): 6 layers, N = 64: k = round((keep*6 - K) * 64 / (6 - K))
 CASES = [("pool", 0.5, 2, (4, 4)), ("pool", 0.4271, 2, (3, 3)), ("pool", 0.6, 3, (4, 3)),
-         ("attn", 0.5, 2, None), ("attn", 0.6, 3, None), ("drop", 0.5, 2, None), ("drop", 0.5, 3, None)]
+         ("attn", 0.5, 2, None), ("attn", 0.6, 3, None), ("drop", None, 2, None), ("drop", None, 3, None)]
+# (reduce="drop" with K fixes the budget itself, K/L: no keep is given, vltok.api.resolve_keep)
 
 
 @pytest.mark.parametrize("attn,reduce", [("eager", "pool"), ("sdpa", "attn"), ("sdpa", "drop")])
-def test_keep1_is_bit_identical(attn, reduce):
+def test_keep1_is_bit_identical(attn, reduce):   # (drop: without K, which would fix the budget, K=floor(keep*L))
     m = tiny_llava_deep(attn)
     inp = batch(m, "b2-left")
     with torch.no_grad():
         ref = m(**inp).logits
         ref_gen = m.generate(**inp, max_new_tokens=4, do_sample=False)
-        with vltok.patched(m, "llavamini", keep=1.0, reduce=reduce, K=2, **EF) as h:
+        with vltok.patched(m, "llavamini", keep=1.0, reduce=reduce, **({} if reduce == "drop" else {"K": 2}), **EF) as h:
             assert torch.equal(m(**inp).logits, ref)
             assert torch.equal(m.generate(**inp, max_new_tokens=4, do_sample=False), ref_gen)
             assert h.stats["prune_layers"] == [] and h.stats["flops_keep"] == 1.0
@@ -151,7 +152,8 @@ def test_cache_lengths_per_layer():
     inp = batch(m, "b2-left")
     S = inp["input_ids"].shape[1]
     for reduce, n in [("pool", 16), ("drop", 0)]:
-        with torch.no_grad(), vltok.patched(m, "llavamini", keep=0.5, reduce=reduce, K=2, **EF):
+        keep = None if reduce == "drop" else 0.5
+        with torch.no_grad(), vltok.patched(m, "llavamini", keep=keep, reduce=reduce, K=2, **EF):
             out = m(**inp, use_cache=True)
         assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [S] * 2 + [S - 64 + n] * 4
 
@@ -222,8 +224,10 @@ def test_refusals_are_clear_and_leave_nothing_half_applied():
     m = tiny_llava_deep()
     with pytest.raises(vltok.VltokError, match="floor is 0.333"):
         vltok.patch(m, "llavamini", keep=0.3, K=2, **EF)
-    with pytest.raises(vltok.VltokError, match="lower K or raise keep"):
+    with pytest.raises(vltok.errors.InvalidOptionError, match="conflicts with reduce='drop', K=2.*drop K=... to let keep"):
         vltok.patch(m, "llavamini", keep=0.3, K=2, reduce="drop", **EF)
+    with pytest.raises(vltok.VltokError, match="lower K or raise keep"):   # the factory's own rule
+        EarlyFusion(0.3, 2, "drop", "nearest").validate(6)
     with pytest.raises(vltok.VltokError, match="raise keep to at least 0.167"):
         vltok.patch(m, "llavamini", keep=0.1, reduce="drop", **EF)
     with pytest.raises(vltok.VltokError, match=r"K=6 must lie in 1\.\.5"):
@@ -248,7 +252,8 @@ def test_llava_next_ragged_batch_per_sample_path():
     m = tiny_llava_next("sdpa")
     two = llava_next_inputs(m, [[1, -1, 5], [1, 6, 7, -1, 9]], [[80, 120], [64, 64]], padding="left")
     for reduce in ("drop", "attn"):
-        with torch.no_grad(), vltok.patched(m, "llavamini", keep=0.75, K=1, reduce=reduce, **EF) as h:
+        keep = None if reduce == "drop" else 0.75   # drop with K: K fixes the budget
+        with torch.no_grad(), vltok.patched(m, "llavamini", keep=keep, K=1, reduce=reduce, **EF) as h:
             out = m(**two).logits
             cols, final, dead = h.inllm_prefill_columns, h.inllm_kept_columns, h.inllm_dead_columns
             if reduce == "drop":   # only the NeXT newline tokens (never pruned) are left of each image

@@ -177,8 +177,10 @@ def test_save_load_round_trip_and_bad_checkpoints(tmp_path):
         with vltok.patched(model, "llavamini", keep=KEEP, mode="trained", weights=path):
             got = model(**inputs).logits
     assert torch.equal(got, ref)
-    with pytest.raises(ValueError, match="C=3.*keep=0.5 gives C=6"):
+    with pytest.raises(vltok.InvalidOptionError, match="keep=0.5 conflicts with weights=.*3x3 compressor.*keep 0.1406"):
         vltok.patch(model, "llavamini", keep=0.5, mode="trained", weights=path)
+    with torch.no_grad(), vltok.patched(model, "llavamini", mode="trained", weights=path) as h:   # no keep: C decides
+        assert torch.equal(model(**inputs).logits, ref) and h.keep == 9 / 64 and h.keep_set_by == "weights=..."
     with pytest.raises(ValueError, match="needs weights"):
         vltok.patch(model, "llavamini", keep=KEEP, mode="trained")
     with pytest.raises(ValueError, match="mode='trained' only"):

@@ -152,7 +152,7 @@ def test_batch_equals_singles_and_reference_mode():
             new = both[i, inp["input_ids"].shape[1]:]
             assert torch.equal(new[:single.numel()], single)
     one = batch(m, "b1")
-    with vltok.patched(m, "mustdrop", **KW, mode="reference", thr=(0.5, 0.05)) as h:
+    with vltok.patched(m, "mustdrop", **dict(KW, keep=None), mode="reference", thr=(0.5, 0.05)) as h:
         out = m(**one).logits
         n = h.stats["tokens_per_layer"]
         cols, final = h.inllm_prefill_columns, h.inllm_kept_columns

@@ -218,7 +218,7 @@ def test_stage1_equals_explicit_reference(attn, guard, thr):
     inp["pixel_values"] = smooth_pixels(2, 0)
     saved = {a: b.clone() for a, b in inp.items()}
     seen = []
-    with vltok.patched(m, "mustdrop", keep=0.5, window_thr=thr, vision_guard=guard, **NO_DROP) as h:
+    with vltok.patched(m, "mustdrop", window_thr=thr, vision_guard=guard, **NO_DROP) as h:
         sel_fn = h.method.in_llm.select
 
         def spy(cut, view, scores):
@@ -284,13 +284,13 @@ def test_full_method_generate_batch_equals_singles_and_budget():
     inp["pixel_values"] = torch.cat([smooth_pixels(1, 1), smooth_pixels(1, 2, flat=24)])   # fewer flat windows
     counts = []
     for i in range(2):
-        with vltok.patched(m, "mustdrop", keep=0.5, window_thr=0.5, **NO_DROP) as h:
+        with vltok.patched(m, "mustdrop", window_thr=0.5, **NO_DROP) as h:
             one = llava_inputs(m, [PROMPTS[i]])
             one["pixel_values"] = inp["pixel_values"][i:i + 1]
             m(**one)
             counts.append(h.stats["stage_tokens"]["llm_input"])
     assert counts[0] < counts[1]
-    with vltok.patched(m, "mustdrop", keep=0.5, window_thr=0.5, **NO_DROP) as h:
+    with vltok.patched(m, "mustdrop", window_thr=0.5, **NO_DROP) as h:
         m(**inp)
         assert [im["tokens_out"] for im in h.stats["images"]] == [max(counts)] * 2
 

@@ -251,7 +251,7 @@ def test_bad_option_is_refused_naming_option_value_and_accepted(small, method, k
 
 def test_fourier_r_larger_than_the_grid_warns(small):
     inp = llava_inputs(small, [IMG_PROMPT])
-    with vltok.patched(small, "fourier", keep=0.5, r=(100, 100)), pytest.warns(UserWarning, match="no reduction"):
+    with vltok.patched(small, "fourier", r=(100, 100)), pytest.warns(UserWarning, match="no reduction"):
         with torch.no_grad():
             small(**inp)
 

@@ -105,9 +105,9 @@ def test_shuffle_projector_step0_equals_pool_then_project_and_checkpoint_roundtr
     assert m.model.multi_modal_projector.forward.__func__ is type(stock).forward
     path = tmp_path / "p.safetensors"
     save_projector(proj, str(path), "clip")
-    with vltok.patched(m, "tokenshuffle", keep=0.5, projector=str(path)) as h:   # window comes from the file
+    with vltok.patched(m, "tokenshuffle", projector=str(path)) as h:   # window (and keep) come from the file
         assert torch.allclose(m(**inp).logits, trained)
-        assert h.method.params["window"] == (2, 2)
+        assert h.method.params["window"] == (2, 2) and h.keep == 0.25
     with pytest.raises(ValueError, match="window"):
         load_projector(str(path), window=(3, 2))
     with pytest.raises(ValueError, match="encoder"):

@@ -102,8 +102,28 @@ class PatchHandle:
     def __exit__(self, *exc):
         self.remove()
 
+    @property
+    def keep(self) -> float | None:
+        """The keep this patch runs at: the requested one, or where an option fixes the budget (``keep_set_by``)
+        the keep it implies; where that depends on the image (fourier ``r=``, feather ``preset="paper"``) the last
+        call's achieved one (``stats["keep"]``, FLOPs-equivalent), None before the first call."""
+        if self.method.keep is not None:
+            return self.method.keep
+        return (self.stats or {}).get("keep")
+
+    @property
+    def keep_set_by(self) -> str | None:
+        """The option that fixes the budget (e.g. ``"r=(10, 10)"``), None when keep chose it."""
+        return self.method.keep_set_by
+
+    def _keep_text(self) -> str:
+        k, by = self.keep, self.keep_set_by
+        if by is None:
+            return f"{k}"
+        return f"{k:.4g} (set by {by})" if k is not None else f"set by {by}"
+
     def __repr__(self):
-        return f"PatchHandle({self.method.name!r}, keep={self.method.keep}, family={self.family!r})"
+        return f"PatchHandle({self.method.name!r}, keep={self._keep_text()}, family={self.family!r})"
 
 
 def _check_keep(keep) -> float:
@@ -139,9 +159,36 @@ def _check_cut_graphs(value, model, method):
     return value
 
 
-def build_method(name: str, keep: float, **kwargs):
+DEFAULT_KEEP = 0.16   # the keep of ``vltok.patch(model, method)`` when neither keep nor an option sets the budget
+
+
+def resolve_keep(name: str, keep=None, **options):
+    """``(keep for the factory, FixedBudget or None)``. ``keep=None`` means "not given": the method's default
+    (:data:`DEFAULT_KEEP`), or where options fix the budget themselves (the method's ``register(budget=...)``,
+    e.g. fourier ``r=``, feather ``preset="paper"``) the keep they imply (None when it depends on the model or the
+    image: the handle then reports the achieved one). An explicit keep those options do not agree with, keep=1.0
+    included, is refused (InvalidOptionError naming both and the fix): never silently overridden. The options must
+    have passed ``registry.check_options``."""
     info = registry.get(name)
+    fixed = info.fixed_budget(options)
+    if keep is None:
+        return (DEFAULT_KEEP if fixed is None else fixed.keep), fixed
     keep = _check_keep(keep)
+    if fixed is not None and not fixed.accepts(keep):
+        implied = f"; keep {fixed.keep:.4g}" if fixed.keep is not None else ""
+        whole = f"; keep={keep!r} would not keep every visual token" if keep >= 1.0 else ""
+        raise InvalidOptionError(
+            f"method {name!r}: keep={keep!r} conflicts with {fixed.option}, which sets the visual-token budget itself "
+            f"({fixed.implied}{implied}){whole}. Drop keep={keep!r} to let {fixed.option} decide, or {fixed.fix}")
+    return keep, fixed
+
+
+def build_method(name: str, keep: float | None = None, **kwargs):
+    """The method ``vltok.patch`` installs: options checked (names, types, ranges), keep resolved
+    (:func:`resolve_keep`), then the factory."""
+    info = registry.get(name)
+    if keep is not None:
+        _check_keep(keep)
     sig = inspect.signature(info.factory)
     unknown = [k for k in kwargs if k not in sig.parameters]
     if unknown:
@@ -149,16 +196,25 @@ def build_method(name: str, keep: float, **kwargs):
         raise VltokError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
                          f"{', '.join(valid) or '(none)'}")
     registry.check_options(info, kwargs)   # types and ranges, from the method's declared option specs
+    keep, fixed = resolve_keep(name, keep, **kwargs)
     try:
-        return info.factory(keep, **kwargs)
+        m = info.factory(keep, **kwargs)
     except (VltokError, StageProtocolError):   # (stage objects that break the protocol: the method's bug)
         raise
     except (ValueError, TypeError, ArithmeticError, OSError) as e:   # a cross-option rule, or a checkpoint to load
         raise InvalidOptionError(f"method {name!r}: {e}") from e
+    if fixed is not None:
+        m.keep_set_by = fixed.option
+    return m
 
 
-def patch(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = None, **kwargs) -> PatchHandle:
+def patch(model, method: str, keep: float | None = None, *, cut_graphs: bool | None = None,
+          **kwargs) -> PatchHandle:
     """Patch ``model`` in place so it carries only ``keep`` of its visual tokens; returns the handle.
+
+    ``keep`` not given: 0.16 (:data:`DEFAULT_KEEP`), or, where an option fixes the budget itself (fourier ``r=``,
+    tokenshuffle ``window=`` / ``projector=``, feather ``preset="paper"`` / ``a=``, ...), what that option implies
+    (``handle.keep``); an explicit keep such an option does not agree with is refused (:func:`resolve_keep`).
 
     ``model(...)`` and ``model.generate(...)`` keep working on the processor's unmodified output.
     Undo with ``vltok.unpatch(model)`` or ``handle.remove()``. ``kwargs`` are the method's options;
@@ -168,7 +224,7 @@ def patch(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = N
     existing = getattr(model, "__dict__", {}).get(_ATTR)
     if existing is not None:
         raise AlreadyPatchedError(
-            f"this model is already patched ({existing.method.name}, keep={existing.method.keep}); call "
+            f"this model is already patched ({existing.method.name}, keep={existing._keep_text()}); call "
             "vltok.unpatch(model) (or handle.remove()) before patching it again"
         )
     adapter_cls = registry.adapter_for(model)
@@ -265,7 +321,7 @@ def get_handle(model) -> PatchHandle | None:
 
 
 @contextlib.contextmanager
-def patched(model, method: str, keep: float = 0.16, *, cut_graphs: bool | None = None, **kwargs):
+def patched(model, method: str, keep: float | None = None, *, cut_graphs: bool | None = None, **kwargs):
     """``with vltok.patched(model, "pool", keep=0.25) as handle: ...`` -- unpatched again on exit."""
     handle = patch(model, method, keep, cut_graphs=cut_graphs, **kwargs)
     try:

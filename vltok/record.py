@@ -24,7 +24,15 @@ class Recorder:
         h.stats = {"method": h.method.name, "keep": h.method.keep, "images": [], "tokens_in": 0,
                    "tokens_out": 0, "keep_achieved": 1.0, "flops_keep": 1.0, "llm_input_tokens": 0,
                    "seconds": 0.0}
+        if h.method.keep_set_by is not None:   # an option fixes the budget: "keep" is what it achieved (_fixed_keep)
+            h.stats["keep_set_by"] = h.method.keep_set_by
         h._kept_stages, h._kept_inllm = [], None
+
+    def _fixed_keep(self, s: dict) -> None:
+        """Where an option fixes the budget per image (the method's keep is None), the call's ``keep`` is the
+        FLOPs-equivalent keep it achieved (pre-LLM: the kept share)."""
+        if self._h.method.keep is None:
+            s["keep"] = s["flops_keep"]
 
     def seconds(self, dt: float) -> None:
         """Time spent in vltok during this call."""
@@ -48,6 +56,7 @@ class Recorder:
         s["keep_achieved"] = s["tokens_out"] / max(s["tokens_in"], 1)
         # pre-LLM stages: every LLM layer sees the reduced count, so the FLOPs-equivalent keep is the kept share
         s["flops_keep"] = s["keep_achieved"]
+        self._fixed_keep(s)
 
     def kept(self, kind, grid, batch, kept=None, groups=None, out_grid=None) -> None:
         """One pre-LLM / vision reduction of ``batch`` images of patch grid ``grid`` (h, w): kind
@@ -92,4 +101,5 @@ class Recorder:
         s["seconds_scoring"] = s.get("seconds_scoring", 0.0) + seconds_scoring
         s["seconds"] += seconds_scoring
         s["llm_input_tokens"] = int(sum(sum(x) for x in sizes_in))
+        self._fixed_keep(s)
         self._h.inllm_kept_columns = final_cols

@@ -97,6 +97,21 @@ def check_options(info: "MethodInfo", kwargs: dict) -> None:
 
 
 @dataclass(frozen=True)
+class FixedBudget:
+    """Option values that fix the visual-token budget themselves, so ``keep`` is not theirs to choose (a method's
+    ``register(budget=...)`` returns one for such options, None otherwise). ``vltok.patch`` then takes its keep from
+    them when none is given, and refuses an explicit keep they do not agree with (vltok.api.resolve_keep)."""
+
+    option: str                 # the option(s) as written, e.g. "r=(10, 10)"
+    implied: str                # what they fix, in words, e.g. "a 10x10 grid per image (keep = 100/(h*w))"
+    fix: str                    # how to let keep choose instead, e.g. "drop r=... to let keep choose the grid"
+    keep: float | None = None   # the keep they imply where it is one number for every model and image (else None:
+    #                             the handle reports the achieved one after each call)
+    accepts: Callable[[float], bool] = field(default=lambda keep: False, repr=False, compare=False)
+    #                             an explicit keep that agrees with them (the same plan as without it)
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     name: str
     description: str
@@ -108,6 +123,12 @@ class MethodInfo:
     variants: tuple = ()
     # option name -> Opt: what each factory option accepts (every option has one: tests/test_robust.py checks)
     options: dict = field(default_factory=dict, repr=False, compare=False)
+    # options -> FixedBudget | None: which option values fix the budget themselves (keep then not given, or agreeing)
+    budget: Callable[[dict], FixedBudget | None] | None = field(default=None, repr=False, compare=False)
+
+    def fixed_budget(self, options: dict) -> FixedBudget | None:
+        """The FixedBudget of these (checked) options, None when keep chooses the budget."""
+        return self.budget(dict(options)) if self.budget is not None else None
 
     def __str__(self) -> str:
         return f"{self.name:<10} [{', '.join(self.stages)}] {self.description}"
@@ -117,9 +138,12 @@ _REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register(name: str, description: str, stages: tuple[str, ...], trained_variant: bool = False,
-             variants: tuple = (), options: dict | None = None):
+             variants: tuple = (), options: dict | None = None,
+             budget: Callable[[dict], FixedBudget | None] | None = None):
     """Register a method factory ``(keep, **options) -> Method``. Every Method it builds is checked against the stage
-    protocol (vltok.stages.check_stage: a TypeError naming what is missing) before anyone uses it."""
+    protocol (vltok.stages.check_stage: a TypeError naming what is missing) before anyone uses it. ``budget``: the
+    options (as given) -> a :class:`FixedBudget` where they fix the budget themselves; the factory then gets
+    ``keep=None`` (or the FixedBudget's keep) when the caller gave none."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise TypeError(f"method {name!r}: unknown stage(s) {bad}; stages are {STAGES}")
@@ -133,7 +157,7 @@ def register(name: str, description: str, stages: tuple[str, ...], trained_varia
             return check_method(m)
 
         _REGISTRY[name] = MethodInfo(name, description, stages, checked, trained_variant, tuple(variants),
-                                     dict(options or {}))
+                                     dict(options or {}), budget)
         return factory
 
     return deco

@@ -271,12 +271,13 @@ class Method:
     """A configured method: one object per stage it uses (None = stage unused)."""
 
     name: str
-    keep: float
+    keep: float | None   # None: an option fixes the budget per image (``keep_set_by``); the handle reports it per call
     params: dict
     vision: VisionMerger | None = None
     pre_llm: GridReducer | None = None
     in_llm: "InLLMPolicy | None" = None     # noqa: F821 (defined in the section at the end of this file)
     decode: "DecodePolicy | None" = None    # noqa: F821
+    keep_set_by: str | None = None          # the option that fixes the budget (vltok.registry.FixedBudget.option)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -284,7 +285,7 @@ class Method:
 
     @property
     def identity(self) -> bool:
-        return self.keep >= 1.0
+        return self.keep is not None and self.keep >= 1.0
 
     def stage_objects(self):
         """(stage name, object) of every stage in use."""

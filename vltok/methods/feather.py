@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import IncompatibleError
-from ..registry import choice, int_pair, integer, optional, real, register
+from ..registry import FixedBudget, choice, int_pair, integer, optional, real, register
 from ..stages import Method
 from ..stages import Cut
 
@@ -155,11 +155,11 @@ class FeatherPruner:
                                     f"{n_layers}-layer LLM (it prunes before layer k1 and before layer k2)")
 
     def plan(self, n_layers, images):
-        if self.keep >= 1.0 and self.preset is None:
+        if self.keep is not None and self.keep >= 1.0 and self.preset is None:
             return []
         if self.preset == "paper":
             k1, k2 = self.layers or (max(1, n_layers // 4), max(2, n_layers // 2))
-            a, s2 = 0.3, 0.09
+            a, s2 = PAPER["a"], PAPER["s2"]
         else:
             k1, k2, a, s2 = solve_feather(self.keep, n_layers, tuple(images), self.layers, self.a, self.s2,
                                           self.stride, self.keep_mode)
@@ -196,17 +196,39 @@ class FeatherPruner:
         return top_by_score_rows(s, n1, force=on_grid)   # the whole grid first, then the best others up to n1
 
 
+PAPER = dict(a=0.3, s2=0.09)   # preset="paper": the paper's shares, cuts before layers L/4 and L/2
+
+
+def feather_budget(options: dict) -> FixedBudget | None:
+    """``preset="paper"`` (the paper's a, s2 and layers) and ``a=`` (the stage-1 share; s2 = a² unless given) fix the
+    plan, so the budget (a FLOPs-equivalent keep that depends on the LLM's depth and the image grid) is theirs."""
+    if options.get("preset") == "paper":
+        return FixedBudget("preset='paper'", "the paper's plan: a=0.3, s2=0.09, cuts before layers L/4 and L/2 (or "
+                           "layers=), a FLOPs-equivalent keep of about 0.35 on 576 tokens",
+                           "drop preset='paper' to let keep choose the plan (a and s2 solved for keep)")
+    if options.get("a") is not None:
+        a, s2 = options["a"], options.get("s2")
+        option = f"a={a!r}" + (f", s2={s2!r}" if s2 is not None else "")
+        return FixedBudget(option, f"the stage-1 share a={a!r} and the stage-2 share s2="
+                           f"{s2 if s2 is not None else 'a²'}, a FLOPs-equivalent keep that depends on the LLM's depth",
+                           "drop a=... to let keep choose it (the solver picks a, with s2 = a² unless given)")
+    return None
+
+
 @register("feather", "FEATHER: in-LLM two-stage pruning, RoPE-free last-token criterion + uniform grid (stage 1), "
           "criterion only (stage 2)", ("in_llm",),
           options=dict(layers=optional(int_pair(1, ordered=True)), a=optional(real(0, 1)), s2=optional(real(0, 1)),
                        stride=integer(1), keep_mode=choice(*KEEP_MODES), preset=choice(None, "paper"),
-                       stage1=choice(None, "union", "count")))
-def make_feather(keep: float, layers=None, a=None, s2=None, stride: int = 3, keep_mode: str = "flops",
+                       stage1=choice(None, "union", "count")), budget=feather_budget)
+def make_feather(keep: float | None, layers=None, a=None, s2=None, stride: int = 3, keep_mode: str = "flops",
                  preset=None, stage1=None) -> Method:
     """``stage1``: ``"union"`` (the paper's set: top-floor(a·N) of all visual tokens ∪ the stride grid, a size that
     varies per image; the default with ``preset="paper"``) or ``"count"`` (the grid, then the best off-grid tokens up
     to n1 = round(a·N + |U| - a·|U|), the same count for every image, so the keep solver's FLOPs are met exactly and
     batches stay on the batched / graph-replayed path; the default otherwise)."""
+    if preset == "paper" and (a is not None or s2 is not None):
+        raise ValueError(f"feather: preset='paper' fixes a={PAPER['a']}, s2={PAPER['s2']}; drop "
+                         f"{'a' if a is not None else 's2'}=... or the preset")
     if stage1 is None:
         stage1 = "union" if preset == "paper" else "count"
     if layers is not None:

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from ..registry import boolean, choice, int_pair, optional, register
+from ..registry import FixedBudget, boolean, choice, int_pair, optional, register
 from ..stages import GridPlan, GridReducer, Method
 from ._grid import ROUNDINGS, grid_for_keep
 
@@ -80,10 +80,23 @@ class FourierReducer(GridReducer):
         return dct_lowpass(x, plan.h, plan.w, *plan.grid, gain=self.gain, impl=self.impl, precise=self.precise)
 
 
+def fourier_budget(options: dict) -> FixedBudget | None:
+    """``r=`` fixes every image's output grid, so the keep it gives depends on the image's grid: it takes no keep."""
+    r = options.get("r")
+    if r is None:
+        return None
+    r_h, r_w = (r, r) if isinstance(r, int) else tuple(r)
+    eg = f", e.g. {r_h * r_w / 576:.3g} of 24x24" if r_h * r_w < 576 else ""
+    return FixedBudget(f"r={r!r}", f"the output grid of every image at {r_h}x{r_w}: keep = {r_h * r_w}/(h*w) of an "
+                       f"h x w grid{eg}", "drop r=... to let keep choose the grid")
+
+
 @register("fourier", "Fourier-VLM: 2-D DCT low-pass resampling of each image grid to r_h x r_w (sqrt(keep) per axis)",
           ("pre_llm",), options=dict(r=optional(int_pair(1)), gain=choice(*GAINS), rounding=choice(*ROUNDINGS),
-                                     impl=choice(*IMPLS), precise=boolean()))
-def make_fourier(keep: float, r=None, gain: str = "resize", rounding: str = "nearest", impl: str = "auto",
+                                     impl=choice(*IMPLS), precise=boolean()), budget=fourier_budget)
+def make_fourier(keep: float | None, r=None, gain: str = "resize", rounding: str = "nearest", impl: str = "auto",
                  precise: bool = False) -> Method:
+    if keep is None and r is None:
+        raise ValueError("fourier needs keep or r (the output grid)")
     params = dict(r=r, gain=gain, rounding=rounding, impl=impl, precise=precise)
     return Method("fourier", keep, params, pre_llm=FourierReducer(keep, r, gain, rounding, impl, precise))

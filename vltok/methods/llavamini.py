@@ -38,7 +38,7 @@ import torch
 
 from ..errors import IncompatibleError
 from ..stages import Cut, Merge
-from ..registry import choice, file_or, integer, optional, register
+from ..registry import FixedBudget, choice, file_or, integer, optional, register
 from ..stages import GridPlan, GridReducer, Method
 from .baselines import pool_grid
 from .feather import top_by_score, top_by_score_rows
@@ -90,7 +90,7 @@ class EarlyFusion:
     def depth(self, n_layers: int) -> int:
         if self.K_arg is not None:
             return self.K_arg
-        if self.reduce == "drop":
+        if self.reduce == "drop":   # (keep is None only with K given: llavamini_budget)
             return math.floor(self.keep * n_layers + 1e-9)
         return 2 if self.keep >= 0.25 else 3
 
@@ -109,7 +109,7 @@ class EarlyFusion:
         return (h, w, h, w) if k >= n else (h, w, *pooled_grid(h, w, k / n, self.budget))
 
     def validate(self, n_layers: int) -> None:
-        if self.keep >= 1.0:
+        if self.keep is not None and self.keep >= 1.0:
             return
         K = self.depth(n_layers)
         if not 1 <= K < n_layers:
@@ -121,7 +121,7 @@ class EarlyFusion:
             raise IncompatibleError(f"llavamini early_fusion: K={K} must lie in 1..{n_layers - 1} for this "
                                     f"{n_layers}-layer LLM")
         if self.reduce == "drop":
-            if self.keep * n_layers < K - 1e-9:
+            if self.keep is not None and self.keep * n_layers < K - 1e-9:
                 raise IncompatibleError(
                     f"llavamini early_fusion reduce='drop' with K={K} on {n_layers} layers costs keep={K / n_layers:.3f}"
                     f" (FLOPs-equivalent), above the requested keep={self.keep}: lower K or raise keep")
@@ -133,7 +133,7 @@ class EarlyFusion:
 
     def plan(self, n_layers, images, native=None):
         self.validate(n_layers)
-        if self.keep >= 1.0 or all(self.count(n, n_layers) >= n for n, _ in images):
+        if (self.keep is not None and self.keep >= 1.0) or all(self.count(n, n_layers) >= n for n, _ in images):
             return []
         return [Cut(self.depth(n_layers), rope=True, query="text", softmax="all", stage=0, params=(n_layers,),
                     scores=self.reduce == "attn", hidden=self.reduce == "pool")]
@@ -187,14 +187,59 @@ def _mini_module():
     return (MiniModule,)
 
 
+def _weights_c_grid(weights):
+    """(C, grid or None) of trained LLaVA-Mini weights (a MiniModule or a checkpoint path); None when unreadable (the
+    factory then says why)."""
+    try:
+        if isinstance(weights, _mini_module()):
+            return weights.c, weights.grid
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(weights, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+        if meta.get("method") != "llavamini":
+            return None
+        return int(meta["c"]), tuple(meta["grid"]) if meta.get("grid") else None
+    except Exception:
+        return None
+
+
+def llavamini_budget(options: dict) -> FixedBudget | None:
+    """Options that fix the budget: trained ``weights=`` (their C x C compressor; keep=1.0 stays the unpatched model,
+    as in every mode) and ``mode="early_fusion", reduce="drop", K=k`` (k fused layers, then no visual row: a
+    FLOPs-equivalent keep of k/L)."""
+    mode = options.get("mode", "pool")
+    if mode == "trained" and options.get("weights") is not None:
+        cg = _weights_c_grid(options["weights"])
+        if cg is None:
+            return None
+        from .llavamini_trained import compressor_size
+
+        c, grid = cg
+        n = grid[0] * grid[1] if grid else None
+        where = f" of its {grid[0]}x{grid[1]} training grid" if grid else ""
+        return FixedBudget("weights=...", f"a {c}x{c} compressor: {c * c} tokens per image{where}",
+                           "pass weights trained for that keep (vltok train llavamini --keep K)",
+                           keep=c * c / n if n else None,
+                           accepts=lambda k: k >= 1.0 or (n is not None and compressor_size(k, n) == c))
+    if mode == "early_fusion" and options.get("reduce") == "drop" and options.get("K") is not None:
+        K = options["K"]
+        return FixedBudget(f"reduce='drop', K={K!r}", f"{K} fused layers, then no visual row: a FLOPs-equivalent keep "
+                           f"of {K}/L on an L-layer LLM", "drop K=... to let keep choose it (K = floor(keep*L))")
+    return None
+
+
 @register("llavamini", "LLaVA-Mini training-free: mode='pool' pools each grid to ~keep*N tokens before the LLM "
           "(aspect-preserving grid); mode='early_fusion' lets the first K LLM layers see every token, then pools "
           "(reduce='pool') / top-k by text attention ('attn') / drops ('drop') the visual rows; the learned "
           "compressor + pre-fusion: mode='trained', weights=...", ("pre_llm",),
           variants=(("mode=early_fusion", dict(mode="early_fusion")),),
           options=dict(mode=choice(*MODES, "trained"), budget=choice(*BUDGETS), K=optional(integer(1)),
-                       reduce=choice(*REDUCES), weights=optional(file_or(_mini_module, "a MiniModule"))))
-def make_llavamini(keep: float, mode: str = "pool", budget: str = "nearest", K: int | None = None,
+                       reduce=choice(*REDUCES), weights=optional(file_or(_mini_module, "a MiniModule"))),
+          budget=llavamini_budget)
+def make_llavamini(keep: float | None, mode: str = "pool", budget: str = "nearest", K: int | None = None,
                    reduce: str = "pool", weights=None) -> Method:
     if mode == "trained":   # learned compressor + pre-fusion: vltok/methods/llavamini_trained.py
         from .llavamini_trained import trained_reducer
@@ -202,7 +247,7 @@ def make_llavamini(keep: float, mode: str = "pool", budget: str = "nearest", K: 
         if weights is None:
             raise ValueError("llavamini: mode='trained' needs weights= (a checkpoint from `vltok train llavamini` or "
                              "a MiniModule)")
-        if keep >= 1.0:   # keep=1.0 reproduces the unpatched model in every mode
+        if keep is not None and keep >= 1.0:   # keep=1.0 reproduces the unpatched model in every mode
             return Method("llavamini", keep, dict(mode=mode, trained=True), pre_llm=MiniPoolReducer(keep, budget))
         r = trained_reducer(keep, weights)
         return Method("llavamini", keep, dict(mode=mode, trained=True, C=r.module.c), pre_llm=r)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleError
 from ..stages import Cut
-from ..registry import boolean, choice, integer, number, optional, real, register, seq_of
+from ..registry import FixedBudget, boolean, choice, integer, number, optional, real, register, seq_of
 from ..stages import Method, VisionMerger
 from .crossget import importance
 from .feather import top_by_score, top_by_score_rows
@@ -294,7 +294,7 @@ class MustDropPruner:
 
     def plan(self, n_layers, images, native=None):
         """``native``: per image, its token count before stage 1 (the engine passes it when a vision stage ran)."""
-        if self.keep >= 1.0:
+        if self.keep is not None and self.keep >= 1.0:
             return []
         crit = pruning_layers_for(n_layers, self.layers)
         rho, key_rate = 1.0, self.key_rate
@@ -345,6 +345,16 @@ class MustDropDecode:
         return cuts[0] - 1
 
 
+def mustdrop_budget(options: dict) -> FixedBudget | None:
+    """``mode="reference"``: the raw thresholds decide how many tokens each image keeps (a data-dependent count)."""
+    if options.get("mode") != "reference":
+        return None
+    thr = options.get("thr", (0.001, 0.001))
+    return FixedBudget("mode='reference'", f"a count per image by the raw thresholds thr={tuple(thr)!r}, data-dependent: "
+                       "the handle reports it after each call", "use mode='budget' (the default) to let keep set the "
+                       "count")
+
+
 @register("mustdrop", "MustDrop: 3x3 window merge of near-duplicate patches after ViT layer 0 (where the family has "
           "a vision stage) + text-to-vision dual-attention dropping at several LLM layers (CLS-attention key set "
           "never dropped) + decode-time KV eviction to the final survivors", ("vision", "in_llm", "decode"),
@@ -355,8 +365,8 @@ class MustDropDecode:
                        key_rate=real(0, 1, hi_open=True), pruning_layers=optional(seq_of(integer(0))),
                        thr=seq_of(real(0, math.inf, lo_open=True), n=2), window=integer(2),
                        window_thr=number(), vision_windows=optional(integer(0)), vision_guard=boolean(),
-                       prop_attn=boolean()))
-def make_mustdrop(keep: float, mode: str = "budget", keep_mode: str = "flops",
+                       prop_attn=boolean()), budget=mustdrop_budget)
+def make_mustdrop(keep: float | None, mode: str = "budget", keep_mode: str = "flops",
                   stages=("vision", "prefill", "decode"), key_rate: float = 0.08, pruning_layers=None,
                   thr=(0.001, 0.001), window: int = 3, window_thr: float = 0.8, vision_windows: int | None = None,
                   vision_guard: bool = True, prop_attn: bool = True) -> Method:
@@ -366,7 +376,7 @@ def make_mustdrop(keep: float, mode: str = "budget", keep_mode: str = "flops",
                   vision_guard=vision_guard, prop_attn=prop_attn)
     pl = tuple(pruning_layers) if pruning_layers is not None else None
     vision = None
-    if "vision" in stages and keep < 1.0:
+    if "vision" in stages and (keep is None or keep < 1.0):
         vision = MustDropMerger(window, float(window_thr), vision_windows,
                                 float(key_rate) if vision_guard else 0.0, prop_attn)
     return Method("mustdrop", keep, params, vision=vision,

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import choice, file_or, int_pair, optional, register
+from ..registry import FixedBudget, choice, file_or, int_pair, optional, register
 from ..stages import GridPlan, GridReducer, Method
 
 POOLS = ("mean", "max")
@@ -152,10 +152,48 @@ class ShuffleReducer(GridReducer):
         return shuffle_pool(x, plan.h, plan.w, *self.window, pool=self.pool)
 
 
+def projector_window(projector) -> tuple[int, int] | None:
+    """The window a projector (a ShuffleProjector or a checkpoint path) was trained for; None when unreadable (the
+    factory then says why)."""
+    if isinstance(projector, ShuffleProjector):
+        return tuple(projector.window)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(projector, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+        return tuple(int(s) for s in meta["window"]) if meta.get("method") == "tokenshuffle" else None
+    except Exception:   # not a safetensors file, no metadata: load_projector names the problem
+        return None
+
+
+def tokenshuffle_budget(options: dict) -> FixedBudget | None:
+    """``window=`` (or a trained ``projector=``, whose window is fixed) fixes keep = 1/(s_h*s_w); an explicit keep is
+    accepted where it picks that same window (window_for_keep) or equals 1/(s_h*s_w)."""
+    window, projector = options.get("window"), options.get("projector")
+    if window is not None:
+        win = (int(window), int(window)) if isinstance(window, int) else tuple(int(s) for s in window)
+        option, fix = f"window={window!r}", "drop window=... to let keep choose the window"
+    elif projector is not None:
+        win = projector_window(projector)
+        if win is None:
+            return None
+        name = repr(str(projector)) if not isinstance(projector, ShuffleProjector) else "<ShuffleProjector>"
+        option = f"projector={name}"
+        fix = ("drop projector=... to pool training-free at that keep, or pass a projector trained for it (vltok "
+               "train tokenshuffle --keep K)")
+    else:
+        return None
+    k = 1.0 / (win[0] * win[1])
+    return FixedBudget(option, f"the {win[0]}x{win[1]} shuffle window, one token per {win[0] * win[1]}", fix, keep=k,
+                       accepts=lambda keep: window_for_keep(keep) == win or abs(keep - k) < 5e-4)
+
+
 @register("tokenshuffle", "Token-Shuffle: s_h x s_w space-to-depth windows; training-free = window mean pooling "
           "(keep = 1/(s_h*s_w)); trained = shuffle projector (projector=...)", ("pre_llm",), trained_variant=True,
           options=dict(window=optional(int_pair(1)), pool=choice(*POOLS),
-                       projector=optional(file_or(lambda: (ShuffleProjector,), "a ShuffleProjector"))))
+                       projector=optional(file_or(lambda: (ShuffleProjector,), "a ShuffleProjector"))),
+          budget=tokenshuffle_budget)
 def make_tokenshuffle(keep: float, window=None, pool: str = "mean", projector=None) -> Method:
     if window is not None:
         window = (int(window), int(window)) if isinstance(window, int) else tuple(int(s) for s in window)
