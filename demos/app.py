@@ -25,11 +25,14 @@ INTRO = """Pick an example from the shapes benchmark (it knows the right answer)
 choose methods and budgets (`keep` = share of the 576 visual tokens kept) and press **Run**. Each cell shows the
 answer, the visual tokens the LLM saw (per cut for in-LLM methods), the FLOPs-equivalent keep, the time to the first
 token and in all, and what the method kept: dropped patches shaded (selection), merged groups coloured (merging),
-the reduced grid drawn (resampling), one small panel per cut (in-LLM)."""
+the reduced grid drawn (resampling), one small panel per cut (in-LLM). A variant whose options fix the budget
+themselves (e.g. `feather preset=paper`) runs once, at the keep they imply, whatever budgets are ticked."""
 
 
-def _pending(label: str, keep: float) -> dict:
-    return {"method": label, "keep": keep, "status": "pending", "text": f"**{label} @ {keep:g}**  \n⏳ waiting",
+def _pending(choice: core.Choice, keep: float | None) -> dict:
+    fixed = core.fixed_budget(choice) if keep is None else None
+    head = core.cell_head(choice.label, keep, fixed.option if fixed is not None else None)
+    return {"method": choice.label, "keep": keep, "status": "pending", "text": f"{head}  \n⏳ waiting",
             "overlay": None}
 
 
@@ -70,18 +73,20 @@ def build(dm: core.DemoModel, examples_dir=None, max_new_tokens: int = core.MAX_
             raise gr.Error(str(e), print_exception=False) from None
         if truth and truth.get("question") != q:
             truth = None   # the example's answer belongs to its own question
-        cells = [_pending(c.label, k) for c in chosen for k in ks]
+        plan = core.cell_plan(chosen, ks)   # a variant that fixes its own budget: one cell (keep None: not given)
+        cells = [_pending(c, k) for c, k in plan]
         yield cells, _summary(cells), f"Running {len(cells)} cells on {dm.name} ..."
         t0 = time.perf_counter()
         n = len(cells)
-        for i, (c, k) in enumerate([(c, k) for c in chosen for k in ks]):
-            progress((i, n), desc=f"{c.label} @ {k:g}")
+        for i, (c, k) in enumerate(plan):
+            progress((i, n), desc=c.label if k is None else f"{c.label} @ {k:g}")
             try:
                 cell = dm.run_cell(img, q, c, k, truth=truth, max_new_tokens=max_new_tokens)
                 cells[i] = _cell_dict(cell)
             except Exception as e:   # a bug in one cell must not take the others (or the app) down
                 cells[i] = {"method": c.label, "keep": k, "status": "error", "message": f"{type(e).__name__}: {e}",
-                            "text": f"**{c.label} @ {k:g}**  \n**error**: {type(e).__name__}: {e}", "overlay": None}
+                            "text": f"{core.cell_head(c.label, k)}  \n**error**: {type(e).__name__}: {e}",
+                            "overlay": None}
             cells = list(cells)
             yield cells, _summary(cells), f"{i + 1} / {n} cells, {time.perf_counter() - t0:.1f} s"
         right = sum(1 for c in cells if c.get("correct") is True)

@@ -69,6 +69,26 @@ def method_choices() -> list[Choice]:
     return out
 
 
+def fixed_budget(choice: Choice):
+    """The :class:`vltok.registry.FixedBudget` of a choice whose options fix the budget themselves (e.g. "feather
+    preset=paper"): the demo runs it once, at the keep it implies, not at every budget. None otherwise (also for
+    options the method refuses: the cell then shows the refusal)."""
+    from .registry import check_options, get
+
+    info = get(choice.name)
+    try:
+        check_options(info, choice.options)
+        return info.fixed_budget(choice.options)
+    except (VltokError, ValueError, TypeError):
+        return None
+
+
+def cell_plan(choices, budgets) -> list[tuple[Choice, float | None]]:
+    """The (choice, keep) cells of a grid: every budget for each choice, or one cell (keep None: not given) for a
+    choice whose options fix the budget."""
+    return [(c, k) for c in choices for k in (budgets if fixed_budget(c) is None else [None])]
+
+
 def parse_choice(label: str) -> Choice:
     """A method label as the demo shows it ("feather preset=paper", "tome schedule=post", or "name k=v ...")."""
     for c in method_choices():
@@ -179,7 +199,7 @@ def is_correct(answer: str, truth: dict | None) -> bool | None:
 @dataclass
 class Cell:
     method: str
-    keep: float
+    keep: float | None              # None until the run when an option fixes the budget (keep_set_by)
     status: str = "ok"              # "ok" | "n/a" | "error"
     message: str = ""
     answer: str = ""
@@ -191,6 +211,7 @@ class Cell:
     ttft_s: float | None = None
     total_s: float | None = None
     kept: list = field(default_factory=list)    # KeptGrid.to_dict() per grid of the image
+    keep_set_by: str | None = None  # the option that fixed the budget (e.g. "preset='paper'"); keep = what it gave
     overlay: Image.Image | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
@@ -201,7 +222,7 @@ class Cell:
 
     def text(self) -> str:
         """A short Markdown description (what a grid cell shows under its overlay)."""
-        head = f"**{self.method} @ {self.keep:g}**"
+        head = cell_head(self.method, self.keep, self.keep_set_by)
         if self.status != "ok":
             return f"{head}  \n**{self.status}**: {self.message}"
         mark = {True: " ✓ right", False: " ✗ wrong", None: ""}[self.correct]
@@ -212,6 +233,15 @@ class Cell:
                  f"FLOPs keep {self.flops_keep:.3f}" if self.flops_keep is not None else "",
                  f"TTFT {self.ttft_s:.2f} s · total {self.total_s:.2f} s" if self.total_s is not None else ""]
         return "  \n".join(x for x in lines if x)
+
+
+def cell_head(label: str, keep: float | None, set_by: str | None = None) -> str:
+    """A cell's Markdown title: "**fourier @ 0.25**", or for a budget an option fixes "**feather preset=paper @
+    0.35** (keep set by preset='paper')" (before the run: "**feather preset=paper** (keep set by ...)")."""
+    if set_by is None:
+        return f"**{label} @ {keep:g}**" if keep is not None else f"**{label}**"
+    at = f" @ {keep:.3g}" if keep is not None else ""
+    return f"**{label}{at}** (keep set by {set_by})"
 
 
 class _FirstToken:
@@ -291,20 +321,24 @@ class DemoModel:
         prompt = build_prompt(self.processor, question)
         return self.processor(images=[image], text=[prompt], return_tensors="pt").to(self.device)
 
-    def support(self, choice: Choice, keep: float) -> str | None:
+    def support(self, choice: Choice, keep: float | None) -> str | None:
         """The support matrix's reason why this method cannot run on the loaded model (None: it can)."""
         from vltok.api import build_method
         from vltok.support import incompatibility
 
         return incompatibility(self.adapter_cls, build_method(choice.name, keep, **choice.options))
 
-    def run_cell(self, image, question: str, method: str | Choice, keep: float, truth: dict | None = None,
+    def run_cell(self, image, question: str, method: str | Choice, keep: float | None, truth: dict | None = None,
                  max_new_tokens: int = MAX_NEW_TOKENS, draw: bool = True) -> Cell:
-        """One (method, keep) cell: never raises for a method / budget problem (the cell says it)."""
+        """One (method, keep) cell: never raises for a method / budget problem (the cell says it). ``keep=None``:
+        not given (the method's default, or the keep its options fix: :func:`cell_plan`); the cell then reports the
+        keep the run had."""
         import vltok
 
         choice = method if isinstance(method, Choice) else parse_choice(method)
-        cell = Cell(choice.label, float(keep))
+        cell = Cell(choice.label, None if keep is None else float(keep))
+        fixed = fixed_budget(choice)
+        cell.keep_set_by = fixed.option if fixed is not None else None
         image = load_image(image)
         question = check_question(question)
         try:
@@ -335,6 +369,7 @@ class DemoModel:
                 cell.total_s = time.perf_counter() - t0
                 cell.ttft_s = (streamer.t or time.perf_counter()) - t0
                 stats = dict(handle.stats)
+                cell.keep = handle.keep   # the requested keep, or the one the options gave this run
                 try:
                     kept = handle.kept_patches()
                 except VltokError:
@@ -368,8 +403,9 @@ def time_grid(dm: DemoModel, methods=("fourier", "pool", "fastv", "tome"), keeps
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
+        plan = cell_plan([m if isinstance(m, Choice) else parse_choice(m) for m in methods], list(keeps))
         cells = [dm.run_cell(ex["image_path"], ex["question"], m, k, truth=ex, max_new_tokens=max_new_tokens)
-                 for m in methods for k in keeps]
+                 for m, k in plan]
         if dm.device.type == "cuda":
             torch.cuda.synchronize(dm.device)
         out.append({"seconds": time.perf_counter() - t0, "cells": len(cells),
