@@ -126,7 +126,7 @@ def load_model(path: str | None, device: str, dtype: str):
 def _patch(args) -> dict | None:
     if not args.method:
         return None
-    return {"method": args.method, "keep": args.keep if args.keep is not None else 0.16, **dict(args.arg)}
+    return {"method": args.method, "keep": args.keep, **dict(args.arg)}   # keep None: not given (vltok.patch)
 
 
 def _check_args(args):

@@ -323,8 +323,8 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
         import vltok
 
         cfg = dict(patch)
-        method, keep = cfg.pop("method"), float(cfg.pop("keep", 1.0))
-        handle = vltok.patch(model, method, keep=keep, **cfg)
+        method, keep = cfg.pop("method"), cfg.pop("keep", 1.0)   # None: not given (the default, or set by an option)
+        handle = vltok.patch(model, method, keep=None if keep is None else float(keep), **cfg)
 
     def on_batch():
         nonlocal last_stats
@@ -383,6 +383,9 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
     }
     if handle is not None:
         tin = max(agg["tokens_in"], 1)
+        result["keep"] = handle.keep   # the keep it ran at (also where none was given)
+        if handle.keep_set_by is not None:
+            result["keep_set_by"] = handle.keep_set_by
         result["stats"] = {"tokens_in": agg["tokens_in"], "tokens_out": agg["tokens_out"],
                            "keep_achieved": agg["tokens_out"] / tin, "flops_keep": agg["flops_weighted"] / tin,
                            "seconds": agg["seconds"], "calls": agg["calls"], "last": last_stats}
@@ -413,7 +416,12 @@ def _label(res: dict) -> tuple[str, str]:
     if not p.get("method"):
         return "full", "1.0"
     extra = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("method", "keep"))
-    return p["method"] + (f" ({extra})" if extra else ""), f"{float(p.get('keep', 1.0)):g}"
+    keep = p.get("keep", 1.0)
+    if keep is None:   # not given: the keep it ran at (the default, or set by an option: marked *)
+        keep = res.get("keep")
+        return p["method"] + (f" ({extra})" if extra else ""), ("-" if keep is None else f"{float(keep):.3g}") + \
+            ("*" if res.get("keep_set_by") else "")
+    return p["method"] + (f" ({extra})" if extra else ""), f"{float(keep):g}"
 
 
 def _extra_columns(res: dict) -> list[tuple[str, str]]:

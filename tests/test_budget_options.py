@@ -170,3 +170,47 @@ def test_committed_reference_projector_without_keep(models):
     for keep in (0.25, 0.5, 1.0):
         with pytest.raises(InvalidOptionError, match="conflicts with projector="):
             vltok.api.build_method("tokenshuffle", keep, projector="assets/tokenshuffle-ref-2x3.safetensors")
+
+
+def test_clis_pass_keep_not_given(tmp_path):
+    """Without --keep, the eval and video CLIs pass keep=None (not given): the default, or what an option fixes."""
+    from vltok.cli import build_parser
+    from vltok.eval import cli as eval_cli, runner
+
+    args = build_parser().parse_args(["eval", str(tmp_path), "--method", "fourier", "--arg", "r=4"])
+    assert eval_cli._patch(args) == {"method": "fourier", "keep": None, "r": 4}
+    args = build_parser().parse_args(["eval", str(tmp_path), "--method", "fourier", "--keep", "0.25"])
+    assert eval_cli._patch(args)["keep"] == 0.25
+    # the results table shows the keep it ran at where none was given (* = set by an option)
+    assert runner._label({"patch": {"method": "fourier", "keep": None, "r": 4}, "keep": 0.25, "keep_set_by": "r=4"}) \
+        == ("fourier (r=4)", "0.25*")
+    assert runner._label({"patch": {"method": "pool", "keep": None}, "keep": 0.16}) == ("pool", "0.16")
+    assert runner._label({"patch": {"method": "pool", "keep": 0.5}}) == ("pool", "0.5")
+    args = build_parser().parse_args(["video", "run", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert args.keep is None
+    from vltok.video.pipeline import job_config, make_sampling
+
+    assert job_config("m", "fourier", None, {"r": 4}, make_sampling(), [], 8, "jsonl", "auto", None)["keep"] is None
+
+
+def test_runner_patches_without_keep_and_reports_it(tmp_path, monkeypatch):
+    """eval/runner.py with {"keep": None}: the model is patched with keep not given and the result says the keep
+    (and the option that set it); generation is stubbed (the flow, not a VLM: tests/test_eval_cli.py's way)."""
+    from vltok.eval import runner, shapes
+
+    d = shapes.generate(tmp_path / "d", n=2, seed=0)
+    seen = []
+
+    def generate(model, processor, texts, visuals, kind="image", **kw):
+        seen.append(vltok.get_handle(model))
+        return ["red"] * len(texts)
+
+    monkeypatch.setattr(runner, "generate", generate)
+    m = tiny_llava()
+    res = runner.evaluate(m, None, d, patch={"method": "pool", "keep": None})
+    assert seen[-1].keep == 0.16 and res["keep"] == 0.16 and "keep_set_by" not in res
+    res = runner.evaluate(m, None, d, patch={"method": "tokenshuffle", "keep": None, "window": 2})
+    assert seen[-1].keep_set_by == "window=2" and res["keep"] == 0.25 and res["keep_set_by"] == "window=2"
+    with pytest.raises(InvalidOptionError, match="conflicts with window=2"):
+        runner.evaluate(m, None, d, patch={"method": "tokenshuffle", "keep": 0.5, "window": 2})
+    assert vltok.get_handle(m) is None

@@ -66,6 +66,20 @@ def test_run_endpoint_fills_every_cell(client):
     assert len(fv["tokens_per_layer"]) == 12 and abs(fv["flops_keep"] - 0.25) < 0.01
 
 
+def test_a_variant_that_fixes_its_budget_runs_once(client):
+    """"feather preset=paper" fixes its own budget: one cell whatever budgets are ticked, at the keep it gave."""
+    from gradio_client import handle_file
+
+    ex = _example()
+    cells, status = client.predict(handle_file(ex["image_path"]), ex["question"], ["pool", "feather preset=paper"],
+                                   ["0.5", "0.25"], api_name="/run")
+    assert status.startswith("Done: 3 cells")
+    assert [(c["method"], c["keep"]) for c in cells[:2]] == [("pool", 0.5), ("pool", 0.25)]
+    f = cells[2]
+    assert f["method"] == "feather preset=paper" and f["status"] == "ok" and f["keep_set_by"] == "preset='paper'"
+    assert f["keep"] == f["flops_keep"] and 0.2 < f["keep"] < 0.5 and f["final_tokens"] < 576
+
+
 def test_budget_below_the_floor_is_the_methods_error(client):
     from gradio_client import handle_file
 

@@ -193,6 +193,12 @@ def test_demo_core_inputs_and_choices(tmp_path):
         assert name in labels
     assert "feather preset=paper" in labels and "tome schedule=post" in labels
     assert core.parse_choice("tome schedule=post").options == {"schedule": "post"}
+    plan = core.cell_plan([core.parse_choice(x) for x in ("pool", "feather preset=paper", "fourier r=4")], [0.5, 0.25])
+    assert [(c.label, k) for c, k in plan] == [("pool", 0.5), ("pool", 0.25), ("feather preset=paper", None),
+                                               ("fourier r=4", None)]   # options that fix the budget: one cell
+    assert core.fixed_budget(core.parse_choice("fourier r=x")) is None   # refused option: the cell says why
+    assert core.cell_head("feather preset=paper", 0.3512, "preset='paper'") == \
+        "**feather preset=paper @ 0.351** (keep set by preset='paper')"
     assert core.parse_choice("fastv K=3").options == {"K": 3}
     with pytest.raises(vltok.UnknownMethodError):
         core.parse_choice("nope")

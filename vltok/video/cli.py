@@ -28,7 +28,9 @@ def register(sub):
                     help="local checkpoint folder of a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / LLaVA-NeXT-Video / "
                          "Video-LLaVA model, or 'reference-video' (default; issue 17's video reference VLM)")
     ap.add_argument("--method", default="fourier", help="vltok method, or 'none' for the unpatched model")
-    ap.add_argument("--keep", type=float, default=0.16, help="share of visual tokens kept per frame")
+    ap.add_argument("--keep", type=float, default=None,
+                    help="share of visual tokens kept per frame (default 0.16, or what a --method-arg that fixes the "
+                         "budget implies)")
     ap.add_argument("--method-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                     help="extra method option (JSON value), repeatable")
     q = ap.add_mutually_exclusive_group()

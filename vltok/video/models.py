@@ -101,7 +101,7 @@ def _dtype(dtype, dev):
 class VideoModel:
     """A (patched) video VLM answering batches. ``method="none"`` runs the model unpatched."""
 
-    def __init__(self, model, processor, method: str = "fourier", keep: float = 0.16, method_kwargs=None,
+    def __init__(self, model, processor, method: str = "fourier", keep: float | None = None, method_kwargs=None,
                  max_new_tokens: int = 64):
         import vltok
 

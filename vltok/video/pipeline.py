@@ -170,7 +170,7 @@ def make_sampling(fps=None, frames=None, max_frames=None, min_frames=4, start=No
 
 
 def job_config(model_name, method, keep, method_kwargs, sampling, qs, max_new_tokens, fmt, decoder, dtype, **extra):
-    return {"model": str(model_name), "method": method, "keep": float(keep), "method_kwargs": method_kwargs or {},
+    return {"model": str(model_name), "method": method, "keep": None if keep is None else float(keep), "method_kwargs": method_kwargs or {},
             "sampling": sampling.describe(), "questions": [[q.qid, q.text, q.video] for q in qs],
             "max_new_tokens": int(max_new_tokens), "format": fmt, "decoder": decoder,
             "dtype": None if dtype is None else str(dtype), **extra}
@@ -183,7 +183,7 @@ def error_rows(video, qs, reason, decode_s=0.0, decoder=None):
              "seconds": {"decode": decode_s, "model": 0.0}, "decoder": decoder, "error": reason} for q in qs]
 
 
-def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float = 0.16, *, task=None, question=None,
+def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float | None = None, *, task=None, question=None,
         questions=None, fps=None, frames=None, max_frames=None, min_frames=4, start=None, end=None,
         batch_size: int = 4, num_workers: int | None = None, num_threads: int = 1, decoder: str = "auto",
         format: str = "jsonl", max_new_tokens: int = 64, device=None, dtype=None, method_kwargs=None,
@@ -194,6 +194,7 @@ def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float =
     ``videos``: folder / glob / list file / list of those. ``model``: "reference-video", a local checkpoint
     folder, or a (model, processor) pair. Exactly one of ``task="caption"``, ``question``, ``questions`` (JSONL).
     ``fps`` (default 2, Qwen2-VL style) or ``frames`` (uniform N). Rerunning the same call resumes.
+    ``keep`` None: not given (vltok.patch's default 0.16, or what a budget-fixing method option implies).
     Returns a :class:`RunResult` (``.rows`` reads every row of ``out``, ``.summary`` is where the time went)."""
     if task is None and question is None and questions is None:
         task = "caption"
@@ -207,7 +208,7 @@ def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float =
         raise VltokError(f"batch_size must be >= 1, got {batch_size}")
     if decoder not in ("auto", "decord", "av"):
         raise VltokError(f"unknown decoder {decoder!r}: use auto, decord or av")
-    if method != "none":
+    if method != "none" and keep is not None:
         from ..api import _check_keep
 
         _check_keep(keep)
