@@ -176,6 +176,19 @@ def job_config(model_name, method, keep, method_kwargs, sampling, qs, max_new_to
             "dtype": None if dtype is None else str(dtype), **extra}
 
 
+def _config_keep(method, keep, method_kwargs):
+    """The keep a job's config records: the given one, else the one vltok.patch will use (its default, or what a
+    budget-fixing option implies; None where that depends on the input). The model still gets keep=None."""
+    if keep is not None or method == "none":
+        return keep
+    from ..api import resolve_keep
+
+    try:
+        return resolve_keep(method, None, **(method_kwargs or {}))[0]
+    except Exception:   # an unknown method / bad option: refused with its message when the model is patched
+        return None
+
+
 def error_rows(video, qs, reason, decode_s=0.0, decoder=None):
     return [{"id": sources.row_id(video, q), "video": video.key, "path": video.path, "question_id": q.qid,
              "question": q.text, "answer": None, "frames": {"indices": [], "timestamps": []}, "video_frames": None,
@@ -214,7 +227,8 @@ def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float |
         _check_keep(keep)
     vids = sources.discover(videos)
     model_name = model if isinstance(model, (str, os.PathLike)) else type(model[0]).__name__
-    cfg = job_config(model_name, method, keep, method_kwargs, sampling, qs, max_new_tokens, format, decoder, dtype)
+    cfg = job_config(model_name, method, _config_keep(method, keep, method_kwargs), method_kwargs, sampling, qs,
+                     max_new_tokens, format, decoder, dtype)
     if ray:
         from .ray_run import run_ray
 
