@@ -24,8 +24,8 @@ caches, decode runs on them). ``reduce``:
 
 keep -> k is FLOPs-equivalent like FastV (spec §6): k = round((keep*L - K) * N / (L - K)) per grid of N tokens,
 at least 1, so keep must exceed K/L (a clear error otherwise). K defaults to 2 for keep >= 0.25, 3 below. For
-``"drop"`` keep picks K instead: K = floor(keep*L) (keep = K/L when nothing survives), and an explicit K must not
-exceed keep*L. keep=1.0 cuts nothing (bit-identical logits).
+``"drop"`` keep picks K instead: K = floor(keep*L) (keep = K/L when nothing survives); an explicit K fixes the
+budget itself (K/L), so keep is then left out (:func:`llavamini_budget`). keep=1.0 cuts nothing (bit-identical logits).
 ``mode="trained"`` (``weights=`` a checkpoint from ``vltok train llavamini`` or a MiniModule): the learned C x C
 compressor + pre-fusion layers of vltok/methods/llavamini_trained.py (LLaVA-1.5 family only).
 """

@@ -14,7 +14,8 @@ column b). The shuffled token is projected back to the model's width.
   :func:`save_projector`) as ``projector=``.
 
 keep = 1 / (s_h s_w): the window whose product is closest to 1/keep, s_h = s_w or s_h = s_w + 1 (taller windows
-pool more along the height), ties to the smaller window. ``window=(s_h, s_w)`` overrides.
+pool more along the height), ties to the smaller window. ``window=(s_h, s_w)`` (or a trained projector's window)
+fixes the budget instead: keep is then left out, or must pick the same window (:func:`tokenshuffle_budget`).
 """
 from __future__ import annotations
 
