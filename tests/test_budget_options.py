@@ -214,3 +214,17 @@ def test_runner_patches_without_keep_and_reports_it(tmp_path, monkeypatch):
     with pytest.raises(InvalidOptionError, match="conflicts with window=2"):
         runner.evaluate(m, None, d, patch={"method": "tokenshuffle", "keep": 0.5, "window": 2})
     assert vltok.get_handle(m) is None
+
+
+def test_train_tokenshuffle_window_and_keep():
+    """`vltok train tokenshuffle --window`: the window fixes the budget, a --keep must agree (no silent override)."""
+    from vltok.cli import build_parser
+    from vltok.train import build_tokenshuffle
+
+    m = tiny_llava()
+    with pytest.raises(InvalidOptionError, match=r"keep=0.5 conflicts with window=\(3, 3\)"):
+        build_tokenshuffle(m, 0.5, window=(3, 3))
+    assert build_tokenshuffle(m, None, window=(3, 3))[0].window == (3, 3)
+    assert build_tokenshuffle(m, 0.111, window=(3, 3))[0].window == (3, 3)   # the window keep=0.111 picks
+    assert build_tokenshuffle(m, None)[0].window == (2, 2)   # no keep, no window: keep 0.25
+    assert build_parser().parse_args(["train", "tokenshuffle", "--out", "x"]).keep is None

@@ -41,6 +41,9 @@ from . import compat, registry
 from .methods.tokenshuffle import ShuffleProjector, load_projector, save_projector, window_for_keep
 
 
+DEFAULT_TRAIN_KEEP = 0.25   # ``train(keep=None)`` / no --keep: this keep (tokenshuffle with a window: the window's)
+
+
 # -- learned variants: (model, keep, opts) -> (module, patch kwargs, save(module, path), load(path)) ---------------
 def _llava_projector(model):
     proj = getattr(getattr(model, "model", None), "multi_modal_projector", None)
@@ -50,9 +53,13 @@ def _llava_projector(model):
     return proj
 
 
-def build_tokenshuffle(model, keep: float, window=None):
+def build_tokenshuffle(model, keep: float | None, window=None):
     stock = _llava_projector(model)
-    window = tuple(window) if window else window_for_keep(keep)
+    if window is not None:   # the window fixes the budget: a keep must agree with it (as vltok.patch checks)
+        from .api import resolve_keep
+
+        resolve_keep("tokenshuffle", keep, window=tuple(window))
+    window = tuple(window) if window else window_for_keep(DEFAULT_TRAIN_KEEP if keep is None else keep)
     act = getattr(model.config, "projector_hidden_act", "gelu")
     module = ShuffleProjector.from_projector(stock.linear_1, stock.linear_2, act, window)
     encoder = getattr(model.config.vision_config, "_name_or_path", "") or model.config.vision_config.model_type
@@ -97,7 +104,7 @@ def build_llavamini(model, keep: float, prefusion_layers: int = 4, heads: int = 
 LEARNED = {"tokenshuffle": build_tokenshuffle, "crossget": build_crossget, "llavamini": build_llavamini}
 
 
-def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, steps: int, out: str | Path,
+def train(model, method: str, keep: float | None, batch_at: Callable[[int], dict], *, steps: int, out: str | Path,
           lr: float = 1e-3, weight_decay: float = 0.0, warmup: int = 0, save_every: int = 100, eval_every: int = 0,
           eval_fn: Callable | None = None, resume: bool = False, grad_clip: float = 1.0, log=print, **opts) -> dict:
     """Train ``method``'s learned module on ``model`` (frozen); returns {"module", "losses", "evals", "path"}."""
@@ -113,6 +120,8 @@ def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, s
             "use the method's training-free mode on this model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if keep is None and not (method == "tokenshuffle" and opts.get("window")):
+        keep = DEFAULT_TRAIN_KEEP
     module, patch_kw, save, load = LEARNED[method](model, keep, **opts)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -154,7 +163,9 @@ def train(model, method: str, keep: float, batch_at: Callable[[int], dict], *, s
         logf.flush()
         log(f"step {step}: eval {res}")
 
-    handle = vltok.patch(model, method, keep=keep, **patch_kw)
+    # the learned module was built for keep (or its window) and fixes the budget itself where it does: keep not given
+    fixed = registry.get(method).fixed_budget(patch_kw) is not None
+    handle = vltok.patch(model, method, keep=None if fixed else keep, **patch_kw)
     try:
         if start == 0 and eval_every:
             run_eval(0)
@@ -322,9 +333,11 @@ def register(sub):
                        "JSON with --image-folder. Eval: shapes test folder every --eval-every steps.")
     p.add_argument("method", choices=sorted(LEARNED), help="the method whose learned part is trained")
     p.add_argument("--model", default="reference")
-    p.add_argument("--keep", type=float, default=0.25)
+    p.add_argument("--keep", type=float, default=None,
+                   help=f"the budget the module is trained for (default {DEFAULT_TRAIN_KEEP}; tokenshuffle with "
+                        "--window: the window's 1/(s_h*s_w))")
     p.add_argument("--window", type=int, nargs=2, default=None, metavar=("S_H", "S_W"),
-                   help="tokenshuffle: the shuffle window (default: the one --keep implies)")
+                   help="tokenshuffle: the shuffle window (default: the one --keep implies); a --keep must agree")
     p.add_argument("--cross-visible", action="store_true",
                    help="crossget: every token attends to the cross token (the paper); default: it only reads")
     p.add_argument("--no-projector", action="store_true", help="crossget: train the cross token only")
