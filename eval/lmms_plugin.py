@@ -69,8 +69,8 @@ class VltokLMM(lmms):
         else:
             import vltok
 
-            self.handle = vltok.patch(self._model, method, keep=float(keep if keep is not None else 0.16),
-                                      **method_kwargs)
+            self.handle = vltok.patch(self._model, method, keep=None if keep is None else float(keep),
+                                      **method_kwargs)   # keep None: not given (0.16, or what an option fixes)
         self.patch_config = {"method": method, "keep": keep, **method_kwargs} if self.handle else None
 
     @property

@@ -84,7 +84,8 @@ def bench(name: str, keep: float = 0.16, methods=METHODS) -> list[tuple[str, flo
         ideal = None
         for spec in methods:
             method, kw = parse_spec(spec)
-            with vltok.patched(model, method, keep=keep, **kw) as h:
+            fixed = vltok.registry.get(method).fixed_budget(kw) is not None   # e.g. "feather:a=0.3": a decides
+            with vltok.patched(model, method, keep=None if fixed else keep, **kw) as h:
                 for _ in range(3):
                     fwd()
                 rows.append((spec, kernel_ms(fwd), cuda_time(fwd, reps=9)))
