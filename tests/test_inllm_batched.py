@@ -63,7 +63,7 @@ def test_the_counter_sees_syncs():
                                             ((8, 8), 64, 3, 0.05)])
 def test_feather_and_fastv_select_batch_equal_select_row_by_row(grid, n, stride, a):
     g = torch.Generator().manual_seed(n)
-    m = vltok.api.build_method("feather", 0.3, a=a, stride=stride).in_llm
+    m = vltok.api.build_method("feather", a=a, stride=stride).in_llm   # a fixes the budget: no keep
     scores = (torch.rand(5, 1, n, generator=g) * 8).floor() / 8   # many ties
     raster = torch.arange(n).expand(5, n)
     c1 = Cut(3, stage=0, params=(a, a * a))
