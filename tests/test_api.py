@@ -170,3 +170,17 @@ def test_cli_methods_and_bench_help():
     finally:
         speed.main = orig
     assert seen == [["--models", "llava-1.5-7b", "--keeps", "0.5"]]
+
+
+def test_submodules_reachable_as_attributes_after_import_vltok():
+    """`import vltok; vltok.reference.load()` as the docs write it (a fresh interpreter: nothing imported before)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vltok; assert 'vltok.reference' not in sys.modules; "
+            "assert callable(vltok.reference.load) and callable(vltok.reference_video.frames_to_pixels); "
+            "assert vltok.stages.GridReducer\n"
+            "try:\n    vltok.no_such_thing\nexcept AttributeError as e:\n    print('ok', e)")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ok module 'vltok' has no attribute 'no_such_thing'" in r.stdout
