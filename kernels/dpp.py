@@ -127,16 +127,25 @@ def dpp_greedy_triton(L: torch.Tensor, k: int, order: bool = False):
     return _launch(L, int(k), order)
 
 
+def config(N: int, tile: int | None = None, warps: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_T, num_warps) for N tokens: BLOCK_N the next power of two; BLOCK_T rows of c per inner step so
+    that a step reads about ``tile`` elements (default _TILE); warps by BLOCK_N unless given (tuning: the speed
+    script's --sweep)."""
+    block_n = max(16, 1 << (max(int(N), 1) - 1).bit_length())
+    block_t = max(1, min(16, (tile or _TILE) // block_n))
+    if warps is None:
+        warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+    return block_n, block_t, warps
+
+
 @_with_kernels
-def _launch(L, k, order):
+def _launch(L, k, order, tile=None, warps=None):
     B, N, _ = L.shape
     out = torch.empty(B, k, dtype=torch.int64, device=L.device)
     picks = torch.empty(B, k, dtype=torch.int64, device=L.device)
     if B:
         c = torch.empty(B, k, N, dtype=torch.float32, device=L.device)
-        block_n = max(16, triton.next_power_of_2(N))
-        block_t = max(1, min(16, _TILE // block_n))
-        warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+        block_n, block_t, warps = config(N, tile, warps)
         _greedy_kernel[(B,)](L, c, picks, out, N, k, L.stride(0), L.stride(1), L.stride(2), EPS, BLOCK_N=block_n,
                              BLOCK_T=block_t, IEEE=not interpret(), num_warps=warps)
     return (out, picks) if order else out

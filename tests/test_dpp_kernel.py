@@ -2,6 +2,8 @@
 definition). CPU: TRITON_INTERPRET=1 (set by conftest.py); GPU checks at LLaVA-1.5 / LLaVA-NeXT sizes are marked
 gpu. Indices are compared exactly, in pick order; where fp32 rounding leaves near-equal gains (k past the kernel's
 numerical rank) both picks are checked against a float64 replay of the greedy instead."""
+import json
+
 import pytest
 import torch
 
@@ -190,3 +192,17 @@ def test_exact_ties_at_llava_next_size_on_gpu():
     want, want_order = dpp_greedy_torch(L, 460, order=True)
     got, got_order = dpp_greedy_triton(L, 460, order=True)
     assert torch.equal(got_order, want_order) and torch.equal(got, want)
+
+
+def test_speed_script_smoke(tmp_path, capsys):
+    """eval/tools/dpp_kernel_speed.py at a tiny size (the interpreter on CPU): one row per case, same picks, the
+    table and the JSON written under --out-dir."""
+    from vltok.eval.tools import dpp_kernel_speed
+
+    rows = dpp_kernel_speed.main(["--batch", "1", "2", "--n", "12", "--keep", "0.5", "--dim", "16", "--reps", "1",
+                                  "--warmup", "0", "--out-dir", str(tmp_path)])
+    assert [(r["B"], r["N"], r["k"]) for r in rows] == [(1, 12, 6), (2, 12, 6)]
+    assert all(r["same_picks"] and r["torch_ms"] > 0 and r["triton_ms"] > 0 for r in rows)
+    md = (tmp_path / "dpp-kernel-speed.md").read_text()
+    assert "| 2 | 12 | 0.5 | 6 |" in md and "True" in md
+    assert len(json.loads((tmp_path / "dpp-kernel-speed.json").read_text())["rows"]) == 2
