@@ -3,7 +3,7 @@
     dpp_greedy_triton(L, k) -> [B, k] int64, ascending
 
 The definition is the torch loop ``vltok.methods.dpp.dpp_greedy_torch`` (k steps of a few small ops each: on a GPU
-it is bound by kernel launches, ~8 per kept token). Here one program per batch item runs the whole loop:
+it is bound by kernel launches, ~15 per kept token). Here one program per batch item runs the whole loop:
 
     d2 = diag(L)
     repeat k times:  j = argmax d2 (ties to the lower index, NaN first);  e = (L[j] - sum_t c_t[j] c_t) / sqrt(d2[j])
@@ -11,14 +11,21 @@ it is bound by kernel launches, ~8 per kept token). Here one program per batch i
 
 with d2 and the current row in registers (BLOCK_N = the next power of two of N, at most MAX_N) and the c vectors
 [B, k, N] fp32 in global memory (L2-resident at the sizes vltok meets: 92 x 576 x 4 B = 212 KB per sample at
-LLaVA-1.5 keep 0.16). The kept set is compacted into ascending indices in the kernel (a prefix sum over a chosen
-mask), so the call is one launch. All arithmetic is fp32 (L of any float dtype is read and converted); division and
-square root are IEEE-rounded, as torch's.
+LLaVA-1.5 keep 0.16; step i reads i of them, BLOCK_T rows at a time). The kept set is compacted into ascending
+indices in the kernel (a prefix sum over a chosen mask), so the call is one launch. All arithmetic is fp32 (L of any
+float dtype is read and converted); division and square root are IEEE-rounded and the kernel is compiled without
+multiply-add fusion, so each step rounds as torch's separate ops do.
 
-Equality with the torch loop: the argmax, the -inf masking and the eps floor are the loop's, so exact ties (duplicate
-tokens: identical columns of L give bit-identical gains in both) go to the lower index in both. The projection sum
-runs in a different order than torch's einsum (a blocked fixed-order sum here, a BLAS reduction there), so gains can
-differ in the last bits; two candidates whose gains are that close (relative ~1e-6) can be picked in either order.
+One program per sample: at batch 1 the loop runs on one SM (the torch loop's launches spread each step over the
+GPU, but wait on the host); both cost O(k^2 N) per sample.
+
+Equality with the torch loop: the argmax, the -inf masking and the zero vector at a gain <= eps are the loop's, so
+exact ties (duplicate tokens: identical columns of L give bit-identical gains in both) go to the lower index in both.
+The projection sum runs in a different order than torch's einsum (a blocked fixed-order sum here, a BLAS reduction
+there), so gains can differ in the last bits, and two candidates whose gains are that close can be picked in either
+order. With full-rank kernels that is rare (gains differ by far more than the rounding); once k exceeds the kernel's
+numerical rank (every gain left is rounding noise: many near-identical tokens) the two loops order the remaining
+picks differently, each still a greedy argmax up to rounding (tests/test_dpp_kernel.py replays them in float64).
 ``dpp_greedy_triton(..., order=True)`` also returns the pick order, for checking such a set step by step.
 
 eval/tools/dpp_kernel_speed.py times it against the torch loop on a GPU.
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpret, lazy_definer, usable
+from ._triton import lazy_definer, usable
 
 EPS = 1e-12          # the torch loop's floor of a gain before its square root
 MAX_N = 8192         # BLOCK_N cap: d2, the row, its projection and the mask live in registers
@@ -40,14 +47,13 @@ def _define():
     global triton, tl, _greedy_kernel
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
 
     # Loops over runtime lengths are while loops: the CPU interpreter (numpy >= 2.4) cannot take a tensor as a
     # range() bound, and constexpr lengths would recompile for every k.
 
     @triton.jit(do_not_specialize=["N", "k"])
     def _greedy_kernel(L_ptr, c_ptr, order_ptr, out_ptr, N, k, slb, sln, slm, eps, BLOCK_N: tl.constexpr,
-                       BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_T: tl.constexpr):
         """Program b: the k greedy picks of sample b into order [B, k] (pick order) and out [B, k] (ascending);
         c [B, k, N] is its scratch (row t = the t-th Cholesky vector)."""
         b = tl.program_id(0).to(tl.int64)
@@ -64,7 +70,7 @@ def _define():
             pick = n == j
             dj = tl.sum(tl.where(pick, d2, 0.0), axis=0)
             tl.store(order_ptr + b * k + i, j.to(tl.int64))
-            row = tl.load(Lb + j.to(tl.int64) * sln + n * slm, mask=valid, other=0.0).to(tl.float32)
+            row = tl.load(Lb + j.to(tl.int64) * sln + n.to(tl.int64) * slm, mask=valid, other=0.0).to(tl.float32)
             # the projection of row j on the earlier vectors: sum_t c_t[j] c_t, BLOCK_T rows at a time
             acc = tl.zeros((BLOCK_N,), tl.float32)
             t0 = 0
@@ -80,11 +86,7 @@ def _define():
             e = tl.div_rn(row - acc, tl.where(dj > eps, tl.sqrt_rn(tl.maximum(dj, eps)), float("inf")))
             tl.store(cb + i * N + n, e, mask=valid)
             chosen = tl.where(pick, 1, chosen)
-            if IEEE:   # e^2 rounded, then subtracted (as torch's square and sub): no fused multiply-add
-                e2 = libdevice.mul_rn(e, e)
-            else:      # the CPU interpreter (numpy rounds each operation anyway)
-                e2 = e * e
-            d2 = tl.where((chosen != 0) | (n >= N), float("-inf"), d2 - e2)
+            d2 = tl.where((chosen != 0) | (n >= N), float("-inf"), d2 - e * e)   # launched without FMA fusion
             tl.debug_barrier()   # c_i (written lane by lane) is read whole, and at column j, from the next step on
             i += 1
         slot = tl.cumsum(chosen, axis=0) - 1
@@ -147,5 +149,6 @@ def _launch(L, k, order, tile=None, warps=None):
         c = torch.empty(B, k, N, dtype=torch.float32, device=L.device)
         block_n, block_t, warps = config(N, tile, warps)
         _greedy_kernel[(B,)](L, c, picks, out, N, k, L.stride(0), L.stride(1), L.stride(2), EPS, BLOCK_N=block_n,
-                             BLOCK_T=block_t, IEEE=not interpret(), num_warps=warps)
+                             BLOCK_T=block_t, num_warps=warps,
+                             enable_fp_fusion=False)   # e^2 rounded, then subtracted, as torch's square and sub
     return (out, picks) if order else out
