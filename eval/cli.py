@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     e.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     e.add_argument("--dtype", type=cli_args.dtype, default="float32", metavar="DTYPE",
                    help=f"{cli_args.DTYPE_HELP}; default float32")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=16, help="questions per model call (default 16)")
     e.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the benchmark's (16 for short answers, 128 for POPE, 24 for shapes)")
     e.add_argument("--frames", type=int, default=None,
