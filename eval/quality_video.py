@@ -243,7 +243,7 @@ def eval_folder(folder, method: str | None = None, keep: float | None = None, *,
 
     records = S.load_dataset(folder, limit)
     model, processor = R.load("vltok-ref-video", device=device, dtype=getattr(torch, dtype))
-    patch = {"method": method, "keep": 0.5 if keep is None else keep, **(options or {})} if method else None
+    patch = {"method": method, "keep": 0.16 if keep is None else keep, **(options or {})} if method else None
     res = evaluate(model, processor, records, clips_tensor(records, frames, source), patch, batch_size=batch_size)
     doc = {"model": "vltok-ref-video", "dataset": str(folder), "n": len(records), "source": source, "frames": frames,
            "runs": [res], "device": device, "command": command or f"vltok eval {folder}", "seconds": res["seconds"]}
