@@ -160,7 +160,8 @@ def _row(res: dict, types) -> list[str]:
     s = res["score"]
     return [res["label"], str(res["frames"]), f"{res['tokens_per_video']:.0f}", f"{res['keep_achieved']:.3f}",
             f"{res.get('flops_keep', res['keep_achieved']):.3f}",
-            f"{100 * s['overall']:.1f}", f"{100 * (s['temporal'] or 0):.1f}", f"{100 * (s['single_frame_types'] or 0):.1f}",
+            f"{100 * s['overall']:.1f}", *("-" if s[k] is None else f"{100 * s[k]:.1f}"   # '-': no item of the group
+                                             for k in ("temporal", "single_frame_types")),
             *[f"{100 * s['by_type'][t]['acc']:.1f}" if t in s["by_type"] else "-" for t in types]]
 
 
@@ -233,7 +234,8 @@ def write(doc: dict, out: Path) -> None:
 
 def eval_folder(folder, method: str | None = None, keep: float | None = None, *, options: dict | None = None,
                 device: str | None = None, dtype: str = "float32", frames: int = RV.NUM_FRAMES,
-                limit: int | None = None, batch_size: int = 16, json_path=None, source: str = "auto") -> dict:
+                limit: int | None = None, batch_size: int = 16, json_path=None, source: str = "auto",
+                command: str | None = None) -> dict:
     """One run of ``vltok-ref-video`` (+ an optional method) on a shapes-video folder: what ``vltok eval DIR`` does
     when DIR is a video folder (``shapes_video.is_video_folder``). Prints and returns the result."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,10 +243,10 @@ def eval_folder(folder, method: str | None = None, keep: float | None = None, *,
 
     records = S.load_dataset(folder, limit)
     model, processor = R.load("vltok-ref-video", device=device, dtype=getattr(torch, dtype))
-    patch = {"method": method, "keep": 0.5 if keep is None else keep, **(options or {})} if method else None
+    patch = {"method": method, "keep": 0.16 if keep is None else keep, **(options or {})} if method else None
     res = evaluate(model, processor, records, clips_tensor(records, frames, source), patch, batch_size=batch_size)
     doc = {"model": "vltok-ref-video", "dataset": str(folder), "n": len(records), "source": source, "frames": frames,
-           "runs": [res], "device": device, "command": f"vltok eval {folder}", "seconds": res["seconds"]}
+           "runs": [res], "device": device, "command": command or f"vltok eval {folder}", "seconds": res["seconds"]}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=1) + "\n")

@@ -34,6 +34,25 @@ def test_unknown_method_lists_valid_ones():
     assert "forward" not in m.__dict__
 
 
+def test_method_names_are_case_insensitive_and_a_typo_gets_a_suggestion():
+    from vltok import registry
+
+    names = list(vltok.methods())
+    assert len({n.lower() for n in names}) == len(names)   # no two names differ only in case
+    assert registry.get("FastV").name == "fastv" and registry.get("TOME").name == "tome"
+    m = tiny_llava()
+    with vltok.patched(m, "Fourier", keep=0.5) as h:
+        assert h.method.name == "fourier"
+    with pytest.raises(vltok.UnknownMethodError, match=r"unknown method 'fourir' \(did you mean 'fourier'\?\); "
+                                                       r"valid methods are: "):
+        vltok.patch(m, "fourir", keep=0.5)
+    with pytest.raises(vltok.UnknownMethodError, match=r"did you mean 'tmerge'"):
+        registry.get("tmerj")
+    with pytest.raises(vltok.UnknownMethodError) as e:
+        registry.get("xyzzy")
+    assert "did you mean" not in str(e.value)
+
+
 @pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan"), "0.5", True, None])
 def test_keep_outside_range(keep):
     m = tiny_llava()

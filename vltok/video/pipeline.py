@@ -207,10 +207,12 @@ def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float =
         raise VltokError(f"batch_size must be >= 1, got {batch_size}")
     if decoder not in ("auto", "decord", "av"):
         raise VltokError(f"unknown decoder {decoder!r}: use auto, decord or av")
-    if method != "none":
-        from ..api import _check_keep
+    if method != "none":   # name, keep and options as vltok.patch checks them, before anything is written
+        from ..cli_args import check_method, model_class
+        from .models import VIDEO_CLASSES
 
-        _check_keep(keep)
+        cls = model_class(model)
+        method = check_method(method, keep, method_kwargs, cls if cls in VIDEO_CLASSES else None)
     vids = sources.discover(videos)
     model_name = model if isinstance(model, (str, os.PathLike)) else type(model[0]).__name__
     cfg = job_config(model_name, method, keep, method_kwargs, sampling, qs, max_new_tokens, format, decoder, dtype)
