@@ -195,6 +195,10 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def pct(r, key):   # a group with no question (a small --limit) has no score: no point, no bar
+        v = r["score"].get(key)
+        return float("nan") if v is None else 100 * v
+
     fig, axes = plt.subplots(1, 3 if doc.get("tradeoff") else 2, figsize=(15, 4.5))
     full = next((r for r in doc["runs"] if r["patch"] is None), None)
     by: dict[str, list] = {}
@@ -205,7 +209,7 @@ def plot(doc: dict, path: Path) -> None:
         for m, rs in sorted(by.items()):
             rs = sorted(rs, key=lambda r: r.get("flops_keep", r["keep_achieved"]))
             ax.plot([r.get("flops_keep", r["keep_achieved"]) for r in rs] + ([1.0] if full else []),
-                    [100 * r["score"][key] for r in rs] + ([100 * full["score"][key]] if full else []),
+                    [pct(r, key) for r in rs] + ([pct(full, key)] if full else []),
                     marker="o", label=m, lw=2.2 if m in ("evs", "tmerge") else 1.0)
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs-equivalent keep (share of frames x 144 tokens)")
@@ -216,7 +220,7 @@ def plot(doc: dict, path: Path) -> None:
     if doc.get("tradeoff"):
         ax = axes[2]
         rs = doc["tradeoff"]
-        ax.bar(range(len(rs)), [100 * r["score"]["temporal"] for r in rs])
+        ax.bar(range(len(rs)), [pct(r, "temporal") for r in rs])
         ax.set_xticks(range(len(rs)), [r["label"] for r in rs], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("temporal accuracy %")
         ax.set_title("frames x keep at equal token budget")
