@@ -198,7 +198,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a supported checkpoint folder with its processor (default: the "
                    "reference VLM vltok-ref, built offline)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    from vltok import cli_args
+
+    p.add_argument("--dtype", type=cli_args.dtype, default="float32", metavar="DTYPE",
+                   help=f"{cli_args.DTYPE_HELP}; default float32")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
@@ -215,7 +218,7 @@ def _main(args) -> int:
     try:
         dm = core.DemoModel.load(args.model, device=device, dtype=args.dtype)
     except core.VltokError as e:
-        print(f"vltok demo: {e}", file=sys.stderr)
+        print(f"vltok: error: {e}", file=sys.stderr)
         return 2
     if args.time_grid:
         for i, r in enumerate(core.time_grid(dm, DEFAULT_METHODS, [float(k) for k in DEFAULT_BUDGETS],

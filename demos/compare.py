@@ -1,11 +1,12 @@
-"""Compare the reference VLM's answers at several visual-token budgets (the main job: `make demo`).
+"""Compare the reference VLM's answers at several visual-token budgets in the terminal (`make compare`; the
+Gradio version is the main job, `make demo`).
 
     python -m vltok.demos.compare [--n 4] [--methods fourier pool feather] [--keeps 1 0.5 0.25 0.16] [--device cpu]
 
 Each row is one shapes-benchmark question (a procedurally drawn image with a known answer); each column is a
 method at a budget: the answer, and the visual tokens the LLM carried (FLOPs-equivalent for in-LLM methods).
-The reference VLM is small and undertrained (29.7% on the shapes test; eval/results/archive/README.md): the point here is
-the plumbing and how answers move with the budget, not its accuracy.
+The reference VLM is small (DINOv2-S + SmolLM2-135M, 88.2 % on the shapes test split: eval/results/quality-h100.md):
+the point here is how answers move with the budget.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Example: patch a LLaVA-1.5-shaped model (random weights, 576 visual tokens) and compare budgets.
 
-Run: make demo   (or: python -m vltok.demos.example [--keeps 1 0.5 0.25 0.16])
+Run: make example   (or: python -m vltok.demos.example [--keeps 1 0.5 0.25 0.16])
 The model is a stock LlavaForConditionalGeneration built offline with a small language model, so the answers are
 noise; what this shows is the plumbing: visual tokens reaching the LLM, sequence lengths, time, generate().
 """

@@ -160,7 +160,8 @@ def _row(res: dict, types) -> list[str]:
     s = res["score"]
     return [res["label"], str(res["frames"]), f"{res['tokens_per_video']:.0f}", f"{res['keep_achieved']:.3f}",
             f"{res.get('flops_keep', res['keep_achieved']):.3f}",
-            f"{100 * s['overall']:.1f}", f"{100 * (s['temporal'] or 0):.1f}", f"{100 * (s['single_frame_types'] or 0):.1f}",
+            f"{100 * s['overall']:.1f}", *("-" if s[k] is None else f"{100 * s[k]:.1f}"   # '-': no item of the group
+                                             for k in ("temporal", "single_frame_types")),
             *[f"{100 * s['by_type'][t]['acc']:.1f}" if t in s["by_type"] else "-" for t in types]]
 
 
@@ -194,6 +195,10 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def pct(r, key):   # a group with no question (a small --limit) has no score: no point, no bar
+        v = r["score"].get(key)
+        return float("nan") if v is None else 100 * v
+
     fig, axes = plt.subplots(1, 3 if doc.get("tradeoff") else 2, figsize=(15, 4.5))
     full = next((r for r in doc["runs"] if r["patch"] is None), None)
     by: dict[str, list] = {}
@@ -204,7 +209,7 @@ def plot(doc: dict, path: Path) -> None:
         for m, rs in sorted(by.items()):
             rs = sorted(rs, key=lambda r: r.get("flops_keep", r["keep_achieved"]))
             ax.plot([r.get("flops_keep", r["keep_achieved"]) for r in rs] + ([1.0] if full else []),
-                    [100 * r["score"][key] for r in rs] + ([100 * full["score"][key]] if full else []),
+                    [pct(r, key) for r in rs] + ([pct(full, key)] if full else []),
                     marker="o", label=m, lw=2.2 if m in ("evs", "tmerge") else 1.0)
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs-equivalent keep (share of frames x 144 tokens)")
@@ -215,7 +220,7 @@ def plot(doc: dict, path: Path) -> None:
     if doc.get("tradeoff"):
         ax = axes[2]
         rs = doc["tradeoff"]
-        ax.bar(range(len(rs)), [100 * r["score"]["temporal"] for r in rs])
+        ax.bar(range(len(rs)), [pct(r, "temporal") for r in rs])
         ax.set_xticks(range(len(rs)), [r["label"] for r in rs], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("temporal accuracy %")
         ax.set_title("frames x keep at equal token budget")
@@ -233,7 +238,8 @@ def write(doc: dict, out: Path) -> None:
 
 def eval_folder(folder, method: str | None = None, keep: float | None = None, *, options: dict | None = None,
                 device: str | None = None, dtype: str = "float32", frames: int = RV.NUM_FRAMES,
-                limit: int | None = None, batch_size: int = 16, json_path=None, source: str = "auto") -> dict:
+                limit: int | None = None, batch_size: int = 16, json_path=None, source: str = "auto",
+                command: str | None = None) -> dict:
     """One run of ``vltok-ref-video`` (+ an optional method) on a shapes-video folder: what ``vltok eval DIR`` does
     when DIR is a video folder (``shapes_video.is_video_folder``). Prints and returns the result."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,10 +247,10 @@ def eval_folder(folder, method: str | None = None, keep: float | None = None, *,
 
     records = S.load_dataset(folder, limit)
     model, processor = R.load("vltok-ref-video", device=device, dtype=getattr(torch, dtype))
-    patch = {"method": method, "keep": 0.5 if keep is None else keep, **(options or {})} if method else None
+    patch = {"method": method, "keep": 0.16 if keep is None else keep, **(options or {})} if method else None
     res = evaluate(model, processor, records, clips_tensor(records, frames, source), patch, batch_size=batch_size)
     doc = {"model": "vltok-ref-video", "dataset": str(folder), "n": len(records), "source": source, "frames": frames,
-           "runs": [res], "device": device, "command": f"vltok eval {folder}", "seconds": res["seconds"]}
+           "runs": [res], "device": device, "command": command or f"vltok eval {folder}", "seconds": res["seconds"]}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=1) + "\n")

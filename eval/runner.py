@@ -268,6 +268,8 @@ def _read_partial(path: Path, header: dict) -> dict[str, dict]:
     rows = read_jsonl(path)
     if not rows or "header" not in rows[0][1]:
         raise DatasetError(f"{path}: not a vltok partial-results file; delete it or drop --resume")
+    if len(rows) == 1:   # a header and no answer (an older vltok wrote it before the run failed): nothing to resume
+        return {}
     if rows[0][1]["header"] != header:
         old = rows[0][1]["header"]
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {header.get(k)!r}" for k in header if old.get(k) != header.get(k))
@@ -299,14 +301,12 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
     header = run_header(model_name, patch, ds, max_new_tokens, frames)
     done: dict[str, dict] = {}
     sink = None
-    if save is not None:
-        ppath = partial_path(save)
-        if resume and ppath.exists():
-            done = _read_partial(ppath, header)
-        ppath.parent.mkdir(parents=True, exist_ok=True)
-        if not (resume and ppath.exists()):
-            ppath.write_text(json.dumps({"header": header}) + "\n")
-        sink = open(ppath, "a")
+    ppath = partial_path(save) if save is not None else None
+    if ppath is not None and resume and ppath.exists():
+        done = _read_partial(ppath, header)
+    # the partial file is (re)started with the first finished batch, not before: a run that fails before it
+    # answers anything (a model that cannot load, a method its family cannot run) leaves no file behind
+    fresh = not done
     agg = {"tokens_in": 0, "tokens_out": 0, "seconds": 0.0, "flops_weighted": 0.0, "calls": 0}
     last_stats: dict = {}
     handle = None
@@ -339,9 +339,15 @@ def evaluate(model, processor, data, patch: dict | None = None, *, limit: int | 
         agg["flops_weighted"] += float(st.get("flops_keep", 1.0)) * int(st.get("tokens_in", 0))
 
     def on_rows(rows):
+        nonlocal sink
         for r in rows:
             done[r["id"]] = r
-        if sink is not None:
+        if ppath is not None and rows:
+            if sink is None:
+                ppath.parent.mkdir(parents=True, exist_ok=True)
+                sink = open(ppath, "w" if fresh else "a")
+                if fresh:
+                    sink.write(json.dumps({"header": header}) + "\n")
             sink.write("".join(json.dumps(r) + "\n" for r in rows))
             sink.flush()
 

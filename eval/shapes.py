@@ -448,6 +448,8 @@ def load_dataset(folder: str | Path, limit: int | None = None, media: str = "ima
 
     recs = []
     for line_no, r in read_jsonl(path):
+        if limit is not None and len(recs) >= limit:   # (before appending: limit=0 reads nothing)
+            break
         for key in ("id", media, "question", "answer", "type"):
             if key not in r:
                 raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
@@ -456,8 +458,6 @@ def load_dataset(folder: str | Path, limit: int | None = None, media: str = "ima
             r.setdefault("bbox", None)
         r[f"{media}_path"] = str(folder / r[media])
         recs.append(r)
-        if limit is not None and len(recs) >= limit:
-            break
     return recs
 
 

@@ -627,7 +627,12 @@ def generate(out_dir: str | Path, n: int = 840, seed: int = 0, split: str = "tes
     out = Path(out_dir)
     if (out / "questions.jsonl").exists() and not force:
         raise FileExistsError(f"{out} already holds a dataset (questions.jsonl); pass --force to overwrite it")
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if force and (out / "videos").is_dir():   # the old dataset's clips: never read back as the new one's
+        for old in (out / "videos").glob("*.mp4"):
+            old.unlink()
+    if write_videos:
+        (out / "videos").mkdir(exist_ok=True)
     it = range(n)
     if progress:
         from tqdm import tqdm
@@ -794,7 +799,8 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, default=840, help="number of questions (balanced over the 14 types and answers)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the split")
     p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--force", action="store_true", help="overwrite an existing dataset in DIR")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing dataset in DIR (its videos/*.mp4 are deleted first)")
     p.add_argument("--no-videos", action="store_true",
                    help="write questions.jsonl only (scene descriptions; frames are re-rendered when read)")
     p.set_defaults(func=_cmd)
@@ -804,13 +810,17 @@ def _cmd(args) -> int:
     import sys
 
     if not args.no_videos and not have_av():
-        print("shapes-video writes mp4 files with PyAV: pip install av (or pass --no-videos)", file=sys.stderr)
+        print("vltok: error: shapes-video writes mp4 files with PyAV: pip install av (or pass --no-videos)",
+              file=sys.stderr)
+        return 2
+    if args.n < 1:
+        print(f"vltok: error: --n must be at least 1 (got {args.n})", file=sys.stderr)
         return 2
     try:
         out = generate(args.dir, n=args.n, seed=args.seed, split=args.split, progress=True, force=args.force,
                        write_videos=not args.no_videos)
     except FileExistsError as e:
-        print(str(e), file=sys.stderr)
+        print(f"vltok: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.n} questions to {out / 'questions.jsonl'}")
     return 0

@@ -2,8 +2,10 @@
 
 Triton kernels next to torch references (the definitions), picked for CUDA tensors (CPU tests run them under
 TRITON_INTERPRET=1): dct (Fourier's DCT low-pass; the dispatcher is vltok.methods.fourier.dct_lowpass's ``impl``),
-cgsm (CrossGET's matching), gather (token compaction at an in-LLM cut) and select (the in-LLM cut's last-row
-attention scores, stable top-k per row and column compaction). eval/tools/kernel_bench.py times them on a GPU.
+cgsm (CrossGET's matching), gather (token compaction at an in-LLM cut), select (the in-LLM cut's last-row
+attention scores, stable top-k per row and column compaction) and dpp (the dpp method's greedy MAP, the whole loop
+in one launch; the dispatcher is vltok.methods.dpp.dpp_greedy's ``impl``). eval/tools/kernel_bench.py times them on
+a GPU (dpp: eval/tools/dpp_kernel_speed.py).
 """
 
 if __name__ == "kernels":   # pragma: no cover - exercised by tests/test_compat.py in a subprocess

@@ -34,6 +34,25 @@ def test_unknown_method_lists_valid_ones():
     assert "forward" not in m.__dict__
 
 
+def test_method_names_are_case_insensitive_and_a_typo_gets_a_suggestion():
+    from vltok import registry
+
+    names = list(vltok.methods())
+    assert len({n.lower() for n in names}) == len(names)   # no two names differ only in case
+    assert registry.get("FastV").name == "fastv" and registry.get("TOME").name == "tome"
+    m = tiny_llava()
+    with vltok.patched(m, "Fourier", keep=0.5) as h:
+        assert h.method.name == "fourier"
+    with pytest.raises(vltok.UnknownMethodError, match=r"unknown method 'fourir' \(did you mean 'fourier'\?\); "
+                                                       r"valid methods are: "):
+        vltok.patch(m, "fourir", keep=0.5)
+    with pytest.raises(vltok.UnknownMethodError, match=r"did you mean 'tmerge'"):
+        registry.get("tmerj")
+    with pytest.raises(vltok.UnknownMethodError) as e:
+        registry.get("xyzzy")
+    assert "did you mean" not in str(e.value)
+
+
 @pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan"), "0.5", True])
 def test_keep_outside_range(keep):
     m = tiny_llava()
@@ -178,3 +197,17 @@ def test_cli_methods_and_bench_help():
     finally:
         speed.main = orig
     assert seen == [["--models", "llava-1.5-7b", "--keeps", "0.5"]]
+
+
+def test_submodules_reachable_as_attributes_after_import_vltok():
+    """`import vltok; vltok.reference.load()` as the docs write it (a fresh interpreter: nothing imported before)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vltok; assert 'vltok.reference' not in sys.modules; "
+            "assert callable(vltok.reference.load) and callable(vltok.reference_video.frames_to_pixels); "
+            "assert vltok.stages.GridReducer\n"
+            "try:\n    vltok.no_such_thing\nexcept AttributeError as e:\n    print('ok', e)")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ok module 'vltok' has no attribute 'no_such_thing'" in r.stdout

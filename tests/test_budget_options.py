@@ -154,7 +154,7 @@ def test_declarations():
     for name, info in vltok.methods().items():
         assert info.fixed_budget({}) is None, name
     assert vltok.methods()["fourier"].fixed_budget({"r": [10, 10]}).option == "r=[10, 10]"
-    fb = vltok.methods()["tokenshuffle"].fixed_budget({"projector": "assets/tokenshuffle-ref-2x3.safetensors"})
+    fb = vltok.methods()["tokenshuffle"].fixed_budget({"projector": "assets/tokenshuffle-ref-3x2.safetensors"})
     assert fb.keep == pytest.approx(1 / 6) and "3x2 shuffle window" in fb.implied   # (the committed ref projector)
     assert vltok.methods()["tokenshuffle"].fixed_budget({"projector": "no/such/file"}) is None   # factory says why
     assert vltok.methods()["feather"].fixed_budget({"s2": 0.1}) is None   # the solver still meets keep
@@ -165,11 +165,11 @@ def test_declarations():
 
 def test_committed_reference_projector_without_keep(models):
     """The reviewer's case: the committed trained projector fixes its window; without keep it runs at 1/6."""
-    h = vltok.api.build_method("tokenshuffle", projector="assets/tokenshuffle-ref-2x3.safetensors")
+    h = vltok.api.build_method("tokenshuffle", projector="assets/tokenshuffle-ref-3x2.safetensors")
     assert h.keep == pytest.approx(1 / 6) and h.params["window"] == (3, 2) and h.keep_set_by.startswith("projector=")
     for keep in (0.25, 0.5, 1.0):
         with pytest.raises(InvalidOptionError, match="conflicts with projector="):
-            vltok.api.build_method("tokenshuffle", keep, projector="assets/tokenshuffle-ref-2x3.safetensors")
+            vltok.api.build_method("tokenshuffle", keep, projector="assets/tokenshuffle-ref-3x2.safetensors")
 
 
 def test_clis_pass_keep_not_given(tmp_path):

@@ -53,3 +53,68 @@ def test_summarize_without_device_profile_says_not_measured(tmp_path, capsys):
     assert "nan" not in out.lower()
     assert out.count("device not measured | < 2%") == 2 and "device 0.50%" in out
     assert "0.4% of unpatched" in out
+
+
+def _all_helps(capsys):
+    """Every help text of the command line (top level and each subcommand, `video run` included)."""
+    top = _help(capsys, ["--help"])
+    subcommands = re.search(r"\{([a-z,-]+)\}", top).group(1).split(",")
+    out = {"": top}
+    for name in subcommands:
+        out[name] = _help(capsys, [name, "--help"])
+    out["video run"] = _help(capsys, ["video", "run", "--help"])
+    return out
+
+
+def test_help_texts_have_no_internal_jargon_and_show_the_defaults(capsys):
+    helps = _all_helps(capsys)
+    for name, text in helps.items():
+        assert not re.search(r"\bissue\b|\bthe issue's\b", text, re.I), (name, text)
+    assert "List vltok's registered" in helps["methods"]
+    video = " ".join(helps["video run"].split())
+    assert "(default: fourier)" in video and "(default 0.16)" in video and "--method-arg KEY=VALUE, --arg" in video
+    ev = " ".join(helps["eval"].split())
+    assert "--arg KEY=VALUE, --method-arg" in ev and "none or not given = the full model" in ev
+
+
+def test_arg_and_dtype_spellings_are_the_same_everywhere(capsys):
+    p = cli.build_parser()
+    for argv in (["eval", "d"], ["video", "run", "d", "--out", "o"]):
+        for flag in ("--arg", "--method-arg"):
+            a = p.parse_args(argv + [flag, "K=2", flag, "rope=original"])
+            assert (getattr(a, "arg", None) or a.method_arg) == [("K", 2), ("rope", "original")]
+        for spelling, name in (("bf16", "bfloat16"), ("float16", "float16"), ("FP32", "float32"),
+                               ("bfloat16", "bfloat16")):
+            assert p.parse_args(argv + ["--dtype", spelling]).dtype == name
+    assert p.parse_args(["demo", "--dtype", "fp16"]).dtype == "float16"
+    for argv in (["demo"], ["eval", "d"], ["video", "run", "d", "--out", "o"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv + ["--dtype", "float64"])
+        assert e.value.code == 2 and "unknown dtype 'float64'" in capsys.readouterr().err
+
+
+def test_vltok_errors_end_as_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    from vltok.demos import app
+
+    assert cli.main(["demo", "--model", str(tmp_path / "nonexistent")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vltok: error: --model") and "no such folder" in err and len(err.splitlines()) == 1
+    # vltok.video's own errors, raised below the command: one line (vltok/cli.py main)
+    assert cli.main(["video", "run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vltok: error: ") and len(err.splitlines()) == 1 and "missing" in err
+    assert not (tmp_path / "o").exists()
+
+    def bug(args):
+        raise RuntimeError("a real bug")
+    monkeypatch.setattr(app, "_main", bug)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main(["demo"])
+
+
+def test_python_dash_m_vltok_runs_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-P", "-m", "vltok", "methods"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "fourier" in r.stdout and "tmerge" in r.stdout, r.stderr

@@ -223,3 +223,130 @@ def test_a_truncated_image_is_an_error_even_when_pil_is_told_to_accept_it(shapes
     with pytest.raises(runner.ItemError):
         runner.load_image(str(tmp_path / "t.png"))
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True                  # the caller's setting is restored
+
+
+# -- session 24 (new-user review): method / keep / options and the video folder path ---------------------------------
+def test_method_keep_and_options_fail_before_the_model_loads(fake, shapes_dir, tmp_path, capsys):
+    """A method typo, a keep outside (0, 1], an option the method does not take, a method the reference VLM's family
+    cannot run: one line, exit 2, no model loaded and no partial file (the checks vltok.patch runs, run first)."""
+    out = tmp_path / "r.json"
+    run = ["eval", str(shapes_dir), "--json", str(out), "--no-progress"]
+    _one_line_error(capsys, vcli.main(run + ["--method", "fourir"]), "unknown method 'fourir'",
+                    "did you mean 'fourier'?")
+    _one_line_error(capsys, vcli.main(run + ["--method", "fourier", "--keep", "0"]), "keep=0.0", "(0, 1]")
+    _one_line_error(capsys, vcli.main(run + ["--method", "fourier", "--keep", "1.5"]), "keep=1.5")
+    _one_line_error(capsys, vcli.main(run + ["--method", "fastv", "--arg", "Kk=3"]), "no option 'Kk'", "K,")
+    _one_line_error(capsys, vcli.main(run + ["--method", "fastv", "--arg", "K=two"]), "K='two'", "integer")
+    _one_line_error(capsys, vcli.main(run + ["--method", "tmerge"]), "tmerge", "llava adapter has no video input")
+    _one_line_error(capsys, vcli.main(run + ["--keep", "0"]), "--keep needs --method")
+    _one_line_error(capsys, vcli.main(run + ["--method", "none", "--keep", "0.5"]), "--keep needs --method")
+    _one_line_error(capsys, vcli.main(run + ["--arg", "K=2"]), "--arg needs --method")
+    _one_line_error(capsys, vcli.main(run + ["--model", str(tmp_path / "nope")]), "no such checkpoint folder")
+    assert fake["loads"] == 0 and fake["batches"] == []
+    assert not out.exists() and not runner.partial_path(out).exists()
+
+
+def test_method_none_is_the_full_model_and_names_are_case_insensitive(fake, shapes_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert vcli.main(["eval", str(shapes_dir), "--method", "none", "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["patch"] is None and fake["loads"] == 1
+    args = vcli.build_parser().parse_args(["eval", str(shapes_dir), "--method", "FastV"])
+    assert ecli._check_args(args).format == "shapes" and args.method == "fastv"   # the registered spelling
+
+
+def test_a_run_that_fails_before_its_first_answer_does_not_block_resume(fake, shapes_dir, tmp_path, capsys):
+    """The model loads but the patch fails (here: the stand-in model is no VLM): no OUT.partial.jsonl is left, so the
+    corrected command with --resume runs; a header-only partial file (older vltok) does not block it either."""
+    out = tmp_path / "r.json"
+    _one_line_error(capsys, vcli.main(["eval", str(shapes_dir), "--method", "pool", "--json", str(out),
+                                       "--no-progress"]), "vltok: error:")
+    assert fake["loads"] == 1 and not runner.partial_path(out).exists()
+    assert vcli.main(["eval", str(shapes_dir), "--json", str(out), "--resume", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["n"] == 9
+    runner.partial_path(out).write_text(json.dumps({"header": {"model": "another"}}) + "\n")
+    assert vcli.main(["eval", str(shapes_dir), "--json", str(out), "--resume", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["resumed"] == 0
+
+
+def test_limit_0_reads_nothing_and_is_refused(fake, shapes_dir, capsys):
+    assert S.load_dataset(shapes_dir, 0) == [] and len(S.load_dataset(shapes_dir, 2)) == 2
+    _one_line_error(capsys, vcli.main(["eval", str(shapes_dir), "--limit", "0"]), "--limit must be at least 1")
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    from vltok.eval import shapes_video as SV
+
+    return SV.generate(tmp_path_factory.mktemp("sv") / "d", n=14, seed=0, write_videos=False)
+
+
+@pytest.fixture
+def video_calls(monkeypatch):
+    """Record what `vltok eval` passes to the video evaluation (the video reference VLM is not loaded)."""
+    from vltok.eval import quality_video
+
+    calls = []
+    monkeypatch.setattr(quality_video, "eval_folder", lambda folder, method=None, keep=None, **kw:
+                        calls.append(dict(folder=folder, method=method, keep=keep, **kw)))
+    return calls
+
+
+def test_video_folder_passes_frames_keep_and_the_real_command(video_dir, video_calls, tmp_path, capsys):
+    from vltok import cli_args
+
+    argv = ["eval", str(video_dir), "--frames", "4", "--method", "POOL", "--arg", "rounding=floor", "--limit", "3",
+            "--dtype", "bf16", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert vcli.main(argv) == 0
+    (c,) = video_calls
+    assert (c["frames"], c["method"], c["keep"], c["options"], c["limit"], c["dtype"]) == \
+        (4, "pool", cli_args.DEFAULT_KEEP, {"rounding": "floor"}, 3, "bfloat16")
+    assert c["command"] == "vltok " + " ".join(argv)
+    assert vcli.main(["eval", str(video_dir)]) == 0                        # defaults: 16 frames, the full model
+    assert (video_calls[1]["frames"], video_calls[1]["method"]) == (16, None)
+    # the image path's default keep is the same value
+    args = vcli.build_parser().parse_args(["eval", str(video_dir), "--method", "pool"])
+    assert ecli._patch(args)["keep"] == cli_args.DEFAULT_KEEP == 0.16
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--keep", "0.5"], ["--keep needs --method"]),
+    (["--resume", "--json", "x.json"], ["--resume does not apply to shapes-video"]),
+    (["--scorer", "lmms"], ["--scorer does not apply"]),
+    (["--max-new-tokens", "4"], ["--max-new-tokens does not apply"]),
+    (["--limit", "0"], ["--limit must be at least 1"]),
+    (["--frames", "0"], ["--frames must be at least 1"]),
+    (["--method", "tmerj"], ["unknown method 'tmerj'", "did you mean 'tmerge'"]),
+    (["--method", "fastv", "--arg", "Kk=1"], ["no option 'Kk'"]),
+    (["--method", "visionzip"], ["visionzip", "llava_next_video"]),             # the video family cannot run it
+    (["--model", "some/ckpt"], ["--model does not apply", "vltok video run"]),
+])
+def test_video_folder_refuses_what_it_cannot_honour(video_dir, video_calls, capsys, extra, words):
+    _one_line_error(capsys, vcli.main(["eval", str(video_dir), *extra]), *words)
+    assert video_calls == []
+
+
+def test_video_table_shows_a_dash_for_an_empty_group():
+    from vltok.eval import quality_video as Q
+    from vltok.eval import shapes_video as SV
+
+    score = SV.score([{"type": "order", "answer": "a"}, {"type": "direction", "answer": "left"}], ["a", "up"])
+    assert score["single_frame_types"] is None and score["temporal"] == 0.5   # the JSON: null, not 0.0
+    res = {"label": "full", "patch": None, "frames": 16, "tokens_per_video": 2304, "keep_achieved": 1.0,
+           "score": score}
+    doc = {"model": "m", "dataset": "d", "n": 2, "source": "rendered", "frames": 16, "runs": [res], "device": "cpu",
+           "command": "c", "seconds": 1.0}
+    assert "| full | 16 | 2304 | 1.000 | 1.000 | 50.0 | 50.0 | - | 100.0 | 0.0 |" in Q.markdown(doc)
+
+
+def test_shapes_video_without_videos_and_into_an_existing_folder(tmp_path, capsys):
+    from vltok.eval import quality_video as Q
+    from vltok.eval import shapes_video as SV
+
+    d = tmp_path / "sv"
+    assert vcli.main(["shapes-video", str(d), "--n", "2", "--no-videos"]) == 0
+    assert not (d / "videos").exists() and SV.is_video_folder(d)
+    rec = SV.load_dataset(d)[0]
+    assert Q._clip_pixels(rec, 2, "auto").shape == (2, 3, 336, 336)   # frames re-rendered from the scene
+    capsys.readouterr()
+    _one_line_error(capsys, vcli.main(["shapes-video", str(d), "--n", "2", "--no-videos"]),
+                    "vltok: error:", "already holds a dataset", "--force")

@@ -319,7 +319,7 @@ def test_feature_standardisation_folds_into_a_stock_projector():
     assert torch.allclose(got, want, atol=1e-4)
 
 
-TRAINED_ASSETS = [("tokenshuffle", "projector", "tokenshuffle-ref-2x3.safetensors", 96),
+TRAINED_ASSETS = [("tokenshuffle", "projector", "tokenshuffle-ref-3x2.safetensors", 96),
                   ("crossget", "cross_tokens", "crossget-ref-0.16.safetensors", 92),
                   ("llavamini", "weights", "llavamini-ref-c10-p0.safetensors", 100)]
 

@@ -414,6 +414,43 @@ def test_rerun_resumes_and_other_config_is_refused(vids, tmp_path, models):
         vv.run(root, tmp_path / "out", keep=0.5, **kw)
 
 
+def test_a_bad_method_writes_nothing_and_an_empty_output_takes_a_new_configuration(vids, tmp_path, models, capsys):
+    """The method name, keep and options (and whether the family runs the method) are checked before --out is
+    touched; a folder left with a run.json and no result (a run that failed before its first video) does not block
+    the corrected command."""
+    from vltok.cli import main
+    from vltok.video.models import ModelError
+
+    m, p = get_model(models, "qwen2_vl")
+    root = good_folder(tmp_path / "in", vids, ("h264",))
+    out = tmp_path / "out"
+    kw = dict(question="what ?", frames=4, num_workers=0, max_new_tokens=2, progress=False)
+    with pytest.raises(vltok.UnknownMethodError, match="did you mean 'tmerge'"):
+        vv.run(root, out, model=(m, p), method="tmerj", **kw)
+    with pytest.raises(vltok.VltokError, match="no option 'Kk'"):
+        vv.run(root, out, model=(m, p), method="fastv", method_kwargs={"Kk": 3}, **kw)
+    with pytest.raises(vltok.IncompatibleError, match="visionzip"):   # n/a on Qwen2-VL (the support matrix)
+        vv.run(root, out, model=(m, p), method="visionzip", **kw)
+    assert not out.exists()
+    argv = ["video", "run", str(root), "--out", str(out), "--question", "what ?", "--no-progress"]
+    for extra, words in ((["--method", "tmerj"], "unknown method 'tmerj'"), (["--keep", "0"], "keep=0.0"),
+                         (["--method", "none", "--keep", "0.3"], "--keep needs a --method")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("vltok: error: ") and words in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    with pytest.raises(ModelError):   # fails after the output folder was opened: run.json, no result
+        vv.run(root, out, model=str(tmp_path / "no-model"), method="tmerge", **kw)
+    assert (out / "run.json").exists() and not list((out / "shards").iterdir())
+    rows = vv.run(root, out, model=(m, p), method="tmerge", keep=0.5, **kw).rows   # another configuration: runs
+    assert [r["id"] for r in rows] == ["h264.mp4::q0"] and rows[0]["error"] is None
+    assert json.loads((out / "run.json").read_text())["keep"] == 0.5
+    from vltok.video.output import OutputError
+
+    with pytest.raises(OutputError, match="another configuration"):   # with results, still refused
+        vv.run(root, out, model=(m, p), method="tmerge", keep=0.25, **kw)
+
+
 def test_parquet_output(vids, tmp_path, models):
     pq = pytest.importorskip("pyarrow.parquet")
     m, p = get_model(models, "llava_onevision")

@@ -115,6 +115,14 @@ def test_quality_writer(tmp_path):
     assert "| evs@0.5 | 16 | 1152 | 0.500 | 0.500 | 50.0 | 100.0 | 0.0 |" in md and "Partial" in md
     assert json.loads((tmp_path / "quality-video.json").read_text())["runs"][1]["label"] == "evs@0.5"
     assert (tmp_path / "quality-video.png").stat().st_size > 1000
+    # temporal items only (a small --limit): the single-frame group has no score; table and plot still written
+    only_t = S.score([{"type": "order", "answer": "a"}], ["a"])
+    assert only_t["single_frame_types"] is None
+    doc2 = dict(doc, runs=[dict(full, score=only_t), dict(res, score=only_t)], tradeoff=[dict(res, score=only_t)],
+                single_frame=dict(full, score=only_t))
+    Q.write(doc2, tmp_path / "t")
+    assert "| evs@0.5 | 16 | 1152 | 0.500 | 0.500 | 100.0 | 100.0 | - |" in (tmp_path / "t" / "quality-video.md").read_text()
+    assert (tmp_path / "t" / "quality-video.png").stat().st_size > 1000
 
 
 @needs_ref

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import VltokError
+
 # modules that may add subcommands through register(subparsers); absent ones are skipped
 PLUGINS = ("vltok.eval.cli", "vltok.train", "vltok.video.cli", "vltok.eval.shapes_video", "vltok.demos.app")
 
@@ -19,7 +21,9 @@ def _methods(args):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vltok", description="Visual-token reduction for Hugging Face VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the registered methods").set_defaults(func=_methods)
+    sub.add_parser("methods", help="list the registered methods",
+                   description="List vltok's registered token-reduction methods: name, the stages it works in "
+                               "and what it does (the names --method takes).").set_defaults(func=_methods)
     sub.add_parser("bench", help="speed benchmark on a GPU: vltok bench --help lists its options")
     for name in PLUGINS:
         try:
@@ -40,7 +44,26 @@ def main(argv=None):
 
         return speed.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    args.argv = argv   # the command as typed (recorded in result files)
+    try:
+        return args.func(args)
+    except (VltokError, FileNotFoundError, NotADirectoryError) as e:
+        # bad input (vltok's own errors, a missing path): one line and exit code 2, as argparse does; a real bug
+        # (any other exception) still shows its traceback
+        return fail(e)
+
+
+def fail(error) -> int:
+    """Print ``vltok: error: <message>`` (one line) on stderr; returns exit code 2."""
+    msg = " ".join(str(error).split()) if isinstance(error, str) else " ".join(_message(error).split())
+    print(f"vltok: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

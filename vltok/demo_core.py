@@ -281,6 +281,10 @@ class DemoModel:
 
             model, processor = reference.load(device=device, dtype=torch_dtype)
             return cls(model, processor, device, "vltok-ref (DINOv2-S + SmolLM2-135M)")
+        if not (Path(path) / "config.json").is_file():   # no model hub: a folder on disk, checked before transformers
+            what = "no config.json in that folder" if Path(path).is_dir() else "no such folder"
+            raise DemoInputError(f"--model {path}: {what}; pass a checkpoint folder on disk (config, weights and "
+                                 "processor files)")
         import transformers
         from transformers import AutoConfig, AutoProcessor
 

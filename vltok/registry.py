@@ -175,10 +175,15 @@ def methods() -> MethodTable:
 
 
 def get(name: str) -> MethodInfo:
+    if isinstance(name, str) and name not in _REGISTRY:   # case-insensitive: "FastV" is fastv
+        name = {k.lower(): k for k in _REGISTRY}.get(name.lower(), name)
     if not isinstance(name, str) or name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), sorted(_REGISTRY), n=3) if isinstance(name, str) else []
         raise UnknownMethodError(
-            f"unknown method {name!r}; valid methods are: {', '.join(sorted(_REGISTRY))} "
-            "(see vltok.methods() for what each does)"
+            f"unknown method {name!r}{' (did you mean ' + ' or '.join(map(repr, close)) + '?)' if close else ''}; "
+            f"valid methods are: {', '.join(sorted(_REGISTRY))} (see vltok.methods() for what each does)"
         )
     return _REGISTRY[name]
 

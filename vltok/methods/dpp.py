@@ -21,8 +21,11 @@ Where vltok differs, and why:
 * the min-max normalisation is per sample (the authors' runs over the whole batch, so a sample's selection would
   depend on its batch); a constant relevance gives r = 1.
 * where the model gives no text embeddings (other families, or ``condition="none"``), L = S: plain diversity.
-* a gain that reaches 0 (duplicate tokens: flat backgrounds) is floored at 1e-12 before its square root, so the
-  loop always returns k distinct tokens.
+* a picked token whose gain is at most 1e-12 (duplicate tokens: flat backgrounds; or every token left already in the
+  span of the picked ones, k beyond the kernel's numerical rank) gets a zero Cholesky vector (the limit in exact
+  arithmetic, where its residual row is 0 too) instead of its rounding noise divided by ~0, which blew the gains up
+  to inf / NaN and picked tokens twice; picked tokens are re-masked after every update. The loop always returns k
+  distinct tokens (also for NaN in L).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import IncompatibleError
 from ..registry import boolean, choice, register
 from ..stages import GridPlan, GridReducer, Method, selection_plan
+from ..kernels import dpp as _kernel
 from .dart import POSITIONS
 
 CONDITIONS = ("auto", "text", "none")
@@ -65,9 +69,26 @@ def dpp_kernel(x: torch.Tensor, rel: torch.Tensor | None = None) -> torch.Tensor
     return L
 
 
-def dpp_greedy(L: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy MAP of a DPP with kernel L [B, N, N] (Chen et al. 2018): [B, k] indices, ascending. Batched, no host
-    sync; O(k^2 N) per sample."""
+IMPLS = ("auto", "torch", "triton")
+
+
+def dpp_greedy(L: torch.Tensor, k: int, impl: str = "auto") -> torch.Tensor:
+    """Greedy MAP of a DPP with kernel L [B, N, N] (Chen et al. 2018): [B, k] indices, ascending. ``impl``:
+    ``torch`` (the loop below, the definition), ``triton`` (vltok.kernels.dpp: the whole loop in one launch, one
+    program per sample; the same picks up to fp32 rounding of near-equal gains), ``auto`` (Triton where it runs:
+    CUDA with triton installed, or TRITON_INTERPRET=1 on CPU, and N <= vltok.kernels.dpp.MAX_N; else torch)."""
+    if impl not in IMPLS:
+        raise ValueError(f"dpp_greedy: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return dpp_greedy_torch(L, k)
+    if impl == "triton" or _kernel.fits(L):
+        return _kernel.dpp_greedy_triton(L, k)
+    return dpp_greedy_torch(L, k)
+
+
+def dpp_greedy_torch(L: torch.Tensor, k: int, order: bool = False):
+    """The definition: k steps of batched torch ops, no host sync; O(k^2 N) per sample. ``order=True``: (ascending
+    indices, the picks in pick order)."""
     B, N, _ = L.shape
     if not 1 <= k <= N:
         raise ValueError(f"dpp: k={k} must be in [1, {N}]")
@@ -75,6 +96,7 @@ def dpp_greedy(L: torch.Tensor, k: int) -> torch.Tensor:
     ar = torch.arange(B, device=L.device)
     cis = torch.zeros(k, B, N, device=L.device)
     d2 = torch.diagonal(L, dim1=1, dim2=2).clone()
+    taken = torch.zeros(B, N, dtype=torch.bool, device=L.device)
     sel = torch.empty(k, B, dtype=torch.long, device=L.device)
     for i in range(k):
         j = d2.argmax(dim=1)
@@ -82,11 +104,13 @@ def dpp_greedy(L: torch.Tensor, k: int) -> torch.Tensor:
         row = L[ar, j]                                                            # [B, N]
         if i:
             row = row - torch.einsum("tb,tbn->bn", cis[:i, ar, j], cis[:i])
-        e = row / d2[ar, j].clamp(min=EPS).sqrt()[:, None]
+        dj = d2[ar, j]
+        e = row / torch.where(dj > EPS, dj.clamp(min=EPS).sqrt(), float("inf"))[:, None]   # gain <= EPS: e = 0
         cis[i] = e
-        d2 = d2 - e.square()
-        d2[ar, j] = float("-inf")
-    return sel.T.sort(dim=1).values
+        taken[ar, j] = True
+        d2 = (d2 - e.square()).masked_fill(taken, float("-inf"))
+    out = sel.T.sort(dim=1).values
+    return (out, sel.T) if order else out
 
 
 class DppReducer(GridReducer):

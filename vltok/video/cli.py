@@ -1,19 +1,10 @@
 """`vltok video run ...`: the offline video batch job from the command line (vltok.video.run)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-
-def _kv(s):
-    if "=" not in s:
-        raise argparse.ArgumentTypeError(f"--method-arg takes KEY=VALUE, got {s!r}")
-    k, v = s.split("=", 1)
-    try:
-        return k, json.loads(v)
-    except json.JSONDecodeError:
-        return k, v
+from .. import cli_args
 
 
 def register(sub):
@@ -26,13 +17,16 @@ def register(sub):
     ap.add_argument("--out", required=True, help="output folder (shards, results, summary)")
     ap.add_argument("--model", default="reference-video",
                     help="local checkpoint folder of a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / LLaVA-NeXT-Video / "
-                         "Video-LLaVA model, or 'reference-video' (default; issue 17's video reference VLM)")
-    ap.add_argument("--method", default="fourier", help="vltok method, or 'none' for the unpatched model")
+                         "Video-LLaVA model, or 'reference-video' (default: vltok's video reference VLM, "
+                         "vltok-ref-video)")
+    ap.add_argument("--method", default="fourier",
+                    help="vltok method (vltok methods lists them), or 'none' for the unpatched model "
+                         "(default: fourier)")
     ap.add_argument("--keep", type=float, default=None,
-                    help="share of visual tokens kept per frame (default 0.16, or what a --method-arg that fixes the "
-                         "budget implies)")
-    ap.add_argument("--method-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                    help="extra method option (JSON value), repeatable")
+                    help=f"share of visual tokens kept per frame, in (0, 1] (default {cli_args.DEFAULT_KEEP}, or what a "
+                         "--method-arg that fixes the budget implies)")
+    ap.add_argument("--method-arg", "--arg", dest="method_arg", type=cli_args.key_value, action="append", default=[],
+                    metavar="KEY=VALUE", help="extra method option (value parsed as JSON when possible); repeatable")
     q = ap.add_mutually_exclusive_group()
     q.add_argument("--task", choices=["caption"], help="caption every video (the default)")
     q.add_argument("--question", help="one question asked of every video")
@@ -44,17 +38,19 @@ def register(sub):
     ap.add_argument("--min-frames", type=int, default=4, help="fps mode: at least this many frames (default 4)")
     ap.add_argument("--start", type=float, default=None, help="window start (seconds)")
     ap.add_argument("--end", type=float, default=None, help="window end (seconds)")
-    ap.add_argument("--batch-size", type=int, default=4, help="(video, question) samples per model call")
+    ap.add_argument("--batch-size", type=int, default=4, help="(video, question) samples per model call (default 4)")
     ap.add_argument("--num-workers", type=int, default=None, help="decode processes (0: decode inline)")
     ap.add_argument("--num-threads", type=int, default=1, help="decoder threads per worker (default 1)")
-    ap.add_argument("--decoder", choices=["auto", "decord", "av"], default="auto")
-    ap.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--decoder", choices=["auto", "decord", "av"], default="auto",
+                    help="video decoder (default auto: decord when installed, else PyAV)")
+    ap.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="results format (default jsonl)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (default 64)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--dtype", type=cli_args.dtype, default=None, metavar="DTYPE",
+                    help=f"{cli_args.DTYPE_HELP}; default bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--shard-size", type=int, default=16, help="videos per output shard (a kill loses at most one)")
     ap.add_argument("--shard-seconds", type=float, default=60.0, help="also commit a shard after this long")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress line")
     ap.add_argument("--ray", action="store_true", help="run on a Ray cluster (Ray Data): decode tasks + GPU actors")
     ap.add_argument("--ray-address", default=None, help="e.g. auto (an existing cluster); default: start a local one")
     ap.add_argument("--num-gpus-per-worker", type=float, default=1, help="GPUs per model actor (Ray)")
@@ -65,8 +61,15 @@ def register(sub):
 def _run(args):
     from . import run
 
+    method = "none" if cli_args.is_none(args.method) else args.method
+    if method == "none" and (args.keep is not None or args.method_arg):
+        from ..cli import fail
+
+        return fail(f"{'--keep' if args.keep is not None else '--method-arg'} needs a --method (with --method none "
+                    "the unpatched model runs)")
+    keep = args.keep   # None: not given (vltok.patch's default, or what a budget-fixing --method-arg implies)
     res = run(args.videos if len(args.videos) > 1 else args.videos[0], args.out, model=args.model,
-              method=args.method, keep=args.keep, task=args.task, question=args.question, questions=args.questions,
+              method=method, keep=keep, task=args.task, question=args.question, questions=args.questions,
               fps=args.fps, frames=args.frames, max_frames=args.max_frames, min_frames=args.min_frames,
               start=args.start, end=args.end, batch_size=args.batch_size, num_workers=args.num_workers,
               num_threads=args.num_threads, decoder=args.decoder, format=args.format,

@@ -2,7 +2,9 @@
 
 Layout of ``--out DIR``::
 
-    run.json            the job's configuration (a rerun with a different one is refused)
+    run.json            the job's configuration (a rerun with a different one is refused while the folder holds
+                        results; a folder with no results yet, e.g. from a run that failed before its first
+                        video, takes the new configuration)
     shards/part-*.jsonl one shard per flush, complete rows only: written to a temporary name, fsynced, renamed
     manifest.json       shards, rows and ids done (rewritten atomically after each shard; the shards are the truth)
     results.jsonl       all rows sorted by id, written when a run completes (or results.parquet)
@@ -167,6 +169,8 @@ class Store:
     def _check_config(self, config):
         path = self.out / "run.json"
         sem = {k: config.get(k) for k in SEMANTIC}
+        if path.exists() and not self._has_results():   # nothing done under the old configuration: not kept
+            path.unlink()
         if path.exists():
             old = json.loads(path.read_text())
             olds = {k: old.get(k) for k in SEMANTIC}
@@ -179,6 +183,10 @@ class Store:
             tmp = self.out / ".run.json.tmp"
             tmp.write_text(json.dumps(config, indent=1, default=str))
             os.replace(tmp, path)
+
+    def _has_results(self) -> bool:
+        return bool(_shard_files(self.out) or _ray_files(self.out)
+                    or any((self.out / f"results.{f}").exists() for f in FORMATS))
 
     def write(self, rows: list[dict]):
         """Commit rows (complete videos) as one new shard."""

@@ -170,7 +170,8 @@ def make_sampling(fps=None, frames=None, max_frames=None, min_frames=4, start=No
 
 
 def job_config(model_name, method, keep, method_kwargs, sampling, qs, max_new_tokens, fmt, decoder, dtype, **extra):
-    return {"model": str(model_name), "method": method, "keep": None if keep is None else float(keep), "method_kwargs": method_kwargs or {},
+    return {"model": str(model_name), "method": method, "keep": None if keep is None else float(keep),
+            "method_kwargs": method_kwargs or {},
             "sampling": sampling.describe(), "questions": [[q.qid, q.text, q.video] for q in qs],
             "max_new_tokens": int(max_new_tokens), "format": fmt, "decoder": decoder,
             "dtype": None if dtype is None else str(dtype), **extra}
@@ -196,8 +197,8 @@ def error_rows(video, qs, reason, decode_s=0.0, decoder=None):
              "seconds": {"decode": decode_s, "model": 0.0}, "decoder": decoder, "error": reason} for q in qs]
 
 
-def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float | None = None, *, task=None, question=None,
-        questions=None, fps=None, frames=None, max_frames=None, min_frames=4, start=None, end=None,
+def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float | None = None, *, task=None,
+        question=None, questions=None, fps=None, frames=None, max_frames=None, min_frames=4, start=None, end=None,
         batch_size: int = 4, num_workers: int | None = None, num_threads: int = 1, decoder: str = "auto",
         format: str = "jsonl", max_new_tokens: int = 64, device=None, dtype=None, method_kwargs=None,
         shard_size: int = 16, shard_seconds: float = 60.0, prefetch: int | None = None, progress: bool = True,
@@ -221,10 +222,12 @@ def run(videos, out, model=DEFAULT_MODEL, method: str = "fourier", keep: float |
         raise VltokError(f"batch_size must be >= 1, got {batch_size}")
     if decoder not in ("auto", "decord", "av"):
         raise VltokError(f"unknown decoder {decoder!r}: use auto, decord or av")
-    if method != "none" and keep is not None:
-        from ..api import _check_keep
+    if method != "none":   # name, keep and options as vltok.patch checks them, before anything is written
+        from ..cli_args import check_method, model_class
+        from .models import VIDEO_CLASSES
 
-        _check_keep(keep)
+        cls = model_class(model)
+        method = check_method(method, keep, method_kwargs, cls if cls in VIDEO_CLASSES else None)
     vids = sources.discover(videos)
     model_name = model if isinstance(model, (str, os.PathLike)) else type(model[0]).__name__
     cfg = job_config(model_name, method, _config_keep(method, keep, method_kwargs), method_kwargs, sampling, qs,
