@@ -243,6 +243,10 @@ def _cmd_eval_video(args) -> int:
         runner.check_writable(args.json)
     patch = _patch(args) or {"method": None, "keep": None}
     method, keep = patch.pop("method"), patch.pop("keep")
+    if method and keep is None:   # not given: the default, unless an --arg fixes the budget (then it decides)
+        from vltok.registry import get
+
+        keep = None if get(method).fixed_budget(patch) is not None else cli_args.DEFAULT_KEEP
     quality_video.eval_folder(args.dir, method, keep, options=patch, device=args.device, dtype=args.dtype,
                               frames=args.frames or reference_video.NUM_FRAMES, limit=args.limit,
                               batch_size=args.batch_size, json_path=args.json, command=_command(args))

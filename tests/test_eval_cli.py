@@ -292,7 +292,7 @@ def video_calls(monkeypatch):
 
 
 def test_video_folder_passes_frames_keep_and_the_real_command(video_dir, video_calls, tmp_path, capsys):
-    from vltok import cli_args
+    from vltok import api as vltok_api, cli_args
 
     argv = ["eval", str(video_dir), "--frames", "4", "--method", "POOL", "--arg", "rounding=floor", "--limit", "3",
             "--dtype", "bf16", "--no-progress", "--json", str(tmp_path / "r.json")]
@@ -303,9 +303,9 @@ def test_video_folder_passes_frames_keep_and_the_real_command(video_dir, video_c
     assert c["command"] == "vltok " + " ".join(argv)
     assert vcli.main(["eval", str(video_dir)]) == 0                        # defaults: 16 frames, the full model
     assert (video_calls[1]["frames"], video_calls[1]["method"]) == (16, None)
-    # the image path's default keep is the same value
+    # the image path passes keep not given (None): vltok.patch's default, the same value
     args = vcli.build_parser().parse_args(["eval", str(video_dir), "--method", "pool"])
-    assert ecli._patch(args)["keep"] == cli_args.DEFAULT_KEEP == 0.16
+    assert ecli._patch(args)["keep"] is None and vltok_api.DEFAULT_KEEP == cli_args.DEFAULT_KEEP == 0.16
 
 
 @pytest.mark.parametrize("extra,words", [

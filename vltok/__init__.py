@@ -14,8 +14,8 @@ from .resize import resize_processor
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patched", "methods", "get_handle", "PatchHandle", "VltokError", "UnknownMethodError",
-           "InvalidKeepError", "InvalidOptionError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError", "IncompatibleError",
-           "TransformersCompatError", "resize_processor"]
+           "InvalidKeepError", "InvalidOptionError", "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError",
+           "IncompatibleError", "TransformersCompatError", "resize_processor"]
 
 # submodules a user reaches as attributes after `import vltok` (imported on first use: the reference VLMs pull in
 # their loaders only when asked for), e.g. `vltok.reference.load()`

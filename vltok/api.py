@@ -178,8 +178,8 @@ def resolve_keep(name: str, keep=None, **options):
         implied = f"; keep {fixed.keep:.4g}" if fixed.keep is not None else ""
         whole = f"; keep={keep!r} would not keep every visual token" if keep >= 1.0 else ""
         raise InvalidOptionError(
-            f"method {name!r}: keep={keep!r} conflicts with {fixed.option}, which sets the visual-token budget itself "
-            f"({fixed.implied}{implied}){whole}. Drop keep={keep!r} to let {fixed.option} decide, or {fixed.fix}")
+            f"method {info.name!r}: keep={keep!r} conflicts with {fixed.option}, which sets the visual-token budget "
+            f"itself ({fixed.implied}{implied}){whole}. Drop keep={keep!r} to let {fixed.option} decide, or {fixed.fix}")
     return keep, fixed
 
 

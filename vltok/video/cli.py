@@ -23,8 +23,8 @@ def register(sub):
                     help="vltok method (vltok methods lists them), or 'none' for the unpatched model "
                          "(default: fourier)")
     ap.add_argument("--keep", type=float, default=None,
-                    help=f"share of visual tokens kept per frame, in (0, 1] (default {cli_args.DEFAULT_KEEP}, or what a "
-                         "--method-arg that fixes the budget implies)")
+                    help=f"share of visual tokens kept per frame, in (0, 1] (default {cli_args.DEFAULT_KEEP}); a "
+                         "--method-arg that fixes the budget (e.g. r=10) sets it instead")
     ap.add_argument("--method-arg", "--arg", dest="method_arg", type=cli_args.key_value, action="append", default=[],
                     metavar="KEY=VALUE", help="extra method option (value parsed as JSON when possible); repeatable")
     q = ap.add_mutually_exclusive_group()
