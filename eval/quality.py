@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     import torch
 
     import vltok
+    from vltok import registry
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="folder in the shapes format")
@@ -241,15 +242,23 @@ def main(argv=None) -> int:
         print(f"resuming: {len(results)} runs kept from {done_path}", flush=True)
     t0 = time.time()
     runs = plan(methods, args.keeps, natural=not args.no_natural)
+    fixed_done: set[str] = set()   # variants whose options fix the budget: run once, keep not given
     for i, (m, k) in enumerate(runs, 1):
         if any(r["method"] == m and abs(r["keep"] - k) < 1e-9 for r in results):
             continue
         base, kw = variants.get(m, (m, {}))
-        patch = None if m == "full" else {"method": base, "keep": k, **kw, **extra.get(m, {})}
+        kw = {**kw, **extra.get(m, {})}
+        fixed = m != "full" and base in vltok.methods() and registry.get(base).fixed_budget(kw) is not None
+        if fixed and (m in fixed_done or any(r["method"] == m for r in results)):
+            continue   # its budget is the option's, measured once (at the keep it gave)
+        patch = None if m == "full" else {"method": base, "keep": None if fixed else k, **kw}
         t = time.time()
         try:
             res = runner.evaluate(model, processor, records, patch=patch, batch_size=args.batch_size,
                                   progress=False)
+            if fixed:
+                fixed_done.add(m)
+                k = round(float(res["keep"]), 6)   # the column of the keep the option gave
             results.append(compact(res, m, k))
             msg = f"{100 * res['score']['overall']:.1f}%"
         except Exception as e:  # noqa: BLE001 - recorded in the table, the sweep goes on

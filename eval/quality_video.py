@@ -111,7 +111,10 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
     agg = {"tokens_in": 0, "tokens_out": 0, "flops": 0.0}
     if patch:
         cfg = dict(patch)
-        handle = vltok.patch(model, cfg.pop("method"), keep=float(cfg.pop("keep")), **cfg)
+        keep = cfg.pop("keep", None)   # None: not given (0.16, or what a budget-fixing option gives)
+        handle = vltok.patch(model, cfg.pop("method"), keep=None if keep is None else float(keep), **cfg)
+        if keep is None:
+            patch = dict(patch, keep=handle.keep, keep_set_by=handle.keep_set_by)   # for the label and the record
 
     def on_batch():
         st = handle.stats or {}
@@ -130,7 +133,10 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
     native = frames * RV.FRAME_TOKENS
     per_video = agg["tokens_out"] / len(records) if handle is not None and records else native
     flops = agg["flops"] / agg["tokens_in"] if handle is not None and agg["tokens_in"] else per_video / native
-    return {"label": label or (f"{patch['method']}@{patch['keep']:g}" if patch else "full"), "patch": patch,
+    if patch and patch.get("keep") is None and handle is not None:   # set by the option from the first call
+        patch = dict(patch, keep=handle.keep)
+    lab = (f"{patch['method']}@{patch['keep']:g}" if patch.get("keep") is not None else patch["method"]) if patch else "full"
+    return {"label": label or lab, "patch": patch,
             "frames": frames, "tokens_per_video": per_video, "keep_achieved": per_video / native,
             "flops_keep": flops,
             "score": S.score(records, preds), "seconds": round(time.perf_counter() - t0, 2),
@@ -247,7 +253,7 @@ def eval_folder(folder, method: str | None = None, keep: float | None = None, *,
 
     records = S.load_dataset(folder, limit)
     model, processor = R.load("vltok-ref-video", device=device, dtype=getattr(torch, dtype))
-    patch = {"method": method, "keep": 0.16 if keep is None else keep, **(options or {})} if method else None
+    patch = {"method": method, "keep": keep, **(options or {})} if method else None   # keep None: not given
     res = evaluate(model, processor, records, clips_tensor(records, frames, source), patch, batch_size=batch_size)
     doc = {"model": "vltok-ref-video", "dataset": str(folder), "n": len(records), "source": source, "frames": frames,
            "runs": [res], "device": device, "command": command or f"vltok eval {folder}", "seconds": res["seconds"]}

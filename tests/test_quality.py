@@ -75,3 +75,32 @@ def test_variants_are_labelled_configured_methods_and_bad_specs_name_the_problem
                       ("z=feather:[1]", "object")):
         with pytest.raises(ValueError, match=word):
             parse_variants([bad], reg)
+
+
+def test_sweep_runs_a_budget_fixing_variant_once_without_keep(tmp_path, monkeypatch):
+    """A --variant whose options fix the budget (feather preset='paper') is measured once with keep not given, in the
+    column of the keep it gave; the other rows run at every --keeps (the model and evaluation are faked)."""
+    from vltok import reference
+    from vltok.eval import runner
+
+    calls = []
+
+    def fake_evaluate(model, processor, records, patch=None, **kw):
+        calls.append(patch)
+        keep = 1.0 if patch is None else (0.351 if patch["keep"] is None else patch["keep"])
+        res = _result("x", keep, 0.5 if patch else 0.8)
+        res.update(keep=keep, n=len(records), predictions=[{"correct": True}] * len(records))
+        return res
+
+    monkeypatch.setattr(reference, "load", lambda **kw: (None, None))
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    monkeypatch.setattr(Q.shapes, "load_dataset", lambda d: [_rec(i, "color", "top") for i in range(3)])
+    assert Q.main(["d", "--device", "cpu", "--methods", "pool", "--keeps", "0.5", "0.16", "--no-natural",
+                   "--no-plot", "--out", str(tmp_path / "q"),
+                   "--variant", 'fp=feather:{"preset": "paper"}']) == 0
+    fp = [c for c in calls if c and c["method"] == "feather"]
+    assert fp == [{"method": "feather", "keep": None, "preset": "paper"}]
+    assert [c["keep"] for c in calls if c and c["method"] == "pool"] == [0.5, 0.16]
+    runs = json.loads((tmp_path / "q.json").read_text())["runs"]
+    assert [(r["method"], r["keep"]) for r in runs if r["method"] == "fp"] == [("fp", 0.351)]
+    assert not any("error" in r for r in runs)

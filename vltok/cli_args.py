@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_KEEP = 0.16      # what --keep is when a command gets --method without --keep (vltok.patch's default)
+from .api import DEFAULT_KEEP  # noqa: E402,F401  what --keep is when a command gets --method without --keep
 NONE = "none"            # --method none: the full (unpatched) model
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
