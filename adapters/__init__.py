@@ -31,6 +31,11 @@ OPEN_CLIP = ("VisionTransformer", "CLIP", "CustomTextCLIP")
 
 def find_adapter(model):
     name = type(model).__name__
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise UnsupportedModelError(
+            f"vltok.patch takes a loaded model, not the name or path {str(model)!r}; load it first, e.g. "
+            "model = AutoModelForImageTextToText.from_pretrained(...) (or the family's ...ForConditionalGeneration "
+            "class), then vltok.patch(model, ...)")
     if name in OPEN_CLIP and type(model).__module__.startswith("open_clip"):
         return OpenClipVitAdapter
     # exact class names: subclasses (e.g. video variants) have other placeholder rules and are not covered

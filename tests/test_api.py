@@ -211,3 +211,17 @@ def test_submodules_reachable_as_attributes_after_import_vltok():
     r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ok module 'vltok' has no attribute 'no_such_thing'" in r.stdout
+
+
+def test_error_classes_for_a_name_an_unknown_option_and_resize_keep(tmp_path):
+    """A hub name / path instead of a model says to load it first; an unknown option is an InvalidOptionError (as a bad
+    value is); resize's bad keep an InvalidKeepError (as patch's is)."""
+    for bad in ("llava-hf/llava-1.5-7b-hf", tmp_path):
+        with pytest.raises(vltok.UnsupportedModelError, match="takes a loaded model.*from_pretrained"):
+            vltok.patch(bad, "pool", keep=0.5)
+    m = tiny_llava()
+    with pytest.raises(vltok.InvalidOptionError, match="has no option 'nope'"):
+        vltok.patch(m, "pool", keep=0.5, nope=1)
+    assert vltok.get_handle(m) is None
+    with pytest.raises(vltok.InvalidKeepError, match="resize: keep must be"):
+        vltok.resize_processor(object(), 0)

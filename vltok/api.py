@@ -193,7 +193,7 @@ def build_method(name: str, keep: float | None = None, **kwargs):
     unknown = [k for k in kwargs if k not in sig.parameters]
     if unknown:
         valid = [p for p in sig.parameters if p != "keep"]
-        raise VltokError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
+        raise InvalidOptionError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
                          f"{', '.join(valid) or '(none)'}")
     registry.check_options(info, kwargs)   # types and ranges, from the method's declared option specs
     keep, fixed = resolve_keep(name, keep, **kwargs)

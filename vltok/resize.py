@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import IncompatibleError, VltokError
+from .errors import IncompatibleError, InvalidKeepError, VltokError
 
 # vision towers whose position embeddings follow the input size (the model interpolates them itself)
 FLEXIBLE_TOWERS = ("dinov2",)
@@ -55,7 +55,7 @@ def _kind(processor) -> str:
 
 def _check_keep(keep) -> float:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise VltokError(f"resize: keep must be a number in (0, 1], got {keep!r}")
+        raise InvalidKeepError(f"resize: keep must be a number in (0, 1], got {keep!r}")
     return float(keep)
 
 
