@@ -69,8 +69,8 @@ def register(subparsers) -> None:
     e.add_argument("--frames", type=int, default=None,
                    help=f"frames sampled per video (video formats; default {VIDEO_FRAMES}, shapes-video 16)")
     e.add_argument("--json", default=None, metavar="OUT",
-                   help="write the result JSON here (+ the table as OUT with the suffix .md); finished batches go to OUT.partial.jsonl "
-                        "as they complete")
+                   help="write the result JSON here (+ the table as OUT with the suffix .md); finished batches go "
+                        "to OUT.partial.jsonl as they complete")
     e.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT.partial.jsonl (needs --json; same model, method, "
                         "dataset); items that failed before are retried")
