@@ -36,6 +36,23 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
     return out
 
 
+def features_entry(sig: inspect.Signature, config, ahead: dict, kind: str, args, kwargs):
+    """The start of a wrapped ``get_{kind}_features`` (Qwen2-VL / 2.5-VL): ``(bound arguments, pixels, as_dict,
+    early)``. ``return_dict`` is popped from ``kwargs``: the reduction needs the output object, and the caller gets
+    what the original returns (a tuple where return_dict=False is passed or set in the config, as transformers'
+    can_return_tuple decides). ``early``: the output encoded ahead in prepare for these very pixels (taken from
+    ``ahead``), already in the caller's form; None otherwise."""
+    bound = _bind(sig, args, kwargs)
+    pixels = next(iter(bound.values()), None)
+    as_dict = kwargs.pop("return_dict", None)
+    as_dict = getattr(config, "return_dict", True) if as_dict is None else as_dict
+    got = ahead.pop(kind, None)
+    early = None
+    if got is not None and got[0] is pixels:
+        early = got[1] if as_dict else got[1].to_tuple()
+    return bound, pixels, as_dict, early
+
+
 def apply_grid(reducer: GridReducer, x: torch.Tensor, grid: tuple[int, int], record=None, prefix: int = 0,
                side: dict | None = None, kept: bool = False):
     """THE way an adapter applies a pre-LLM reducer: x [B, prefix + h*w, C] (``prefix`` leading tokens, e.g. a kept

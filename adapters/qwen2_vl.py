@@ -27,7 +27,7 @@ import time
 import torch
 
 from vltok.errors import IncompatibleError
-from .base import PlaceholderAdapter, _bind, apply_grid, set_instance_attr
+from .base import PlaceholderAdapter, apply_grid, features_entry, set_instance_attr
 
 MODALITIES = (("image", 1, "image_grid_thw"), ("video", 2, "video_grid_thw"))
 
@@ -150,15 +150,9 @@ class Qwen2VLAdapter(PlaceholderAdapter):
 
         @functools.wraps(orig)   # generate() pre-encodes through this, picking arguments by the signature's names
         def get_features(*args, **kwargs):
-            bound = _bind(sig, args, kwargs)
-            pixels = next(iter(bound.values()), None)
-            # the reduction needs the output object; the caller gets what the original returns (a tuple when
-            # return_dict=False is passed or set in the config, as transformers' can_return_tuple decides)
-            as_dict = kwargs.pop("return_dict", None)
-            as_dict = getattr(inner.config, "return_dict", True) if as_dict is None else as_dict
-            ahead = self._ahead.pop(kind, None)
-            if ahead is not None and ahead[0] is pixels:   # encoded ahead in prepare (data-dependent selection)
-                return ahead[1] if as_dict else ahead[1].to_tuple()
+            bound, _, as_dict, early = features_entry(sig, inner.config, self._ahead, kind, args, kwargs)
+            if early is not None:   # encoded ahead in prepare (data-dependent selection)
+                return early
             out = orig(*args, return_dict=True, **kwargs)
             grid_thw = bound.get(grid_kw)
             t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from vltok import compat
 from vltok.errors import IncompatibleError
 from vltok.stages import GridPlan, GridReducer
 
-from .base import _bind, set_instance_attr
+from .base import features_entry, set_instance_attr
 
 
 def vision_refusal(merger) -> str | None:
@@ -221,7 +221,6 @@ class QwenTower:
         vis = self.visual
         m = vis.spatial_merge_size
         u = m * m
-        dev = grid_thw.device
         run = self.run = TowerRun()
         run.merged = True
         x = vis.patch_embed(pixels)
@@ -357,13 +356,9 @@ def wrap_tower_features(adapter, inner, kind: str, undo: list) -> None:
 
     @functools.wraps(orig)
     def get_features(*args, **kwargs):
-        bound = _bind(sig, args, kwargs)
-        pixels = next(iter(bound.values()), None)
-        as_dict = kwargs.pop("return_dict", None)
-        as_dict = getattr(inner.config, "return_dict", True) if as_dict is None else as_dict
-        ahead = adapter._ahead.pop(kind, None)
-        if ahead is not None and ahead[0] is pixels:   # encoded ahead in prepare (positions need the kept units)
-            return ahead[1] if as_dict else ahead[1].to_tuple()
+        bound, pixels, as_dict, early = features_entry(sig, inner.config, adapter._ahead, kind, args, kwargs)
+        if early is not None:   # encoded ahead in prepare (positions need the kept units)
+            return early
         grid_thw = bound.get(grid_kw)
         extra = {k: v for k, v in bound.items() if k not in list(sig.parameters)[:2] and k != "return_dict"}
         visual = inner.visual

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from ..registry import boolean, choice, file_or, optional, register
 from ..errors import IncompatibleError
 from ..stages import Method, VisionMerger, replace_projector
+from ._checkpoint import checkpoint_meta
 from .tome import SCHEDULES, round_sizes, spread_schedule
 
 IMPORTANCES = ("cls_attn", "cls_query_cos", "none")
@@ -150,14 +151,12 @@ def save_cross_tokens(cross: CrossTokens, path: str, **extra) -> None:
 
 
 def load_cross_tokens(path: str) -> CrossTokens:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .tokenshuffle import ShuffleProjector
 
     try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+        meta = checkpoint_meta(path)
     except Exception as e:   # missing file, not a safetensors file
         raise ValueError(f"crossget: cannot read cross_tokens={path!r} ({e}); pass a file saved by "
                          "vltok train crossget (out/crossget.safetensors)") from None

@@ -41,6 +41,7 @@ from ..stages import Cut, Merge
 from ..registry import FixedBudget, choice, file_or, integer, optional, register
 from ..stages import GridPlan, GridReducer, Method
 from .baselines import pool_grid
+from ._checkpoint import checkpoint_meta
 from .feather import top_by_score, top_by_score_rows
 
 BUDGETS = ("nearest", "at_most")
@@ -193,12 +194,7 @@ def _weights_c_grid(weights):
     try:
         if isinstance(weights, _mini_module()):
             return weights.c, weights.grid
-        import json
-
-        from safetensors import safe_open
-
-        with safe_open(weights, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+        meta = checkpoint_meta(weights)
         if meta.get("method") != "llavamini":
             return None
         return int(meta["c"]), tuple(meta["grid"]) if meta.get("grid") else None

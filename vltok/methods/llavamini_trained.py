@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleError
 from ..stages import GridPlan, GridReducer
+from ._checkpoint import checkpoint_meta
 
 
 def compressor_size(keep: float, n: int) -> int:
@@ -273,11 +274,9 @@ def save_module(module: MiniModule, path: str) -> None:
 
 def load_module(path: str) -> MiniModule:
     """An unbound module with the checkpoint's compressor loaded; pre-fusion / projector load at bind()."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+    meta = checkpoint_meta(path)
     if meta.get("method") != "llavamini":
         raise ValueError(f"{path} is not a vltok llavamini checkpoint (no vltok metadata with method 'llavamini')")
     m = MiniModule(meta["width"], meta["c"], meta["heads"], meta["local"], meta["prefusion_layers"],

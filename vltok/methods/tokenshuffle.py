@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..registry import FixedBudget, choice, file_or, int_pair, optional, register
 from ..stages import GridPlan, GridReducer, Method
+from ._checkpoint import checkpoint_meta
 
 POOLS = ("mean", "max")
 
@@ -119,11 +120,9 @@ def save_projector(proj: ShuffleProjector, path: str, encoder: str = "") -> None
 
 
 def load_projector(path: str, window: tuple[int, int] | None = None, encoder: str | None = None) -> ShuffleProjector:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+    meta = checkpoint_meta(path)
     if meta.get("method") != "tokenshuffle":
         raise ValueError(f"{path} is not a vltok tokenshuffle projector checkpoint (no vltok metadata)")
     if window is not None and tuple(meta["window"]) != tuple(window):
@@ -153,16 +152,18 @@ class ShuffleReducer(GridReducer):
         return shuffle_pool(x, plan.h, plan.w, *self.window, pool=self.pool)
 
 
+def as_window(window) -> tuple[int, int]:
+    """``window=`` as given (an int or an (s_h, s_w) pair) -> (s_h, s_w)."""
+    return (int(window), int(window)) if isinstance(window, int) else tuple(int(s) for s in window)
+
+
 def projector_window(projector) -> tuple[int, int] | None:
     """The window a projector (a ShuffleProjector or a checkpoint path) was trained for; None when unreadable (the
     factory then says why)."""
     if isinstance(projector, ShuffleProjector):
         return tuple(projector.window)
     try:
-        from safetensors import safe_open
-
-        with safe_open(projector, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("vltok", "{}"))
+        meta = checkpoint_meta(projector)
         return tuple(int(s) for s in meta["window"]) if meta.get("method") == "tokenshuffle" else None
     except Exception:   # not a safetensors file, no metadata: load_projector names the problem
         return None
@@ -173,7 +174,7 @@ def tokenshuffle_budget(options: dict) -> FixedBudget | None:
     accepted where it picks that same window (window_for_keep) or equals 1/(s_h*s_w)."""
     window, projector = options.get("window"), options.get("projector")
     if window is not None:
-        win = (int(window), int(window)) if isinstance(window, int) else tuple(int(s) for s in window)
+        win = as_window(window)
         option, fix = f"window={window!r}", "drop window=... to let keep choose the window"
     elif projector is not None:
         win = projector_window(projector)
@@ -197,7 +198,7 @@ def tokenshuffle_budget(options: dict) -> FixedBudget | None:
           budget=tokenshuffle_budget)
 def make_tokenshuffle(keep: float, window=None, pool: str = "mean", projector=None) -> Method:
     if window is not None:
-        window = (int(window), int(window)) if isinstance(window, int) else tuple(int(s) for s in window)
+        window = as_window(window)
     if projector is not None and not isinstance(projector, ShuffleProjector):   # a checkpoint path
         projector = load_projector(projector, window)
         window = window or projector.window
