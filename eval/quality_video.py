@@ -113,8 +113,6 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
         cfg = dict(patch)
         keep = cfg.pop("keep", None)   # None: not given (0.16, or what a budget-fixing option gives)
         handle = vltok.patch(model, cfg.pop("method"), keep=None if keep is None else float(keep), **cfg)
-        if keep is None:
-            patch = dict(patch, keep=handle.keep, keep_set_by=handle.keep_set_by)   # for the label and the record
 
     def on_batch():
         st = handle.stats or {}
@@ -133,9 +131,16 @@ def evaluate(model, processor, records, clips, patch: dict | None = None, *, bat
     native = frames * RV.FRAME_TOKENS
     per_video = agg["tokens_out"] / len(records) if handle is not None and records else native
     flops = agg["flops"] / agg["tokens_in"] if handle is not None and agg["tokens_in"] else per_video / native
-    if patch and patch.get("keep") is None and handle is not None:   # set by the option from the first call
-        patch = dict(patch, keep=handle.keep)
-    lab = (f"{patch['method']}@{patch['keep']:g}" if patch.get("keep") is not None else patch["method"]) if patch else "full"
+    if patch and patch.get("keep") is None:   # not given: the keep it ran at (an option's: known after a call)
+        patch = dict(patch, keep=handle.keep)   # for the label and the record
+        if handle.keep_set_by is not None:
+            patch["keep_set_by"] = handle.keep_set_by
+    if not patch:
+        lab = "full"
+    elif patch.get("keep") is None:   # an option's keep that no call has measured
+        lab = patch["method"]
+    else:
+        lab = f"{patch['method']}@{patch['keep']:g}"
     return {"label": label or lab, "patch": patch,
             "frames": frames, "tokens_per_video": per_video, "keep_achieved": per_video / native,
             "flops_keep": flops,

@@ -55,7 +55,7 @@ def main(argv=None):
 
 def fail(error) -> int:
     """Print ``vltok: error: <message>`` (one line) on stderr; returns exit code 2."""
-    msg = " ".join(str(error).split()) if isinstance(error, str) else " ".join(_message(error).split())
+    msg = " ".join((error if isinstance(error, str) else _message(error)).split())
     print(f"vltok: error: {msg}", file=sys.stderr)
     return 2
 

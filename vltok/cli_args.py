@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .api import DEFAULT_KEEP  # noqa: E402,F401  what --keep is when a command gets --method without --keep
+from .api import DEFAULT_KEEP, build_method  # DEFAULT_KEEP: what --keep is when a command gets --method alone
+
 NONE = "none"            # --method none: the full (unpatched) model
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -76,7 +77,6 @@ def check_method(method: str, keep=DEFAULT_KEEP, options: dict | None = None, mo
     registered name. ``model_cls``: the class name of the model it will patch (see :func:`model_class`), checked
     against the support matrix when vltok has an adapter for it."""
     from . import registry
-    from .api import build_method
     from .errors import IncompatibleError
 
     built = build_method(method, keep, **(options or {}))

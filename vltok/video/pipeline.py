@@ -179,15 +179,13 @@ def job_config(model_name, method, keep, method_kwargs, sampling, qs, max_new_to
 
 def _config_keep(method, keep, method_kwargs):
     """The keep a job's config records: the given one, else the one vltok.patch will use (its default, or what a
-    budget-fixing option implies; None where that depends on the input). The model still gets keep=None."""
+    budget-fixing option implies; None where that depends on the input). The model still gets keep=None. The
+    method and its options have passed ``check_method`` (run() checks them first)."""
     if keep is not None or method == "none":
         return keep
     from ..api import resolve_keep
 
-    try:
-        return resolve_keep(method, None, **(method_kwargs or {}))[0]
-    except Exception:   # an unknown method / bad option: refused with its message when the model is patched
-        return None
+    return resolve_keep(method, None, **(method_kwargs or {}))[0]
 
 
 def error_rows(video, qs, reason, decode_s=0.0, decoder=None):
