@@ -25,21 +25,20 @@ downloaded):
 * ``mvbench``: ``json/<task>.json`` (lists of video, question, candidates, answer; optional start / end seconds),
   videos or frame folders anywhere under ``video/`` (found by their relative path).
 * ``shapes``: vltok's own format (``images/`` + ``questions.jsonl``, vltok.eval.shapes).
-* ``shapes-video``: ``videos/`` + ``questions.jsonl``; read by ``vltok.eval.shapes_video`` (see
-  :func:`register_format` for the hook).
+* ``shapes-video``: ``videos/`` + ``questions.jsonl`` (vltok.eval.shapes_video); detected only: such a folder is
+  scored with the video reference VLM by vltok.eval.quality_video (``vltok eval DIR``), so load() refuses it.
 
 Prompts: the LLaVA-1.5 / lmms-eval ones (``PROMPTS``); the runner wraps them in the model's chat template with one
 image (or video) placeholder.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from vltok.errors import VltokError
 
@@ -557,43 +556,27 @@ class Shapes(Base):
         return shapes.score([it.target for it in items], preds)
 
 
-class _ExternalFormat:
-    """A format whose reader lives in another module, imported on first use (``module.read(root, **kw)`` returns a
-    :class:`Dataset`; optional ``module.detect(root) -> bool``)."""
+class ShapesVideo:
+    """vltok's shapes-video folders (``vltok shapes-video DIR``: ``videos/`` + ``questions.jsonl``). Detected here so
+    ``vltok eval`` / ``--format`` know them; they are scored with the video reference VLM by
+    :mod:`vltok.eval.quality_video`, not read into a :class:`Dataset` (there is no checkpoint-agnostic prompt for them)."""
 
-    def __init__(self, fmt: str, module: str, detect: Callable[[Path], bool] | None = None):
-        self.format, self.module, self._detect = fmt, module, detect
+    format = "shapes-video"
 
-    def _mod(self):
-        try:
-            return importlib.import_module(self.module)
-        except ModuleNotFoundError as e:
-            if e.name != self.module:
-                raise
-            raise DatasetError(f"format {self.format!r} needs the module {self.module}, which is not installed in "
-                               "this vltok") from None
+    @staticmethod
+    def detect(root: Path) -> bool:
+        return (root / "questions.jsonl").exists() and (root / "videos").is_dir()
 
-    def detect(self, root: Path) -> bool:
-        if self._detect is not None:
-            return self._detect(root)
-        try:
-            mod = self._mod()
-        except DatasetError:
-            return False
-        return bool(getattr(mod, "detect", lambda r: False)(root))
-
-    def read(self, root: Path, **kw):
-        return self._mod().read(root, **kw)
+    @staticmethod
+    def read(root: Path, **kw):
+        raise DatasetError(f"{root} is a shapes-video folder: it is scored with the video reference VLM, not loaded "
+                           f"as a Dataset. Run `vltok eval {root}` (or vltok.eval.quality_video.evaluate in Python)")
 
 
 READERS: dict[str, Any] = {
     "vqav2": VQAv2, "gqa": GQA, "pope": POPE, "textvqa": TextVQA, "mme": MME, "scienceqa": ScienceQA,
     "videomme": VideoMME, "mvbench": MVBench, "shapes": Shapes,
-    # the shapes video benchmark (videos/ + questions.jsonl) is written by vltok.eval.shapes_video; its module
-    # provides read(root, **kw) -> Dataset (detect here so a missing module still gives a clear error)
-    "shapes-video": _ExternalFormat(
-        "shapes-video", "vltok.eval.shapes_video",
-        detect=lambda r: (r / "questions.jsonl").exists() and (r / "videos").is_dir()),
+    "shapes-video": ShapesVideo,
 }
 FORMATS = tuple(READERS)
 

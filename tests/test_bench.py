@@ -221,25 +221,16 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         D.load(tmp_path, "pope")
 
 
-def test_shapes_video_hook(tmp_path, monkeypatch):
+def test_shapes_video_folder_is_detected_and_load_names_the_scorer(tmp_path):
+    """A shapes-video folder is detected (so `vltok eval DIR` routes it) but is not a generic Dataset: load() says
+    which command scores it instead of failing on a missing reader."""
     (tmp_path / "videos").mkdir()
     (tmp_path / "questions.jsonl").write_text("")
     assert D.detect(tmp_path) == "shapes-video"
-    import sys
-    import types
-
-    if "vltok.eval.shapes_video" not in sys.modules:
-        try:
-            import vltok.eval.shapes_video  # noqa: F401 - the other helper's module, when present
-        except ModuleNotFoundError:
-            with pytest.raises(D.DatasetError, match="vltok.eval.shapes_video"):
-                D.load(tmp_path, "shapes-video")
-    fake = types.ModuleType("fake_sv")
-    fake.read = lambda root, **kw: D.VideoMME(root, [D.Item(id="1", prompt="Q", video="v.mp4", target="A",
-                                                            meta={"letters": "AB"})])
-    monkeypatch.setitem(sys.modules, "fake_sv", fake)
-    monkeypatch.setitem(D.READERS, "shapes-video", D._ExternalFormat("shapes-video", "fake_sv"))
-    assert D.load(tmp_path, "shapes-video").score(["A"])["overall"] == 1.0
+    with pytest.raises(D.DatasetError, match=r"shapes-video folder.*vltok eval"):
+        D.load(tmp_path)
+    with pytest.raises(D.DatasetError, match=r"vltok eval"):
+        D.load(tmp_path, "shapes-video")
 
 
 def test_runner_video_items_reach_the_processor_as_frames():
