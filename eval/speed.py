@@ -642,6 +642,23 @@ def targets(rows, keep=0.16) -> str:
     return "\n".join(out)
 
 
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Model names, method names and keeps checked before anything is built (a GPU is not needed to be told a name
+    is wrong); a method that does not fit a model is not an error here: its rows record why."""
+    from vltok.cli_args import check_method
+    from vltok.errors import VltokError
+    from vltok.eval import configs
+
+    try:
+        for name in args.models:
+            configs.family(name)
+        for method in args.methods:
+            for keep in args.keeps:
+                check_method(method, keep)
+    except (VltokError, ValueError) as e:
+        ap.error(str(e))
+
+
 def main(argv=None, prog="vltok bench"):   # python -m vltok.eval.speed is the same command
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llava-1.5-7b", "llava-next-7b"])
@@ -666,6 +683,7 @@ def main(argv=None, prog="vltok bench"):   # python -m vltok.eval.speed is the s
         return
     from vltok.eval import configs
 
+    check_args(ap, args)
     if not torch.cuda.is_available():
         sys.exit("vltok bench needs a CUDA GPU (it builds 7B-size models with random bf16 weights)")
     import transformers

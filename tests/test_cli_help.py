@@ -22,6 +22,20 @@ def test_bench_help_lists_the_bench_options(capsys):
         assert opt in out
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--methods", "nosuch"], "unknown method 'nosuch'"),
+    (["--keeps", "1.5"], "keep=1.5 is outside (0, 1]"),
+    (["--models", "llava-9b"], "unknown model 'llava-9b'"),
+])
+def test_bench_refuses_bad_names_and_keeps_before_needing_a_gpu(capsys, argv, said):
+    """One `vltok bench: error:` line and exit 2 on any machine (the GPU check comes after these)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: vltok bench") and f"vltok bench: error: {said}" in err and "Traceback" not in err
+
+
 def test_train_help_names_every_learned_method_and_real_commands(capsys):
     from vltok.train import LEARNED
 

@@ -42,11 +42,13 @@ def main(argv=None):
     if argv[:1] == ["bench"]:   # its options belong to vltok.eval.speed; hand them over untouched
         from vltok.eval import speed
 
-        return speed.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    args.argv = argv   # the command as typed (recorded in result files)
+        run = lambda: speed.main(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        args.argv = argv   # the command as typed (recorded in result files)
+        run = lambda: args.func(args)  # noqa: E731
     try:
-        return args.func(args)
+        return run()
     except (VltokError, FileNotFoundError, NotADirectoryError) as e:
         # bad input (vltok's own errors, a missing path): one line and exit code 2, as argparse does; a real bug
         # (any other exception) still shows its traceback
