@@ -207,3 +207,61 @@ def test_vltok_eval_detects_a_video_folder(tmp_path, capsys):
     assert res["keep_achieved"] == pytest.approx(0.444, abs=0.01)   # pool at 0.5 on a 12 x 12 frame: 8 x 8
     out = capsys.readouterr().out
     assert "vltok-ref-video" in out and "pool" in out
+
+
+def test_type_weights_repeat_types_and_default_draws_are_unchanged(capsys):
+    from vltok import train_reference_video as TV
+
+    assert TV.weighted_types(None) == S.TYPES and TV.weighted_types("") == S.TYPES
+    t = TV.weighted_types("word=3,count=2")
+    assert t.count("word") == 3 and t.count("count") == 2 and t.count("order") == 1 and len(t) == len(S.TYPES) + 3
+    # no weights: the same training items as before the option existed (train_sample's default types)
+    assert [S.train_sample(i, types=TV.weighted_types(None))[1] for i in range(20)] == \
+        [S.train_sample(i)[1] for i in range(20)]
+    drawn = [S.train_sample(i, types=TV.weighted_types("word=4"))[1]["type"] for i in range(600)]
+    assert 0.15 < drawn.count("word") / 600 < 0.30          # 4 / 17 = 0.235 (1 / 14 = 0.07 unweighted)
+    for bad in ("word", "word=0", "nosuch=2", "word=x"):
+        with pytest.raises(ValueError, match="TYPE=N"):
+            TV.weighted_types(bad)
+    with pytest.raises(SystemExit):
+        TV.main(["--out", "/nonexistent/o", "--type-weights", "word=-1"])
+    assert "--type-weights" in capsys.readouterr().err
+
+
+def test_resume_argument_errors(tmp_path, capsys):
+    from vltok import train_reference_video as TV
+
+    with pytest.raises(SystemExit):
+        TV.main(["--out", str(tmp_path / "o"), "--resume", str(tmp_path / "missing.safetensors")])
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "d.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        TV.main(["--out", str(tmp_path / "o"), "--eval-only", str(tmp_path / "d.safetensors"), "--resume",
+                 str(tmp_path / "d.safetensors")])
+    assert "do not apply" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@needs_ref
+def test_resume_continues_from_the_parent_delta_exactly(tmp_path):
+    """A segment resumed with learning rate 0 saves its parent's tensors unchanged (projector fp32, LoRA fp16: the
+    resume loads what was saved, nothing re-initialised) and records the chain in its metadata."""
+    from safetensors.torch import load_file
+
+    from vltok import train_reference_video as TV
+
+    common = ["--batch-size", "1", "--frames", "2", "--workers", "0", "--no-eval", "--device", "cpu"]
+    assert TV.main(["--out", str(tmp_path / "a"), "--steps", "1", *common]) == 0
+    parent = tmp_path / "a" / RV.DELTA_NAME
+    assert TV.main(["--out", str(tmp_path / "b"), "--steps", "1", "--lr", "0", "--lr-projector", "0",
+                    "--resume", str(parent), "--data-offset", "1", "--type-weights", "word=2", *common]) == 0
+    child = tmp_path / "b" / RV.DELTA_NAME
+    a, b = load_file(str(parent)), load_file(str(child))
+    assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    meta = TV.delta_meta(child)
+    assert meta["resumed_from"] == RV.DELTA_NAME and meta["total_steps"] == "2" and meta["steps"] == "1"
+    assert meta["type_weights"] == "word=2" and TV.trained_for(child)[0] == 1
+    line = TV.training_line(1, 2.0, 3.0, None, meta)
+    assert "resumed from vltok-ref-video-delta.safetensors: 2 steps in all" in line and "word=2" in line

@@ -35,7 +35,7 @@ from vltok import reference_video as RV
 
 from vltok.eval import quality_video as Q
 from vltok.eval import shapes_video as S
-from .train_reference import add_lora, save_delta, setup_run, train_loop
+from .train_reference import add_lora, load_trainable, save_delta, setup_run, train_loop
 from .train_reference import collate as image_collate
 
 FRAME_MIX = ((16, 0.7), (8, 0.15), (4, 0.15))
@@ -55,19 +55,37 @@ def batch_frames(b: int, seed: int = 0) -> int:
 class TrainClips(torch.utils.data.Dataset):
     """Item i -> (ids, labels, uint8 frames [T, 3, 336, 336], type) of train seed ``offset + i``; T from the batch."""
 
-    def __init__(self, tokenizer, n: int, batch_size: int, offset: int = 0, seed: int = 0, frames: int | None = None):
+    def __init__(self, tokenizer, n: int, batch_size: int, offset: int = 0, seed: int = 0, frames: int | None = None,
+                 types: tuple[str, ...] = S.TYPES):
         self.tok, self.n, self.bs, self.offset, self.seed, self.frames = tokenizer, n, batch_size, offset, seed, frames
+        self.types = types
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        scene, q = S.train_sample(self.offset + i)
+        scene, q = S.train_sample(self.offset + i, types=self.types)
         t = self.frames or batch_frames(i // self.bs, self.seed)
         rec = {"scene": scene, "n_frames": scene["n_frames"]}
         u8 = Q._clip_pixels(rec, t, "rendered")
         ids, labels = RV.encode(self.tok, q["question"], t, q["answer"])
         return torch.tensor(ids), torch.tensor(labels), u8, q["type"]
+
+
+def weighted_types(spec: str | None) -> tuple[str, ...]:
+    """``"word=3,word_state=2"`` -> the question types with each repeated by its integer weight (others 1), the
+    ``types`` that :func:`shapes_video.train_sample` draws from uniformly; None / "" -> ``S.TYPES`` unchanged (the
+    same draws as a run without weights)."""
+    if not spec:
+        return S.TYPES
+    weights = {}
+    for part in spec.split(","):
+        name, sep, w = part.strip().partition("=")
+        if not sep or name not in S.TYPES or not w.isdigit() or int(w) < 1:
+            raise ValueError(f"--type-weights {part.strip()!r}: write TYPE=N with N a positive integer and TYPE one "
+                             f"of {', '.join(S.TYPES)}")
+        weights[name] = int(w)
+    return tuple(t for t in S.TYPES for _ in range(weights.get(t, 1)))
 
 
 def collate(batch, pad_id: int):
@@ -135,7 +153,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--frames", type=int, default=None, help="one frame count for every batch (default: FRAME_MIX)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-offset", type=int, default=0)
+    ap.add_argument("--data-offset", type=int, default=0,
+                    help="first train item (a --resume run continues where its parent stopped: steps x batch size)")
+    ap.add_argument("--resume", metavar="DELTA", type=Path, default=None,
+                    help="start from this saved video delta (projector + LoRA) instead of the fresh init: training "
+                    "in time-capped segments")
+    ap.add_argument("--type-weights", default=None, metavar="TYPE=N,...",
+                    help="integer sampling weights per question type (others 1), e.g. word=3")
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast (default on cuda)")
@@ -150,6 +174,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.eval_only is not None and args.no_eval:
         ap.error("--eval-only and --no-eval exclude each other (one scores a delta, the other skips scoring)")
+    if args.eval_only is not None and (args.resume is not None or args.type_weights):
+        ap.error("--eval-only scores a delta without training: --resume / --type-weights do not apply")
+    if args.resume is not None and not args.resume.is_file():
+        ap.error(f"--resume {args.resume}: no such file (give a vltok-ref-video-delta.safetensors to continue from)")
+    try:
+        args.types = weighted_types(args.type_weights)
+    except ValueError as e:
+        ap.error(str(e))
     if args.eval_only is not None and not args.eval_only.is_file():
         ap.error(f"--eval-only {args.eval_only}: no such file (give the vltok-ref-video-delta.safetensors to score)")
     t_start = time.time()
@@ -167,13 +199,18 @@ def main(argv=None):
     return 0
 
 
-def trained_for(delta_path: Path) -> tuple[int | None, float | None]:
-    """(steps, training seconds) of a saved delta: steps from its metadata, seconds from the train_log.jsonl that the
-    training wrote beside it (None where unknown)."""
+def delta_meta(delta_path: Path) -> dict:
+    """A saved delta's metadata (strings)."""
     from safetensors import safe_open
 
     with safe_open(str(delta_path), "pt") as f:
-        steps = (f.metadata() or {}).get("steps")
+        return dict(f.metadata() or {})
+
+
+def trained_for(delta_path: Path) -> tuple[int | None, float | None]:
+    """(steps, training seconds) of a saved delta's last training segment: steps from its metadata, seconds from the
+    train_log.jsonl that the training wrote beside it (None where unknown)."""
+    steps = delta_meta(delta_path).get("steps")
     seconds = None
     log = Path(delta_path).parent / "train_log.jsonl"
     if log.is_file():
@@ -202,11 +239,16 @@ def train(args, argv, out: Path, dev: torch.device, bf16: bool, t_start: float):
         p.requires_grad_(True)
     loras = add_lora(inner.language_model, args.rank, args.alpha)
     lora_params = [p for l in loras.values() for p in (l.A, l.B)]
+    parent = None
+    if args.resume is not None:
+        load_trainable(model, loras, args.resume)
+        parent = delta_meta(args.resume)
     groups = [{"params": proj_params, "lr": args.lr_projector}, {"params": lora_params, "lr": args.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98), fused=dev.type == "cuda")
     n_train = sum(p.numel() for g in groups for p in g["params"])
     tok = processor.tokenizer
-    data = TrainClips(tok, args.steps * args.batch_size, args.batch_size, args.data_offset, args.seed, args.frames)
+    data = TrainClips(tok, args.steps * args.batch_size, args.batch_size, args.data_offset, args.seed, args.frames,
+                      args.types)
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
         collate_fn=partial(collate, pad_id=tok.pad_token_id), pin_memory=dev.type == "cuda", drop_last=True,
@@ -214,7 +256,8 @@ def train(args, argv, out: Path, dev: torch.device, bf16: bool, t_start: float):
     log = open(out / "train_log.jsonl", "w")
     import transformers
 
-    config = dict(vars(args), frame_mix=FRAME_MIX, torch=torch.__version__, transformers=transformers.__version__,
+    config = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "types"},
+                  frame_mix=FRAME_MIX, torch=torch.__version__, transformers=transformers.__version__,
                   device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", trainable_params=n_train,
                   load_seconds=round(t_loaded - t_start, 1))
     log.write(json.dumps({"config": config}) + "\n")
@@ -238,7 +281,11 @@ def train(args, argv, out: Path, dev: torch.device, bf16: bool, t_start: float):
             "lora_rank": args.rank, "steps": step, "seed": args.seed, "batch_size": args.batch_size,
             "frame_mix": json.dumps(FRAME_MIX if args.frames is None else [[args.frames, 1.0]]),
             "image_delta_sha256": hashlib.sha256(img_delta.read_bytes()).hexdigest() if img_delta else "",
-            "data_offset": args.data_offset}
+            "data_offset": args.data_offset, "type_weights": args.type_weights or "",
+            "total_steps": step + (int(parent.get("total_steps", parent.get("steps", 0))) if parent else 0)}
+    if parent is not None:
+        meta.update(resumed_from=args.resume.name,
+                    resumed_from_sha256=hashlib.sha256(args.resume.read_bytes()).hexdigest())
     delta_path = out / RV.DELTA_NAME
     size = save_delta(model, loras, [], delta_path, meta)
     done = {"done": True, "steps": step, "stopped_early_at": stopped_early, "train_seconds": round(train_s, 1),
@@ -265,7 +312,9 @@ def evaluate(args, argv, out: Path, dev: torch.device, delta_path: Path, step, t
     res["chance"] = {t: S.chance(t) for t in S.TYPES}
     res["single_frame_cues"] = S.single_frame_baseline(n_train=300, n_test=max(1, len(records) // len(S.TYPES)))
     res["dataset_version"] = S.VERSION
+    meta = delta_meta(delta_path)
     res["training"] = {"steps": step, "train_seconds": None if train_s is None else round(train_s, 1),
+                       "resumed_from": meta.get("resumed_from"), "type_weights": meta.get("type_weights") or None,
                        "total_seconds": round(time.time() - t_start, 1),
                        "command": "python -m vltok.train_reference_video " +
                        " ".join(argv if argv is not None else sys.argv[1:])}
@@ -273,13 +322,17 @@ def evaluate(args, argv, out: Path, dev: torch.device, delta_path: Path, step, t
     md = results_markdown(res)
     (out / "results.md").write_text(f"# vltok-ref-video on the shapes-video test split (n = {len(records)})\n\n" + md +
                                     "\n" + training_line(step, train_s, res["training"]["total_seconds"],
-                                                          args.eval_only) + "\n")
+                                                          args.eval_only, meta) + "\n")
     print(md, flush=True)
 
 
-def training_line(step, train_s, total_s: float, eval_only) -> str:
+def training_line(step, train_s, total_s: float, eval_only, meta: dict | None = None) -> str:
+    meta = meta or {}
     done = (f"{step if step is not None else '?'} steps in "
             f"{f'{train_s:.0f} s' if train_s is not None else 'unknown time'}")
+    if meta.get("resumed_from"):
+        done += (f" (the last segment{', type weights ' + meta['type_weights'] if meta.get('type_weights') else ''}; "
+                 f"resumed from {meta['resumed_from']}: {meta.get('total_steps', '?')} steps in all)")
     if eval_only is not None:
         return f"Training: {done} (an earlier run; this one only scored {Path(eval_only).name}, {total_s:.0f} s)."
     return f"Training: {done}; total {total_s:.0f} s."
