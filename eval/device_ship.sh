@@ -38,7 +38,7 @@ case "$cmd" in
     python3 -m pip install -q --no-index --no-deps --target /tmp/site $s/gguf-*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLTOK_CACHE=${VLTOK_CACHE:-/tmp/vcache}
     mkdir -p "$VLTOK_CACHE/reference-v1" && cp $s/dinov2.safetensors "$VLTOK_CACHE/reference-v1/"
-    python3 -c "from pathlib import Path; from vltok import reference as R; print(R.build_cache(gguf_dir=Path('$s/gguf')))"
+    python3 -P -c "from pathlib import Path; from vltok import reference as R; print(R.build_cache(gguf_dir=Path('$s/gguf')))"
     echo "export PYTHONPATH=$PYTHONPATH VLTOK_CACHE=$VLTOK_CACHE VLTOK_REF_DELTA=$s/vltok-ref-delta.safetensors";;
   *) echo "usage: bash eval/device_ship.sh prepare | take DIR | install" >&2; exit 2;;
 esac

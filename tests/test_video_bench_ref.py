@@ -265,3 +265,31 @@ def test_resume_continues_from_the_parent_delta_exactly(tmp_path):
     assert meta["type_weights"] == "word=2" and TV.trained_for(child)[0] == 1
     line = TV.training_line(1, 2.0, 3.0, None, meta)
     assert "resumed from vltok-ref-video-delta.safetensors: 2 steps in all" in line and "word=2" in line
+
+
+def test_word_probe_reads_a_planted_class_and_not_noise():
+    """The attention probe of eval/tools/video_word_probe: one token per sample carries its class vector among noise
+    tokens at a random position -> held-out accuracy near 1; labels independent of the data -> near chance."""
+    from vltok.eval.tools.video_word_probe import attention_probe
+
+    g = torch.Generator().manual_seed(0)
+    n, t, d, c = 240, 12, 16, 4
+    y = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(n, t, d, generator=g)
+    codes = 3 * torch.randn(c, d, generator=g)
+    pos = torch.randint(0, t, (n,), generator=g)
+    x[torch.arange(n), pos] += codes[y] + 4.0                     # the marked token: class code plus a common offset
+    fit, held = attention_probe(x, y, 180, c, steps=300)
+    assert held > 0.9, held
+    shuffled = y[torch.randperm(n, generator=g)]
+    assert attention_probe(x, shuffled, 180, c, steps=300)[1] < 0.5
+
+
+@needs_ref
+def test_word_probe_features_follow_the_redrawn_scale(untrained):
+    from vltok.eval.tools.video_word_probe import features
+
+    x4, y4 = features(untrained[0], 2)
+    x7, y7 = features(untrained[0], 2, scale=7)
+    assert x4.shape == (2, RV.FRAME_TOKENS, untrained[0].config.text_config.hidden_size)
+    assert torch.equal(y4, y7) and not torch.allclose(x4, x7)
