@@ -5,9 +5,11 @@
 #   device run, carry [.ship1]:  bash eval/device_ship.sh take .ship1      (then .ship2 on the warm machine)
 #   device run, carry [.ship3]:  bash eval/device_ship.sh take .ship3 && eval "$(bash eval/device_ship.sh install | tail -1)" && ...
 #
-# What travels (173 MB: three calls of at most 64 MiB each, the working tree included): the SmolLM2 GGUF (98 MB) in
+# What travels (185 MB: three calls of at most 64 MiB each, the working tree included): the SmolLM2 GGUF (98 MB) in
 # two parts, the converted DINOv2 (44 MB, from this machine's reference cache), the committed trained image delta
-# (31 MB) in two parts, and the gguf wheel. `install` joins the parts, checks the GGUF's sha256,
+# (31 MB) in two parts, the committed video delta (12 MB, for --resume) and the gguf wheel. .ship1 is then within
+# ~0.7 MB of the limit with a slim checkout (assets/*.safetensors, eval/results and tests/fixtures left out of the
+# commit that travels, as docs/video-quality.md shows). `install` joins the parts, checks the GGUF's sha256,
 # builds the cache under $VLTOK_CACHE (default /tmp/vcache) and prints the variables for `vltok.reference.load()`.
 # The device keeps /tmp while it stays warm (30 s between calls), so the calls must follow each other quickly.
 set -euo pipefail
@@ -25,6 +27,8 @@ case "$cmd" in
     cp "$cache/dinov2.safetensors" .ship3/
     split -n 2 -d assets/vltok-ref-delta.safetensors .ship1/delta.part. && mv .ship1/delta.part.00 .ship2/ && \
       mv .ship1/delta.part.01 .ship3/
+    # the committed video delta: what a further training segment resumes from (/tmp/ship/video-delta.safetensors)
+    cp assets/vltok-ref-video-delta.safetensors .ship1/video-delta.safetensors
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .ship2 gguf==0.19.0
     du -sh .ship*;;
