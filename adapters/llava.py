@@ -440,7 +440,6 @@ class LlavaAdapter(PlaceholderAdapter):
     def _original_position_ids(self, st, S, device) -> torch.Tensor:
         """[B, S] position ids of the shortened call's columns in the caller's full call."""
         kept, img, full, idx, pre = st["kept"], st["img"], st["full"], st["idx"], st["prefix"]
-        B = kept.shape[0]
         col = kept.clone()
         cols = img.nonzero()                                   # (row, column) of every kept placeholder, in order
         k = idx.shape[1] + pre

@@ -27,7 +27,6 @@ Records carry ``version`` (:data:`VERSION`; 2 since the text types and the two-c
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 

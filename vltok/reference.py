@@ -109,7 +109,7 @@ def convert_dinov2(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         import onnx
         from onnx import numpy_helper
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise MissingPackageError(f"converting DINOv2 needs 'onnx'. Install it with:\n    pip install onnx") from e
+        raise MissingPackageError("converting DINOv2 needs 'onnx'. Install it with:\n    pip install onnx") from e
     graph = onnx.load(str(onnx_path)).graph
     inits = {t.name: t for t in graph.initializer}
     out: dict[str, torch.Tensor] = {}

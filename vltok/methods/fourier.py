@@ -10,7 +10,6 @@ the token axis, applied as one GEMM with a cached basis (dense) or as two small 
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
 
 import torch
 

@@ -10,18 +10,17 @@ workers keep decoding while the model runs. Workers exit on their own if the mai
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import queue
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VltokError
 from . import output, sources
-from .decoding import decode, have_decord
+from .decoding import decode
 from .sampling import Sampling
 
 DEFAULT_MODEL = "reference-video"
