@@ -34,7 +34,7 @@ def features(model, n: int, scale: int | None = None, offset: int = 50000) -> tu
                 scene = dict(scene, objects=[dict(o, scale=scale) if S.is_text(o) else o for o in scene["objects"]])
             frames = S.render(scene)
             px = RV.frames_to_pixels([frames[len(frames) // 2]])[None].to(model.device, model.dtype)
-            out = model.model.get_video_features(pixel_values_videos=px)
+            out = model.model.get_video_features(px)   # positional: the keyword was renamed across versions
             f = getattr(out, "pooler_output", out)
             f = f[0] if isinstance(f, (list, tuple)) else f
             xs.append(f.reshape(-1, f.shape[-1]).float().cpu())
