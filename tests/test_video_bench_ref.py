@@ -260,7 +260,7 @@ def test_resume_continues_from_the_parent_delta_exactly(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    meta = TV.delta_meta(child)
+    meta = R.delta_metadata(child)
     assert meta["resumed_from"] == RV.DELTA_NAME and meta["total_steps"] == "2" and meta["steps"] == "1"
     assert meta["type_weights"] == "word=2" and TV.trained_for(child)[0] == 1
     line = TV.training_line(1, 2.0, 3.0, None, meta)

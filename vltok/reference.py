@@ -268,6 +268,14 @@ def _linear_modules(lm: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def delta_metadata(path: str | os.PathLike) -> dict:
+    """A trained delta's safetensors metadata (string values: its training settings), without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def apply_delta(model, path: str | os.PathLike) -> dict:
     """Load a trained delta (projector, LoRA merged into the LM's linears, optional vision weights) into ``model``.
 
@@ -355,10 +363,7 @@ def load(name="vltok-ref", device=None, dtype=None, delta: bool | str | os.PathL
         delta_path = Path(delta)
     vfl = VISION_FEATURE_LAYER
     if delta_path is not None:
-        from safetensors import safe_open
-
-        with safe_open(str(delta_path), framework="pt") as f:
-            vfl = int((f.metadata() or {}).get("vision_feature_layer", vfl))
+        vfl = int(delta_metadata(delta_path).get("vision_feature_layer", vfl))
     config = build_config(text_cfg, processor.image_token_id, vfl)
     torch.manual_seed(0)  # the untrained projector is reproducible
     model = LlavaForConditionalGeneration(config)

@@ -199,18 +199,10 @@ def main(argv=None):
     return 0
 
 
-def delta_meta(delta_path: Path) -> dict:
-    """A saved delta's metadata (strings)."""
-    from safetensors import safe_open
-
-    with safe_open(str(delta_path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
 def trained_for(delta_path: Path) -> tuple[int | None, float | None]:
     """(steps, training seconds) of a saved delta's last training segment: steps from its metadata, seconds from the
     train_log.jsonl that the training wrote beside it (None where unknown)."""
-    steps = delta_meta(delta_path).get("steps")
+    steps = R.delta_metadata(delta_path).get("steps")
     seconds = None
     log = Path(delta_path).parent / "train_log.jsonl"
     if log.is_file():
@@ -242,7 +234,7 @@ def train(args, argv, out: Path, dev: torch.device, bf16: bool, t_start: float):
     parent = None
     if args.resume is not None:
         load_trainable(model, loras, args.resume)
-        parent = delta_meta(args.resume)
+        parent = R.delta_metadata(args.resume)
     groups = [{"params": proj_params, "lr": args.lr_projector}, {"params": lora_params, "lr": args.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98), fused=dev.type == "cuda")
     n_train = sum(p.numel() for g in groups for p in g["params"])
@@ -312,7 +304,7 @@ def evaluate(args, argv, out: Path, dev: torch.device, delta_path: Path, step, t
     res["chance"] = {t: S.chance(t) for t in S.TYPES}
     res["single_frame_cues"] = S.single_frame_baseline(n_train=300, n_test=max(1, len(records) // len(S.TYPES)))
     res["dataset_version"] = S.VERSION
-    meta = delta_meta(delta_path)
+    meta = R.delta_metadata(delta_path)
     res["training"] = {"steps": step, "train_seconds": None if train_s is None else round(train_s, 1),
                        "resumed_from": meta.get("resumed_from"), "type_weights": meta.get("type_weights") or None,
                        "total_seconds": round(time.time() - t_start, 1),
@@ -331,8 +323,9 @@ def training_line(step, train_s, total_s: float, eval_only, meta: dict | None = 
     done = (f"{step if step is not None else '?'} steps in "
             f"{f'{train_s:.0f} s' if train_s is not None else 'unknown time'}")
     if meta.get("resumed_from"):
-        done += (f" (the last segment{', type weights ' + meta['type_weights'] if meta.get('type_weights') else ''}; "
-                 f"resumed from {meta['resumed_from']}: {meta.get('total_steps', '?')} steps in all)")
+        weights = f", type weights {meta['type_weights']}" if meta.get("type_weights") else ""
+        done += (f" (the last segment{weights}; resumed from {meta['resumed_from']}: "
+                 f"{meta.get('total_steps', '?')} steps in all)")
     if eval_only is not None:
         return f"Training: {done} (an earlier run; this one only scored {Path(eval_only).name}, {total_s:.0f} s)."
     return f"Training: {done}; total {total_s:.0f} s."
