@@ -35,7 +35,8 @@ from . import shapes
 SIZE = 224
 FPS = 8
 MIN_FRAMES, MAX_FRAMES = 8, 64
-VERSION = 2   # 2: text items and their types; `state` changes colour twice (the middle frame shows neither answer)
+VERSION = 3   # 2: text items and their types; `state` changes colour twice (the middle frame shows neither answer);
+              # 3: words drawn at 6-7 px per font cell instead of 4-5 (legible at the video model's pooled grid)
 SHAPE_TEMPORAL = ("order", "direction", "count_events", "appear", "state", "duration")
 WORD_TEMPORAL = ("word_order", "word_state", "word_flash", "word_count")
 TEMPORAL = SHAPE_TEMPORAL + WORD_TEMPORAL
@@ -83,7 +84,10 @@ GLYPHS = {
     "Y": ("#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."),
 }
 GLYPH_W, GLYPH_H = 5, 7
-TEXT_SCALES = (4, 5)   # px per glyph cell at SIZE: a 3-letter word is 68-85 x 28-35 px
+TEXT_SCALES = (6, 7)   # px per glyph cell at SIZE: a 3-letter word is 102-119 x 42-49 px. The video reference pools
+# each frame to 12 x 12 tokens of ~19 px here, so a letter spans about 2 x 2.5 tokens; at version 2's 4-5 px a letter
+# fell within about one token and a probe on the projector's outputs read the word 74.8 % of the time against 84.4 %
+# at 7 px (eval/results/video-ref/word-probe-cpu*.json)
 
 
 class SceneError(ValueError):

@@ -1,4 +1,4 @@
-"""shapes-video v2: the text items (words read back from the rendered pixels with the glyph table), the text question
+"""shapes-video v2 / v3: the text items (words read back from the rendered pixels with the glyph table), the text question
 types, the redesigned `state`, and the single-frame check without a model (per type, the best held-out guess from what
 the middle frame shows stays near chance on every temporal type, while it answers the single-frame types)."""
 from __future__ import annotations
@@ -39,11 +39,15 @@ def _ocr(frame: np.ndarray, box) -> str | None:
 
 
 def _read_words(scene):
-    """Per text item, per frame: the word read from the pixels (None: not on screen)."""
+    """Per text item, per frame: the word read from the pixels (None: not on screen). Each item is rendered alone
+    (its box may cover another item's place while it is off screen; the layout check covers overlaps on screen)."""
     n = scene["n_frames"]
-    frames = [np.asarray(S.render_frame(scene, f)) for f in range(n)]
-    return {i: [_ocr(frames[f], S.box_at(o, f, n)) for f in range(n)]
-            for i, o in enumerate(scene["objects"]) if S.is_text(o)}
+    out = {}
+    for i, o in enumerate(scene["objects"]):
+        if S.is_text(o):
+            alone = dict(scene, objects=[o])
+            out[i] = [_ocr(np.asarray(S.render_frame(alone, f)), S.box_at(o, f, n)) for f in range(n)]
+    return out
 
 
 def _recompute(scene, q):

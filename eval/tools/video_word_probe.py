@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     x, y = features(model, args.n, args.scale)
     n_fit = int(0.75 * args.n)
     fit, held = attention_probe(x, y, n_fit, len(S.TARGETS["word"]), steps=args.steps)
-    res = {"n": args.n, "n_fit": n_fit, "scale": args.scale or "generator's (4-5)", "fit_acc": fit,
+    res = {"n": args.n, "n_fit": n_fit, "scale": args.scale or f"generator's {S.TEXT_SCALES}", "fit_acc": fit,
            "held_out_acc": held, "chance": 1 / len(S.TARGETS["word"]), "seconds": round(time.time() - t0, 1),
            "delta": args.delta or "committed"}
     print(json.dumps(res))
