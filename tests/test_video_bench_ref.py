@@ -263,6 +263,7 @@ def test_resume_continues_from_the_parent_delta_exactly(tmp_path):
     meta = R.delta_metadata(child)
     assert meta["resumed_from"] == RV.DELTA_NAME and meta["total_steps"] == "2" and meta["steps"] == "1"
     assert meta["type_weights"] == "word=2" and TV.trained_for(child)[0] == 1
+    assert meta["generator_version"] == str(S.VERSION)
     line = TV.training_line(1, 2.0, 3.0, None, meta)
     assert "resumed from vltok-ref-video-delta.safetensors: 2 steps in all" in line and "word=2" in line
 

@@ -274,6 +274,7 @@ def train(args, argv, out: Path, dev: torch.device, bf16: bool, t_start: float):
             "frame_mix": json.dumps(FRAME_MIX if args.frames is None else [[args.frames, 1.0]]),
             "image_delta_sha256": hashlib.sha256(img_delta.read_bytes()).hexdigest() if img_delta else "",
             "data_offset": args.data_offset, "type_weights": args.type_weights or "",
+            "generator_version": S.VERSION,
             "total_steps": step + (int(parent.get("total_steps", parent.get("steps", 0))) if parent else 0)}
     if parent is not None:
         meta.update(resumed_from=args.resume.name,
