@@ -7,8 +7,8 @@ reference's tower, 2 x 2 pooling and trained projector (``model.model.get_video_
 frame that replace the ``<video>`` tokens). A small attention-pooling probe (4 learned queries over the 144 vectors,
 then a linear layer; Adam, full batch) is fitted on the first 75 % and scored on the rest: its held-out accuracy
 says whether the word identity is in the LM's input at all (chance 1/8). ``--scale`` redraws every word with that
-many pixels per font cell (generator v3 draws 6 or 7, v2 drew 4 or 5): the same probe at a larger size says whether resolution is
-what limits it. CPU is enough (~0.15 s a frame).
+many pixels per font cell (generator v3 draws 6 or 7, v2 drew 4 or 5): the same probe at a larger size says whether
+resolution is what limits it. CPU is enough (~0.15 s a frame).
 """
 from __future__ import annotations
 
