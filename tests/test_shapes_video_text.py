@@ -1,6 +1,7 @@
 """shapes-video v2 / v3: the text items (words read back from the rendered pixels with the glyph table), the text
-question types, the redesigned `state`, and the single-frame check without a model (per type, the best held-out guess from what
-the middle frame shows stays near chance on every temporal type, while it answers the single-frame types)."""
+question types, the redesigned `state`, and the single-frame check without a model (per type, the best held-out
+guess from what the middle frame shows stays near chance on every temporal type, while it answers the single-frame
+types)."""
 from __future__ import annotations
 
 import json
