@@ -294,3 +294,34 @@ def test_word_probe_features_follow_the_redrawn_scale(untrained):
     x7, y7 = features(untrained[0], 2, scale=7)
     assert x4.shape == (2, RV.FRAME_TOKENS, untrained[0].config.text_config.hidden_size)
     assert torch.equal(y4, y7) and not torch.allclose(x4, x7)
+
+
+@needs_ref
+@pytest.mark.parametrize("method", ["feather", "fastv"])
+def test_inllm_pruning_on_the_video_reference_equals_the_masked_reference(method):
+    """The in-LLM methods on the trained video reference (one 16-frame `count` clip, CPU): the pruned model's last-token
+    logits equal the unpatched model's with the dropped video columns masked out per layer (tests/test_inllm.py's
+    reference). So feather's over-counting in the video table (docs/video-quality.md) is the model's answer to that
+    pruning, not a bookkeeping error."""
+    from test_inllm import masked_reference
+
+    import vltok
+
+    model, proc = R.load("vltok-ref-video", device="cpu", dtype=torch.float32)
+    tok = proc.tokenizer
+    scene, q = S.test_item(S.TYPES.index("count"))
+    rec = dict(q, scene=scene, id="0", n_frames=scene["n_frames"])
+    px = Q.normalize(Q.clips_tensor([rec], RV.NUM_FRAMES, "rendered", False, 1), torch.float32)
+    ids = RV.encode(tok, q["question"], RV.NUM_FRAMES)[0]
+    inp = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "pixel_values_videos": px}
+    with torch.no_grad():
+        with vltok.patched(model, method, keep=0.5) as h:
+            out = model(**inp).logits[0, -1]
+            cols = h.inllm_prefill_columns
+        ref = masked_reference(model, inp, cols)[0, -1]
+    n_video = sum(1 for t in ids if t == model.config.video_token_id)
+    assert n_video == RV.NUM_FRAMES * RV.FRAME_TOKENS
+    assert min(c.shape[1] for c in cols.values()) < len(ids) - n_video // 2   # it pruned
+    assert (out - ref).abs().max() < 1e-3
+    assert out.argmax() == ref.argmax()
