@@ -7,7 +7,8 @@
 #
 # What travels (185 MB: three calls of at most 64 MiB each, the working tree included): the SmolLM2 GGUF (98 MB) in
 # two parts, the converted DINOv2 (44 MB, from this machine's reference cache), the committed trained image delta
-# (31 MB) in two parts, the committed video delta (12 MB, for --resume) and the gguf wheel. .ship1 is then within
+# (31 MB) in two parts, the committed video delta (12 MB, for --resume), the committed video table (for --add-to) and
+# the gguf wheel. .ship1 is then within
 # ~0.7 MB of the limit with a slim checkout (assets/*.safetensors, eval/results and tests/fixtures left out of the
 # commit that travels, as docs/video-quality.md shows). `install` joins the parts, checks the GGUF's sha256,
 # builds the cache under $VLTOK_CACHE (default /tmp/vcache) and prints the variables for `vltok.reference.load()`.
@@ -29,6 +30,8 @@ case "$cmd" in
       mv .ship1/delta.part.01 .ship3/
     # the committed video delta: what a further training segment resumes from (/tmp/ship/video-delta.safetensors)
     cp assets/vltok-ref-video-delta.safetensors .ship1/video-delta.safetensors
+    # the committed video table, for `quality_video --add-to /tmp/ship/quality-video-h100.json` (rows added to it)
+    cp eval/results/quality-video-h100.json .ship3/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .ship2 gguf==0.19.0
     du -sh .ship*;;

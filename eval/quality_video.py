@@ -197,6 +197,11 @@ def markdown(doc: dict) -> str:
                   "| " + " | ".join(head) + " |", sep]
         lines += ["| " + " | ".join(_row(r, types)) + " |" for r in doc["tradeoff"]]
     lines += ["", f"Command: `{doc['command']}`; {doc['device']}; {doc['seconds']:.0f} s."]
+    for m in doc.get("merged", []):
+        lines += ["", f"Rows added ({', '.join(m['labels']) or 'none'}) by `{m['command']}`; {m['device']}; "
+                      f"{m['seconds']} s; its full-model run answered {100 * m['full_agreement']:.1f} % of the "
+                      f"questions as this table's did" + (" (partial: stopped at --max-minutes)" if m["partial"]
+                                                          else "") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +243,49 @@ def plot(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def merge_docs(base: dict, new: dict, min_agreement: float = 0.99) -> dict:
+    """``base``'s tables with ``new``'s method rows added (a row with the same label is replaced; ``base``'s full run,
+    single-frame run and trade-off rows stay unless ``new`` has trade-off rows of its own labels). Both must be the
+    same questions and the same full model: the full runs' question ids must match, and their answers must agree on
+    at least ``min_agreement`` of the questions (the same model and data on another GPU may flip a near-tie).
+    Otherwise ValueError, naming what differs. ``merged`` records each addition's command, device and agreement."""
+    import copy
+
+    def full_run(doc, which):
+        run = next((r for r in doc.get("runs", []) if r["patch"] is None), None)
+        if run is None:
+            raise ValueError(f"the {which} table has no full-model run to check the merge against; rerun it without "
+                             "--max-minutes cutting the first run")
+        return run
+
+    fa, fb = full_run(base, "base"), full_run(new, "new")
+    ids_a, ids_b = [p["id"] for p in fa["predictions"]], [p["id"] for p in fb["predictions"]]
+    if ids_a != ids_b:
+        raise ValueError(f"the tables score different questions ({len(ids_a)} vs {len(ids_b)}, "
+                         f"{len(set(ids_a) ^ set(ids_b))} ids differ): generate DATA with the base table's --n and seed")
+    agree = sum(a["pred"] == b["pred"] for a, b in zip(fa["predictions"], fb["predictions"])) / max(1, len(ids_a))
+    if agree < min_agreement:
+        raise ValueError(f"the full model answers only {100 * agree:.1f} % of the questions the same way in both "
+                         f"tables (at least {100 * min_agreement:.0f} % needed): a different delta or frames source?")
+    out = copy.deepcopy(base)
+    added = []
+    for key in ("runs", "tradeoff"):
+        for r in new.get(key, []):
+            if key == "runs" and r["patch"] is None:
+                continue
+            rows = out.setdefault(key, [])
+            at = next((i for i, x in enumerate(rows) if x["label"] == r["label"]), None)
+            if at is None:
+                rows.append(r)
+            else:
+                rows[at] = r
+            added.append(r["label"])
+    out.setdefault("merged", []).append({"command": new["command"], "device": new["device"],
+                                         "seconds": round(new.get("seconds", 0.0)), "full_agreement": agree,
+                                         "labels": added, "partial": bool(new.get("partial"))})
+    return out
 
 
 def write(doc: dict, out: Path) -> None:
@@ -296,7 +344,15 @@ def main(argv=None) -> int:
     ap.add_argument("--delta", default=None, help="video delta file (default: the committed one in assets/)")
     ap.add_argument("--untrained", action="store_true", help="the untrained video init (smoke tests)")
     ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--add-to", metavar="JSON", type=Path, default=None,
+                    help="an earlier quality-video.json on the same DATA and delta: write it with this run's rows added")
     args = ap.parse_args(argv)
+    base = None
+    if args.add_to is not None:   # read it before hours of GPU work, not after
+        try:
+            base = json.loads(args.add_to.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--add-to {args.add_to}: cannot read it as a quality-video.json ({e})")
     t_start = time.time()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -358,6 +414,15 @@ def main(argv=None) -> int:
         else:
             doc[where].append(res)
     doc["seconds"] = time.time() - t_start
+    if base is not None:
+        try:
+            merged = merge_docs(base, doc)
+        except ValueError as e:   # keep this run's own table; say why it was not merged
+            write(doc, Path(args.out))
+            print(f"quality_video: --add-to {args.add_to}: not merged: {e}; this run's table is in {args.out}",
+                  file=sys.stderr)
+            return 1
+        doc = merged
     write(doc, Path(args.out))
     print(markdown(doc))
     return 0

@@ -125,6 +125,53 @@ def test_quality_writer(tmp_path):
     assert (tmp_path / "t" / "quality-video.png").stat().st_size > 1000
 
 
+def _qdoc(preds, label_rows=(), command="c"):
+    """A quality-video doc: a full run with these predictions (ids q0, q1, ...) plus patched rows by label."""
+    recs = [{"id": f"q{i}", "type": "order", "answer": "a"} for i in range(len(preds))]
+
+    def run(label, patch, p):
+        return {"label": label, "patch": patch, "frames": 16, "tokens_per_video": 2304, "keep_achieved": 1.0,
+                "score": S.score(recs, p), "predictions": [dict(r, pred=x) for r, x in zip(recs, p)]}
+
+    rows = [run("full", None, preds)] + [run(lab, {"method": lab.split("@")[0], "keep": 0.5}, preds)
+                                         for lab in label_rows]
+    return {"model": "m", "dataset": "d", "n": len(preds), "source": "rendered", "frames": 16, "runs": rows,
+            "tradeoff": [run("8f full", None, preds)], "device": "cpu", "command": command, "seconds": 2.0}
+
+
+def test_quality_merge_adds_rows_and_refuses_other_questions_or_models(tmp_path):
+    base = _qdoc(["a"] * 100, ["evs@0.5", "pool@0.5"])
+    new = _qdoc(["a"] * 99 + ["b"], ["pool@0.5", "tome@0.5"], command="more")
+    new["runs"][1]["score"] = S.score([{"type": "order", "answer": "a"}], ["b"])   # the new pool row differs
+    out = Q.merge_docs(base, new)
+    assert [r["label"] for r in out["runs"]] == ["full", "evs@0.5", "pool@0.5", "tome@0.5"]
+    assert out["runs"][0] is not new["runs"][0] and out["runs"][0]["predictions"][-1]["pred"] == "a"   # base's full
+    assert out["runs"][2]["score"]["overall"] == 0.0   # the same label replaced by the new row
+    assert [r["label"] for r in out["tradeoff"]] == ["8f full"]
+    assert out["merged"] == [{"command": "more", "device": "cpu", "seconds": 2, "full_agreement": 0.99,
+                              "labels": ["pool@0.5", "tome@0.5", "8f full"], "partial": False}]
+    assert [r["label"] for r in base["runs"]] == ["full", "evs@0.5", "pool@0.5"]   # inputs untouched
+    Q.write(out, tmp_path)
+    assert "Rows added (pool@0.5, tome@0.5, 8f full) by `more`" in (tmp_path / "quality-video.md").read_text()
+    with pytest.raises(ValueError, match="98.0 % of the questions"):
+        Q.merge_docs(base, _qdoc(["a"] * 98 + ["b", "b"], ["tome@0.5"]))
+    with pytest.raises(ValueError, match="different questions"):
+        Q.merge_docs(base, _qdoc(["a"] * 99, ["tome@0.5"]))
+    no_full = _qdoc(["a"] * 100, ["tome@0.5"])
+    no_full["runs"] = no_full["runs"][1:]
+    with pytest.raises(ValueError, match="no full-model run"):
+        Q.merge_docs(base, no_full)
+
+
+def test_quality_add_to_unreadable_file_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        Q.main([str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--add-to", str(tmp_path / "bad.json")])
+    assert "cannot read it as a quality-video.json" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "o").exists()
+
+
+
 @needs_ref
 def test_train_script_batches(untrained):
     from vltok.train_reference_video import TrainClips, batch_frames, collate
@@ -176,6 +223,13 @@ def test_train_and_quality_scripts_end_to_end(tmp_path):
     assert "Single-frame check:" in (tmp_path / "q" / "quality-video.md").read_text()
     assert [r["label"] for r in doc["runs"]] == ["full", "evs@0.5", "pool@0.5"]
     assert [r["label"] for r in doc["tradeoff"]] == ["1f full", "2f tmerge@0.5"]
+    # --add-to: a later run's rows join that table (same questions, same delta: its full run agrees)
+    assert Q.main([str(data), "--out", str(tmp_path / "q2"), "--frames", "2", "--methods", "random", "--keeps", "0.5",
+                   "--tradeoff", "", "--no-single-frame", "--delta", str(delta), "--workers", "0",
+                   "--batch-size", "14", "--add-to", str(tmp_path / "q" / "quality-video.json")]) == 0
+    doc2 = json.loads((tmp_path / "q2" / "quality-video.json").read_text())
+    assert [r["label"] for r in doc2["runs"]] == ["full", "evs@0.5", "pool@0.5", "random@0.5"]
+    assert doc2["tradeoff"] == doc["tradeoff"] and doc2["merged"][0]["full_agreement"] == 1.0
 
 
 def test_eval_only_argument_errors(tmp_path, capsys):
