@@ -8,10 +8,10 @@
 # What travels (185 MB: three calls of at most 64 MiB each, the working tree included): the SmolLM2 GGUF (98 MB) in
 # two parts, the converted DINOv2 (44 MB, from this machine's reference cache), the committed trained image delta
 # (31 MB) in two parts, the committed video delta (12 MB, for --resume), the committed video table (for --add-to) and
-# the gguf wheel. .ship1 is then within
-# ~0.7 MB of the limit with a slim checkout (assets/*.safetensors, eval/results and tests/fixtures left out of the
-# commit that travels, as docs/video-quality.md shows). `install` joins the parts, checks the GGUF's sha256,
-# builds the cache under $VLTOK_CACHE (default /tmp/vcache) and prints the variables for `vltok.reference.load()`.
+# the gguf wheel. .ship1 is then within ~0.7 MB of the limit with a slim checkout (assets/*.safetensors, eval/results
+# and tests/fixtures left out of the commit that travels, as docs/video-quality.md shows). `install` joins the parts,
+# checks the GGUF's sha256, builds the cache under $VLTOK_CACHE (default /tmp/vcache) and prints the variables for
+# `vltok.reference.load()`.
 # The device keeps /tmp while it stays warm (30 s between calls), so the calls must follow each other quickly.
 set -euo pipefail
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53

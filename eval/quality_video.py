@@ -246,10 +246,10 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def merge_docs(base: dict, new: dict, min_agreement: float = 0.99) -> dict:
-    """``base``'s tables with ``new``'s method rows added (a row with the same label is replaced; ``base``'s full run,
-    single-frame run and trade-off rows stay unless ``new`` has trade-off rows of its own labels). Both must be the
-    same questions and the same full model: the full runs' question ids must match, and their answers must agree on
-    at least ``min_agreement`` of the questions (the same model and data on another GPU may flip a near-tie).
+    """``base``'s tables with ``new``'s method and trade-off rows added (a row with the label of one of ``base``'s is
+    replaced; ``base``'s full run and single-frame run always stay). Both must be the same questions and the same
+    full model: the full runs' question ids must match, and their answers must agree on at least ``min_agreement`` of
+    the questions (the same model and data on another GPU may flip a near-tie).
     Otherwise ValueError, naming what differs. ``merged`` records each addition's command, device and agreement."""
     import copy
 

@@ -32,8 +32,8 @@ def features(model, n: int, scale: int | None = None, offset: int = 50000) -> tu
             scene, q = S.train_sample(offset + i, types=("word",))
             if scale:
                 scene = dict(scene, objects=[dict(o, scale=scale) if S.is_text(o) else o for o in scene["objects"]])
-            frames = S.render(scene)
-            px = RV.frames_to_pixels([frames[len(frames) // 2]])[None].to(model.device, model.dtype)
+            middle = S.render_frame(scene, scene["n_frames"] // 2)
+            px = RV.frames_to_pixels([middle])[None].to(model.device, model.dtype)
             out = model.model.get_video_features(px)   # positional: the keyword was renamed across versions
             f = getattr(out, "pooler_output", out)
             f = f[0] if isinstance(f, (list, tuple)) else f
