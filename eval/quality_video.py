@@ -8,7 +8,8 @@ DATA is a shapes-video folder (``vltok shapes-video DIR``); when it does not exi
 when PyAV is installed; otherwise the scene descriptions, re-rendered when read). Frames come from the mp4s when PyAV
 is installed (``--source auto``), else they are re-rendered from the scene descriptions (``--source rendered``: the
 same pictures without the codec's loss); the choice is recorded. Writes ``quality-video.json``, ``.md`` and ``.png``
-into ``--out``. ``--max-minutes`` stops between runs and writes what it has (marked ``partial``).
+into ``--out``. ``--max-minutes`` stops between runs and writes what it has (marked ``partial``); the JSON is also
+rewritten after every run, so a process killed mid-way leaves the runs it finished (marked ``partial``).
 
 :func:`predict` / :func:`clips_tensor` are shared with the training script (``vltok.train_reference_video``).
 """
@@ -295,6 +296,14 @@ def write(doc: dict, out: Path) -> None:
     plot(doc, out / "quality-video.png")
 
 
+def checkpoint(doc: dict, out: Path, seconds: float) -> None:
+    """The runs so far as ``quality-video.json`` (marked ``partial``); the final write replaces it."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "quality-video.json.tmp"
+    tmp.write_text(json.dumps(doc | {"partial": True, "seconds": seconds}, indent=1) + "\n")
+    tmp.replace(out / "quality-video.json")
+
+
 def eval_folder(folder, method: str | None = None, keep: float | None = None, *, options: dict | None = None,
                 device: str | None = None, dtype: str = "float32", frames: int = RV.NUM_FRAMES,
                 limit: int | None = None, batch_size: int = 16, json_path=None, source: str = "auto",
@@ -413,6 +422,8 @@ def main(argv=None) -> int:
             doc["single_frame"] = res
         else:
             doc[where].append(res)
+        # after every run: a process killed mid-way (a time limit) still leaves the runs it finished, marked partial
+        checkpoint(doc, Path(args.out), time.time() - t_start)
     doc["seconds"] = time.time() - t_start
     if base is not None:
         try:

@@ -177,6 +177,38 @@ def test_quality_add_to_unreadable_file_is_refused_before_loading(tmp_path, caps
     assert not (tmp_path / "data").exists() and not (tmp_path / "o").exists()
 
 
+def test_quality_run_killed_midway_leaves_the_runs_it_finished(tmp_path, monkeypatch):
+    """The JSON is rewritten after every run: a call killed at its time limit keeps what it measured (partial)."""
+    S.generate(tmp_path / "data", n=14, seed=0, write_videos=False)
+    calls = []
+
+    def fake_evaluate(model, processor, records, clips, patch, batch_size=16, label=None):
+        calls.append(patch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt   # as a kill would, between the second and third run
+        preds = [r["answer"] for r in records]
+        return {"label": label or (f"{patch['method']}@{patch['keep']:g}" if patch else "full"), "patch": patch,
+                "frames": 16, "tokens_per_video": 2304, "keep_achieved": 1.0, "seconds": 0.1,
+                "score": S.score(records, preds), "predictions": [dict(r, pred=x) for r, x in zip(records, preds)]}
+
+    monkeypatch.setattr(R, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(Q, "clips_tensor", lambda *a, **k: None)
+    monkeypatch.setattr(Q, "evaluate", fake_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        Q.main([str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--device", "cpu", "--methods", "tome,dpp",
+                "--keeps", "0.5", "--tradeoff", "", "--no-single-frame"])
+    doc = json.loads((tmp_path / "o" / "quality-video.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["full", "tome@0.5"] and doc["partial"] is True
+    assert doc["runs"][0]["score"]["overall"] == 1.0 and not list((tmp_path / "o").glob("*.tmp"))
+    # a finished run's final write replaces the checkpoint and is not marked partial
+    calls.clear()
+    monkeypatch.setattr(Q, "plot", lambda doc, path: None)
+    assert Q.main([str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--device", "cpu", "--methods", "tome",
+                   "--keeps", "0.5", "--tradeoff", "", "--no-single-frame"]) == 0
+    doc = json.loads((tmp_path / "o" / "quality-video.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["full", "tome@0.5"] and "partial" not in doc
+
+
 @needs_ref
 def test_train_script_batches(untrained):
     from vltok.train_reference_video import TrainClips, batch_frames, collate
