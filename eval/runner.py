@@ -430,6 +430,14 @@ def _label(res: dict) -> tuple[str, str]:
     return p["method"] + (f" ({extra})" if extra else ""), f"{float(keep):g}"
 
 
+def _keep_note(results) -> list[str]:
+    """The legend of the keep column's ``*`` (a keep that an option set), when a row has one."""
+    opts = sorted({str(r["keep_set_by"]) for r in results if r.get("keep_set_by") and _label(r)[1].endswith("*")})
+    if not opts:
+        return []
+    return ["", f"`*` keep not passed but set by an option ({', '.join(opts)}): the FLOPs-equivalent keep it gave"]
+
+
 def _extra_columns(res: dict) -> list[tuple[str, str]]:
     s = res["score"]
     fmt = res.get("format")
@@ -465,6 +473,7 @@ def _markdown_generic(results, baseline) -> str:
         row += [ex.get(h, "-") for h in extra_heads]
         row.append(f"{100 * ov / base:.1f}%" if base and ov is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
+    lines += _keep_note(results)
     return "\n".join(lines) + "\n"
 
 
@@ -491,6 +500,7 @@ def markdown(results: list[dict], baseline: dict | None = None) -> str:
         row += [f"{100 * s['by_region'][g]['acc']:.1f}" if g in s["by_region"] else "-" for g in regions]
         row.append(f"{100 * s['overall'] / base:.1f}%" if base else "-")
         lines.append("| " + " | ".join(row) + " |")
+    lines += _keep_note(results)
     if any(r.get("n_errors") for r in results):
         lines.append("")
         lines.append("errors (scored as wrong): " + ", ".join(f"{_label(r)[0]} {r['n_errors']}" for r in results

@@ -225,3 +225,23 @@ def test_error_classes_for_a_name_an_unknown_option_and_resize_keep(tmp_path):
     assert vltok.get_handle(m) is None
     with pytest.raises(vltok.InvalidKeepError, match="resize: keep must be"):
         vltok.resize_processor(object(), 0)
+
+
+def test_unset_handle_columns_say_why_and_what_to_read_instead():
+    m = tiny_llava()
+    inp = llava_inputs(m, [[1, -1, 5, 6, 7]])
+    h = vltok.patch(m, "fastv", keep=0.75, K=1)
+    with pytest.raises(AttributeError, match="no call with images has run"):
+        h.inllm_kept_columns
+    m(**inp)
+    assert h.inllm_kept_columns.shape[1] < inp["input_ids"].shape[1]
+    with pytest.raises(AttributeError, match="'fastv' reduces inside the LLM.*handle.inllm_kept_columns"):
+        h.kept_positions
+    assert not hasattr(h, "kept_positions")   # still an AttributeError: hasattr / getattr defaults keep working
+    vltok.unpatch(m)
+    h = vltok.patch(m, "pool", keep=0.5)
+    m(**inp)
+    assert h.kept_positions.shape[1] < inp["input_ids"].shape[1]
+    with pytest.raises(AttributeError, match="'pool' has no in-LLM stage.*handle.kept_positions"):
+        h.inllm_kept_columns
+    vltok.unpatch(m)

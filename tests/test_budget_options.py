@@ -186,6 +186,15 @@ def test_clis_pass_keep_not_given(tmp_path):
         == ("fourier (r=4)", "0.25*")
     assert runner._label({"patch": {"method": "pool", "keep": None}, "keep": 0.16}) == ("pool", "0.16")
     assert runner._label({"patch": {"method": "pool", "keep": 0.5}}) == ("pool", "0.5")
+    # the table explains the * (both table layouts), and has no legend where no row has one
+    score = {"overall": 0.5, "n": 2}
+    set_by = {"patch": {"method": "fourier", "keep": None, "r": 4}, "keep": 0.25, "keep_set_by": "r=4", "score": score}
+    plain = {"patch": {"method": "pool", "keep": 0.5}, "score": score}
+    assert "| fourier (r=4) | 0.25* |" in runner.markdown([set_by])
+    assert "`*` keep not passed but set by an option (r=4)" in runner.markdown([plain, set_by])
+    typed = {"overall": 0.5, "n": 2, "by_type": {"color": {"acc": 0.5}}, "by_region": {}}
+    assert "set by an option (r=4)" in runner.markdown([dict(set_by, score=typed)])
+    assert "`*`" not in runner.markdown([plain]) and "`*`" not in runner.markdown([dict(plain, score=typed)])
     args = build_parser().parse_args(["video", "run", str(tmp_path), "--out", str(tmp_path / "o")])
     assert args.keep is None
     from vltok.video.pipeline import job_config, make_sampling

@@ -342,3 +342,19 @@ def test_committed_trained_weights_load_on_the_trained_reference(method, arg, na
     assert res["stats"]["tokens_out"] == 2 * count, res["stats"]
     color = shapes.normalize(res["predictions"][0]["pred"])
     assert color in shapes.COLORS, res["predictions"]
+
+
+@needs_ref
+def test_readme_offline_snippet_runs_as_written(tmp_path):
+    """README's offline example (the reference VLM instead of a hub model), executed as written in another folder."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = re.search(r"No model hub in reach\?.*?```python\n(.*?)```", text, re.S).group(1)
+    res = subprocess.run([sys.executable, "-c", "import vltok\n" + block], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "purple"

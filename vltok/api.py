@@ -35,7 +35,7 @@ class _PerThread:
         try:
             return obj.__dict__["_last_" + self.name]
         except KeyError:
-            raise AttributeError(self.name) from None
+            raise AttributeError(obj._unset_message(self.name)) from None
 
     def __set__(self, obj, value):
         setattr(obj._local, self.name, value)
@@ -68,6 +68,24 @@ class PatchHandle:
         # engine, so concurrent calls from several threads are serialized (never mixed); see _install_guards
         self._lock = threading.RLock()
         self.recorder = Recorder(self)   # what adapters and engines write the stats through
+
+    def _unset_message(self, name: str) -> str:
+        """Why ``handle.<name>`` has no value yet, and what gives it one (the AttributeError's text)."""
+        head = f"handle.{name} is not set"
+        if not self.stats:
+            return (f"{head}: no call with images has run through the patched model yet (call model(...) or "
+                    "model.generate(...) with pixel inputs first)")
+        stages = getattr(self.method, "stages", ())
+        if name == "kept_positions":
+            if set(stages) == {"in_llm"} or set(stages) == {"in_llm", "decode"}:
+                return (f"{head}: '{self.method.name}' reduces inside the LLM and keeps layer 0 at full length, so "
+                        "the input sequence is not rewritten; handle.inllm_kept_columns maps the returned logits' "
+                        "columns to your input's")
+            return f"{head}: the last call did not rewrite the input sequence (it kept every token)"
+        if name.startswith("inllm_") and "in_llm" not in stages:
+            return (f"{head}: '{self.method.name}' has no in-LLM stage (it reduces before the LLM); "
+                    "handle.kept_positions maps the returned columns to your input's")
+        return f"{head} by the last call"
 
     @property
     def cut_graphs(self) -> bool | None:
