@@ -289,6 +289,97 @@ def merge_docs(base: dict, new: dict, min_agreement: float = 0.99) -> dict:
     return out
 
 
+def _rescored(run: dict, preds: list[dict]) -> dict:
+    """``run`` over these per-question predictions (dicts with id, type, answer, pred), scored again."""
+    return dict(run, predictions=preds, score=S.score(preds, [p["pred"] for p in preds]))
+
+
+def restrict(doc: dict, ids) -> dict:
+    """``doc`` with every run (full, methods, trade-off, single frame) scored again on the questions ``ids`` only,
+    in ``ids``' order. Every id must be in every run."""
+    ids = list(ids)
+
+    def cut(run):
+        by_id = {p["id"]: p for p in run["predictions"]}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"run {run['label']!r} has no prediction for {len(missing)} of the ids "
+                             f"(e.g. {missing[0]})")
+        return _rescored(run, [by_id[i] for i in ids])
+
+    out = dict(doc, n=len(ids), runs=[cut(r) for r in doc.get("runs", [])],
+               tradeoff=[cut(r) for r in doc.get("tradeoff", [])])
+    if doc.get("single_frame"):
+        out["single_frame"] = cut(doc["single_frame"])
+    return out
+
+
+def join(docs: list[dict]) -> dict:
+    """One table from runs over disjoint question sets (the same model and frames; e.g. a long CPU run split into
+    parts): each label's predictions concatenated and scored again. Every part must have the same labels; a question
+    in two parts is refused."""
+    if not docs:
+        raise ValueError("nothing to join")
+    first = docs[0]
+    for d in docs[1:]:
+        for key in ("model", "frames", "source"):
+            if d.get(key) != first.get(key):
+                raise ValueError(f"the parts differ in {key} ({first.get(key)!r} vs {d.get(key)!r})")
+    seen: set = set()
+    for d in docs:
+        ids = {p["id"] for p in (d["runs"][0]["predictions"] if d.get("runs") else [])}
+        if ids & seen:
+            raise ValueError(f"{len(ids & seen)} questions are in more than one part (e.g. {sorted(ids & seen)[0]})")
+        seen |= ids
+
+    def joined_one(parts):
+        n = [len(r["predictions"]) for r in parts]
+        row = _rescored(parts[0], [p for r in parts for p in r["predictions"]])
+        for k in ("tokens_per_video", "keep_achieved", "flops_keep"):   # question-weighted means
+            if all(k in r for r in parts):
+                row[k] = sum(r[k] * m for r, m in zip(parts, n)) / sum(n)
+        row["seconds"] = sum(r.get("seconds", 0.0) for r in parts)
+        return row
+
+    def joined(key):   # rows matched by label, in the first part's order
+        labels = [r["label"] for r in first.get(key, [])]
+        for d in docs[1:]:
+            if sorted(r["label"] for r in d.get(key, [])) != sorted(labels):
+                raise ValueError(f"the parts have different {key} rows: {labels} vs "
+                                 f"{[r['label'] for r in d.get(key, [])]}")
+        by_label = [{r["label"]: r for r in d.get(key, [])} for d in docs]
+        return [joined_one([b[lab] for b in by_label]) for lab in labels]
+
+    out = dict(first, n=len(seen), runs=joined("runs"), tradeoff=joined("tradeoff"),
+               seconds=sum(d.get("seconds", 0.0) for d in docs), partial=any(d.get("partial") for d in docs),
+               command=" + ".join(d["command"] for d in docs), dataset=" + ".join(str(d["dataset"]) for d in docs),
+               merged=[m for d in docs for m in d.get("merged", [])])
+    if not out["merged"]:
+        out.pop("merged")
+    if not out["partial"]:
+        out.pop("partial")
+    have = [bool(d.get("single_frame")) for d in docs]
+    if any(have) and not all(have):
+        raise ValueError("only some parts have a single-frame run: rerun the others with it, or all with "
+                         "--no-single-frame")
+    if all(have):
+        out["single_frame"] = joined_one([d["single_frame"] for d in docs])
+    return out
+
+
+def combine(docs: list[dict], min_agreement: float = 0.99) -> dict:
+    """Parts over the same questions are merged (``merge_docs``: more rows), then the groups over disjoint questions
+    joined (``join``: more questions). The group with the most rows comes first and gives the row order."""
+    groups: dict[tuple, dict] = {}
+    for d in docs:
+        if not d.get("runs") or d["runs"][0]["patch"] is not None:
+            raise ValueError(f"a part ({d.get('command', '?')}) has no full-model run first")
+        key = tuple(p["id"] for p in d["runs"][0]["predictions"])
+        groups[key] = d if key not in groups else merge_docs(groups[key], d, min_agreement)
+    parts = sorted(groups.values(), key=lambda d: -len(d["runs"]))
+    return parts[0] if len(parts) == 1 else join(parts)
+
+
 def write(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality-video.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -169,6 +169,63 @@ def test_quality_merge_adds_rows_and_refuses_other_questions_or_models(tmp_path)
         Q.merge_docs(base, no_full)
 
 
+def _renumbered(doc, start):
+    """``doc`` with its question ids q0, q1, ... renumbered from ``start`` (a part over other questions)."""
+    for run in doc["runs"] + doc["tradeoff"]:
+        for p in run["predictions"]:
+            p["id"] = f"q{int(p['id'][1:]) + start}"
+    return doc
+
+
+def test_quality_join_restrict_and_the_join_cli(tmp_path, capsys):
+    a = _qdoc(["a", "b"], ["tome@0.5"])                      # part 1: q0, q1 (tome right on q0 only)
+    b = _renumbered(_qdoc(["a", "a", "a"], ["tome@0.5"]), 2)   # part 2: q2..q4
+    a["runs"][1]["tokens_per_video"], b["runs"][1]["tokens_per_video"] = 500, 600
+    j = Q.join([a, b])
+    assert j["n"] == 5 and [r["label"] for r in j["runs"]] == ["full", "tome@0.5"]
+    assert [p["id"] for p in j["runs"][1]["predictions"]] == ["q0", "q1", "q2", "q3", "q4"]
+    assert j["runs"][1]["score"]["overall"] == 0.8 and j["runs"][1]["tokens_per_video"] == 560
+    assert j["tradeoff"][0]["score"]["n"] == 5 and "partial" not in j
+    r = Q.restrict(j, ["q4", "q1"])
+    assert r["n"] == 2 and r["runs"][1]["score"]["overall"] == 0.5 and j["runs"][1]["score"]["n"] == 5
+    with pytest.raises(ValueError, match="no prediction for 1 of the ids"):
+        Q.restrict(j, ["q9"])
+    with pytest.raises(ValueError, match="more than one part"):
+        Q.join([a, _qdoc(["a"], ["tome@0.5"])])
+    with pytest.raises(ValueError, match="different runs rows"):
+        Q.join([a, _renumbered(_qdoc(["a"], ["pool@0.5"]), 7)])
+    with pytest.raises(ValueError, match="differ in frames"):
+        Q.join([a, dict(_renumbered(_qdoc(["a"], ["tome@0.5"]), 7), frames=8)])
+    # the CLI: two parts joined, then an earlier table's rows on the same questions added (agreement checked)
+    from vltok.eval import quality_video_join as J
+
+    big = _qdoc(["a", "b", "a", "a", "a", "a"], ["evs@0.5"])   # q0..q5, a superset of the parts' questions
+    paths = []
+    for i, d in enumerate((a, b, big)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(d))
+    assert J.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "o"), "--add-from", str(paths[2])]) == 0
+    out = json.loads((tmp_path / "o" / "quality-video.json").read_text())
+    assert [r["label"] for r in out["runs"]] == ["full", "tome@0.5", "evs@0.5"] and out["n"] == 5
+    assert out["runs"][2]["score"]["n"] == 5 and out["merged"][0]["full_agreement"] == 1.0
+    big["runs"][0]["predictions"][0]["pred"] = "x"   # the earlier table's full model disagrees on 1 of 5
+    paths[2].write_text(json.dumps(big))
+    assert J.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "p"), "--add-from", str(paths[2])]) == 2
+    assert "80.0 % of the questions" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert J.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "p"), "--add-from", str(paths[2]),
+                   "--min-agreement", "0.8"]) == 0
+    # parts over the same questions add rows (merged first), then the groups are joined; rows matched by label
+    a2 = _qdoc(["a", "b"], ["pool@0.5"])
+    b2 = _renumbered(_qdoc(["a", "a", "a"], ["pool@0.5", "tome@0.5"]), 2)
+    c = Q.combine([a, a2, b2])
+    assert c["n"] == 5 and [r["label"] for r in c["runs"]] == ["full", "tome@0.5", "pool@0.5"]   # a's order
+    assert c["runs"][1]["score"]["overall"] == 0.8 and c["merged"][0]["labels"] == ["pool@0.5", "8f full"]
+    with pytest.raises(ValueError, match="50.0 % of the questions"):   # 1 of a's 2 answers differs
+        Q.combine([a, _qdoc(["x", "b"], ["pool@0.5"]), b2], min_agreement=0.99)
+    with pytest.raises(ValueError, match="different runs rows"):
+        Q.combine([a, b2])
+
+
 def test_quality_add_to_unreadable_file_is_refused_before_loading(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit):
