@@ -246,6 +246,20 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _full_run(doc: dict, which: str) -> dict:
+    """The table's full-model run (what merges and joins check question ids and answers against)."""
+    run = next((r for r in doc.get("runs", []) if r["patch"] is None), None)
+    if run is None:
+        raise ValueError(f"the {which} table has no full-model run to check the merge against; rerun it without "
+                         "--max-minutes cutting the first run")
+    return run
+
+
+def question_ids(doc: dict, which: str = "given") -> list[str]:
+    """The ids of the questions a table scores, in order (its full-model run's)."""
+    return [p["id"] for p in _full_run(doc, which)["predictions"]]
+
+
 def merge_docs(base: dict, new: dict, min_agreement: float = 0.99) -> dict:
     """``base``'s tables with ``new``'s method and trade-off rows added (a row with the label of one of ``base``'s is
     replaced; ``base``'s full run and single-frame run always stay). Both must be the same questions and the same
@@ -254,14 +268,7 @@ def merge_docs(base: dict, new: dict, min_agreement: float = 0.99) -> dict:
     Otherwise ValueError, naming what differs. ``merged`` records each addition's command, device and agreement."""
     import copy
 
-    def full_run(doc, which):
-        run = next((r for r in doc.get("runs", []) if r["patch"] is None), None)
-        if run is None:
-            raise ValueError(f"the {which} table has no full-model run to check the merge against; rerun it without "
-                             "--max-minutes cutting the first run")
-        return run
-
-    fa, fb = full_run(base, "base"), full_run(new, "new")
+    fa, fb = _full_run(base, "base"), _full_run(new, "new")
     ids_a, ids_b = [p["id"] for p in fa["predictions"]], [p["id"] for p in fb["predictions"]]
     if ids_a != ids_b:
         raise ValueError(f"the tables score different questions ({len(ids_a)} vs {len(ids_b)}, "
@@ -327,7 +334,7 @@ def join(docs: list[dict]) -> dict:
                 raise ValueError(f"the parts differ in {key} ({first.get(key)!r} vs {d.get(key)!r})")
     seen: set = set()
     for d in docs:
-        ids = {p["id"] for p in (d["runs"][0]["predictions"] if d.get("runs") else [])}
+        ids = set(question_ids(d, "part's"))
         if ids & seen:
             raise ValueError(f"{len(ids & seen)} questions are in more than one part (e.g. {sorted(ids & seen)[0]})")
         seen |= ids
@@ -351,13 +358,13 @@ def join(docs: list[dict]) -> dict:
         return [joined_one([b[lab] for b in by_label]) for lab in labels]
 
     out = dict(first, n=len(seen), runs=joined("runs"), tradeoff=joined("tradeoff"),
-               seconds=sum(d.get("seconds", 0.0) for d in docs), partial=any(d.get("partial") for d in docs),
-               command=" + ".join(d["command"] for d in docs), dataset=" + ".join(str(d["dataset"]) for d in docs),
-               merged=[m for d in docs for m in d.get("merged", [])])
-    if not out["merged"]:
-        out.pop("merged")
-    if not out["partial"]:
-        out.pop("partial")
+               seconds=sum(d.get("seconds", 0.0) for d in docs),
+               command=" + ".join(d["command"] for d in docs), dataset=" + ".join(str(d["dataset"]) for d in docs))
+    for key, value in (("merged", [m for d in docs for m in d.get("merged", [])]),
+                       ("partial", any(d.get("partial") for d in docs))):
+        out.pop(key, None)
+        if value:
+            out[key] = value
     have = [bool(d.get("single_frame")) for d in docs]
     if any(have) and not all(have):
         raise ValueError("only some parts have a single-frame run: rerun the others with it, or all with "
@@ -372,27 +379,29 @@ def combine(docs: list[dict], min_agreement: float = 0.99) -> dict:
     joined (``join``: more questions). The group with the most rows comes first and gives the row order."""
     groups: dict[tuple, dict] = {}
     for d in docs:
-        if not d.get("runs") or d["runs"][0]["patch"] is not None:
-            raise ValueError(f"a part ({d.get('command', '?')}) has no full-model run first")
-        key = tuple(p["id"] for p in d["runs"][0]["predictions"])
+        key = tuple(question_ids(d, "part's"))
         groups[key] = d if key not in groups else merge_docs(groups[key], d, min_agreement)
     parts = sorted(groups.values(), key=lambda d: -len(d["runs"]))
     return parts[0] if len(parts) == 1 else join(parts)
 
 
-def write(doc: dict, out: Path) -> None:
+def _write_json(doc: dict, out: Path) -> None:
+    """``out/quality-video.json``, replaced whole (a reader never sees half a file)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality-video.json").write_text(json.dumps(doc, indent=1) + "\n")
+    tmp = out / "quality-video.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out / "quality-video.json")
+
+
+def write(doc: dict, out: Path) -> None:
+    _write_json(doc, out)
     (out / "quality-video.md").write_text(markdown(doc))
     plot(doc, out / "quality-video.png")
 
 
 def checkpoint(doc: dict, out: Path, seconds: float) -> None:
     """The runs so far as ``quality-video.json`` (marked ``partial``); the final write replaces it."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "quality-video.json.tmp"
-    tmp.write_text(json.dumps(doc | {"partial": True, "seconds": seconds}, indent=1) + "\n")
-    tmp.replace(out / "quality-video.json")
+    _write_json(doc | {"partial": True, "seconds": seconds}, out)
 
 
 def eval_folder(folder, method: str | None = None, keep: float | None = None, *, options: dict | None = None,

@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     try:
         doc = Q.combine(docs[:len(args.parts)], args.min_agreement)
         if args.add_from:
-            ids = [p["id"] for p in doc["runs"][0]["predictions"]]
-            doc = Q.merge_docs(doc, Q.restrict(docs[-1], ids), min_agreement=args.min_agreement)
+            doc = Q.merge_docs(doc, Q.restrict(docs[-1], Q.question_ids(doc)), min_agreement=args.min_agreement)
     except (ValueError, KeyError, IndexError) as e:
         print(f"quality_video_join: error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ class PatchHandle:
                     "model.generate(...) with pixel inputs first)")
         stages = getattr(self.method, "stages", ())
         if name == "kept_positions":
-            if set(stages) == {"in_llm"} or set(stages) == {"in_llm", "decode"}:
+            if "in_llm" in stages and not {"vision", "pre_llm"} & set(stages):   # nothing shortens the input
                 return (f"{head}: '{self.method.name}' reduces inside the LLM and keeps layer 0 at full length, so "
                         "the input sequence is not rewritten; handle.inllm_kept_columns maps the returned logits' "
                         "columns to your input's")
